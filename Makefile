@@ -1,0 +1,53 @@
+# Every target does its own set-up first: a fresh Debian 12 machine (as root)
+# needs nothing but `make demo` or `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs util-linux iproute2 procps psmisc
+BENCH_APT_PACKAGES := rsync keepalived haproxy
+
+.PHONY: all setup demo test unit lab bench clean
+
+all: test
+
+# apt packages are installed only when one is missing, so a warm machine
+# does not touch the network.
+.stamp-apt: Makefile
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+.stamp-venv: pyproject.toml setup.py $(wildcard ext/*.c ext/*.h ext/*.py) .stamp-apt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+setup: .stamp-venv
+
+demo: setup
+	$(PY) -m mirrord_cli.demo
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+lab: setup
+	$(PY) -m pytest -q tests/lab
+
+test: setup
+	$(PY) -m pytest -q -ra tests/unit tests/lab
+
+.stamp-bench-apt: .stamp-apt
+	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	@touch $@
+
+bench: setup .stamp-bench-apt
+	$(PY) -m pytest -q tests/bench --benchmark-only -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) build *.egg-info .stamp-* mirrord/_native*.so mirrord/_native.c
