@@ -2,6 +2,10 @@
 
 Each area has its own header in ext/; this file lists them once for cdef and
 once for compilation, so adding an area means adding its header here.
+
+Build in place (from the project root)::
+
+    .venv/bin/pip install -q --no-build-isolation -e .
 """
 
 from __future__ import annotations
@@ -14,11 +18,128 @@ from cffi import FFI
 # setuptools wants paths relative to the project root, where setup.py runs.
 HERE = pathlib.Path("ext")
 
+# The cdef mirrors the public headers (cffi cannot parse them directly because
+# of their includes and macros); keep the two in step.
 CDEF = """
+/* crc32c.h */
 uint32_t mrd_crc32c(uint32_t crc, const void *buf, size_t len);
+uint32_t mrd_crc32c_portable(uint32_t crc, const void *buf, size_t len);
+
+/* common.h */
+#define MRD_E_BASE 10000
+const char *mrd_strerror(int code);
+
+/* frame.h */
+#define MRD_FRAME_MAGIC 0x3144524D
+#define MRD_FRAME_HEADER_SIZE 32
+#define MRD_FRAME_MAX_PAYLOAD 1048576
+enum {
+    MRD_FRAME_WRITE = 1, MRD_FRAME_WRITE_ACK = 2, MRD_FRAME_FLUSH = 3,
+    MRD_FRAME_FLUSH_ACK = 4, MRD_FRAME_SYNC_DATA = 5, MRD_FRAME_SYNC_ACK = 6,
+    MRD_FRAME_PING = 7, MRD_FRAME_PONG = 8,
+};
+struct mrd_frame_header {
+    uint32_t magic; uint16_t type; uint16_t flags;
+    uint64_t seq; uint64_t offset; uint32_t length; uint32_t crc;
+};
+int mrd_frame_encode(uint8_t *out, uint16_t type, uint16_t flags, uint64_t seq,
+                     uint64_t offset, const void *payload, uint32_t len);
+int mrd_frame_decode(const uint8_t *buf, size_t buflen, struct mrd_frame_header *out);
+int mrd_frame_verify(const uint8_t *raw_header, const struct mrd_frame_header *hdr,
+                     const void *payload, size_t payload_len);
+long mrd_frame_parse(const void *buf, size_t buflen, struct mrd_frame_header *out);
+int mrd_frame_type_has_payload(uint16_t type);
+uint32_t mrd_frame_header_crc(const uint8_t *raw_header);
+
+/* bitmap.h */
+struct mrd_bitmap;
+int mrd_bitmap_new(uint64_t size_bytes, uint32_t granularity, struct mrd_bitmap **out);
+void mrd_bitmap_free(struct mrd_bitmap *bm);
+uint64_t mrd_bitmap_size(const struct mrd_bitmap *bm);
+uint32_t mrd_bitmap_granularity(const struct mrd_bitmap *bm);
+uint64_t mrd_bitmap_nblocks(const struct mrd_bitmap *bm);
+size_t mrd_bitmap_nbytes(const struct mrd_bitmap *bm);
+uint64_t mrd_bitmap_count(const struct mrd_bitmap *bm);
+int64_t mrd_bitmap_set_range(struct mrd_bitmap *bm, uint64_t offset, uint64_t len);
+int64_t mrd_bitmap_clear_range(struct mrd_bitmap *bm, uint64_t offset, uint64_t len);
+void mrd_bitmap_set_all(struct mrd_bitmap *bm);
+void mrd_bitmap_clear_all(struct mrd_bitmap *bm);
+int mrd_bitmap_test(const struct mrd_bitmap *bm, uint64_t block);
+int64_t mrd_bitmap_find_next_set(const struct mrd_bitmap *bm, uint64_t from_block);
+int64_t mrd_bitmap_find_next_clear(const struct mrd_bitmap *bm, uint64_t from_block);
+long mrd_bitmap_snapshot(const struct mrd_bitmap *bm, void *buf, size_t buflen);
+int mrd_bitmap_load(struct mrd_bitmap *bm, const void *buf, size_t buflen);
+
+/* server.h */
+#define MRD_SYNC_DIRTY_ONLY 1
+struct mrd_server;
+struct mrd_server_stats {
+    uint64_t size;
+    uint64_t writes, bytes_written;
+    uint64_t reads, bytes_read;
+    uint64_t flushes;
+    uint64_t write_errors;
+    uint64_t max_write_seen;
+    uint64_t frames_sent, bytes_sent;
+    uint64_t acked;
+    uint64_t in_flight;
+    uint64_t ack_latency_ns_total;
+    uint64_t ack_latency_ns_max;
+    uint64_t peer_failures;
+    uint64_t dirty_blocks;
+    uint32_t dirty_granularity;
+    int32_t peer_connected;
+    int32_t fuse_running;
+    int32_t sync_active;
+    int32_t sync_done;
+    int32_t pad0;
+    uint64_t sync_offset;
+    uint64_t sync_total;
+    uint64_t bytes_synced;
+    char last_error[256];
+};
+int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
+                   struct mrd_server **out);
+int mrd_server_set_peer_timeout(struct mrd_server *s, uint32_t timeout_ms);
+int mrd_server_start(struct mrd_server *s);
+int mrd_server_attach_peer(struct mrd_server *s, int sock_fd);
+int mrd_server_detach_peer(struct mrd_server *s);
+int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t flags);
+int mrd_server_stop_sync(struct mrd_server *s);
+int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *out);
+long mrd_server_dirty_nbytes(struct mrd_server *s);
+long mrd_server_dirty_snapshot(struct mrd_server *s, void *buf, long buflen);
+int mrd_server_dirty_load(struct mrd_server *s, const void *buf, long buflen);
+int64_t mrd_server_dirty_mark(struct mrd_server *s, uint64_t offset, uint64_t len);
+int mrd_server_debug_corrupt_next(struct mrd_server *s, uint32_t n);
+int mrd_server_stop(struct mrd_server *s);
+void mrd_server_free(struct mrd_server *s);
+
+/* receiver.h */
+struct mrd_receiver;
+struct mrd_receiver_stats {
+    uint64_t frames;
+    uint64_t writes;
+    uint64_t syncs;
+    uint64_t flushes;
+    uint64_t bytes_applied;
+    uint64_t acks_sent;
+    uint64_t crc_errors;
+    uint64_t protocol_errors;
+    uint64_t last_seq;
+    int32_t connected;
+    int32_t error_code;
+    char last_error[256];
+};
+int mrd_receiver_start(const char *disk_path, uint64_t size, int sock_fd,
+                       struct mrd_receiver **out);
+int mrd_receiver_stats(struct mrd_receiver *r, struct mrd_receiver_stats *out);
+int mrd_receiver_stop(struct mrd_receiver *r);
+void mrd_receiver_free(struct mrd_receiver *r);
 """
 
-SOURCES = ["crc32c.c"]
+HEADERS = ["crc32c.h", "common.h", "frame.h", "bitmap.h", "server.h", "receiver.h"]
+SOURCES = ["crc32c.c", "common.c", "frame.c", "bitmap.c", "netio.c", "server.c", "receiver.c"]
 
 
 def _pkg_config(*args: str) -> list[str]:
@@ -26,15 +147,21 @@ def _pkg_config(*args: str) -> list[str]:
     return out.stdout.split()
 
 
+_fuse_cflags = _pkg_config("--cflags")
+_fuse_libs = _pkg_config("--libs")
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "mirrord._native",
-    '#include "crc32c.h"\n',
+    "".join(f'#include "{h}"\n' for h in HEADERS),
     sources=[str(HERE / s) for s in SOURCES],
-    include_dirs=[str(HERE)],
-    extra_compile_args=["-O2", "-Wall", "-D_FILE_OFFSET_BITS=64"],
-    libraries=["pthread"],
+    depends=[str(HERE / h) for h in [*HEADERS, "netio.h"]],
+    include_dirs=[str(HERE)] + [f[2:] for f in _fuse_cflags if f.startswith("-I")],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FILE_OFFSET_BITS=64"]
+    + [f for f in _fuse_cflags if not f.startswith("-I")],
+    libraries=sorted({f[2:] for f in _fuse_libs if f.startswith("-l")} | {"pthread"}),
+    library_dirs=[f[2:] for f in _fuse_libs if f.startswith("-L")],
 )
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+/* Replication frames: a fixed 32-byte little-endian header, then payload.
+ *
+ *   off  size  field
+ *     0     4  magic   "MRD1" (0x3144524D as a little-endian u32)
+ *     4     2  type    MRD_FRAME_*
+ *     6     2  flags   reserved, must be 0
+ *     8     8  seq     sender's sequence number; acks echo it
+ *    16     8  offset  byte offset on the disk (WRITE/SYNC_DATA; echoed in acks)
+ *    24     4  length  payload bytes that follow (0 for acks, FLUSH, PING)
+ *    28     4  crc     CRC32C over the header with crc = 0, then the payload
+ */
+#ifndef MIRRORD_FRAME_H
+#define MIRRORD_FRAME_H
+#include <stddef.h>
+#include <stdint.h>
+
+#define MRD_FRAME_MAGIC 0x3144524Du
+#define MRD_FRAME_HEADER_SIZE 32
+#define MRD_FRAME_MAX_PAYLOAD (1u << 20)
+
+enum {
+    MRD_FRAME_WRITE = 1,
+    MRD_FRAME_WRITE_ACK = 2,
+    MRD_FRAME_FLUSH = 3,
+    MRD_FRAME_FLUSH_ACK = 4,
+    MRD_FRAME_SYNC_DATA = 5,
+    MRD_FRAME_SYNC_ACK = 6,
+    MRD_FRAME_PING = 7,
+    MRD_FRAME_PONG = 8,
+};
+
+struct mrd_frame_header {
+    uint32_t magic;
+    uint16_t type;
+    uint16_t flags;
+    uint64_t seq;
+    uint64_t offset;
+    uint32_t length;
+    uint32_t crc;
+};
+
+/* Serialise a header for `payload` (len bytes, may be NULL when len == 0) into
+ * out[MRD_FRAME_HEADER_SIZE], computing the CRC. Returns 0 or MRD_ETYPE /
+ * MRD_ELEN / MRD_EFLAGS when the frame would not pass decode. */
+int mrd_frame_encode(uint8_t *out, uint16_t type, uint16_t flags, uint64_t seq,
+                     uint64_t offset, const void *payload, uint32_t len);
+
+/* Parse and bound-check a header (magic, type, flags, length for the type).
+ * Does not check the CRC: that needs the payload (mrd_frame_verify). */
+int mrd_frame_decode(const uint8_t *buf, size_t buflen, struct mrd_frame_header *out);
+
+/* Check the CRC of a decoded header against its raw bytes and payload.
+ * Returns 0, MRD_ETRUNC if payload_len != hdr->length, or MRD_ECRC. */
+int mrd_frame_verify(const uint8_t *raw_header, const struct mrd_frame_header *hdr,
+                     const void *payload, size_t payload_len);
+
+/* Decode + verify a whole frame at the start of buf. Returns the total frame
+ * size (header + payload) consumed, or a negative code (MRD_ETRUNC when buf
+ * holds less than one whole frame). */
+long mrd_frame_parse(const void *buf, size_t buflen, struct mrd_frame_header *out);
+
+/* CRC32C of the raw header with its crc field taken as 0: the starting value
+ * for a verifier that checks the payload piece by piece as it arrives
+ * (continue with mrd_crc32c over each piece, compare with hdr->crc). */
+uint32_t mrd_frame_header_crc(const uint8_t *raw_header);
+
+/* Does a frame of this type carry a payload? (WRITE and SYNC_DATA do.) */
+int mrd_frame_type_has_payload(uint16_t type);
+
+#endif

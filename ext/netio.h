@@ -1,0 +1,38 @@
+/* Internal helpers shared by server.c and receiver.c (not exported to Python). */
+#ifndef MIRRORD_NETIO_H
+#define MIRRORD_NETIO_H
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <pthread.h>
+
+/* Open a disk (image file or block device) O_RDWR|O_CLOEXEC and report its
+ * size. Returns the fd or a negative errno. */
+int mrd_open_disk(const char *path, uint64_t *size_out);
+
+/* Full-length positional I/O, retrying short transfers and EINTR.
+ * Return 0 or a negative errno (-EIO for an unexpected end of file). */
+int mrd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
+int mrd_pread_all(int fd, void *buf, size_t len, uint64_t off);
+
+/* sendmsg the whole iovec (MSG_NOSIGNAL: a dead peer must be an error code,
+ * never a SIGPIPE into the Python process). Modifies iov. 0 or -errno. */
+int mrd_send_all(int fd, struct iovec *iov, int iovcnt);
+
+/* Receive exactly len bytes. 0, -ECONNRESET on orderly EOF, or -errno
+ * (-EAGAIN when SO_RCVTIMEO expires before any byte of this call arrived is
+ * NOT returned: a timeout is retried while *stop is 0). */
+int mrd_recv_all(int fd, void *buf, size_t len, const volatile int *stop);
+
+/* Replication socket tuning: blocking, TCP_NODELAY, large buffers,
+ * keepalive, send timeout / user timeout, receive timeout for polling. */
+void mrd_tune_socket(int fd, unsigned timeout_ms, unsigned rcv_poll_ms);
+
+uint64_t mrd_now_ns(void);
+
+/* Run fn in a thread with every signal blocked, so that signals always reach
+ * the Python main thread and never a C data-path thread. */
+int mrd_thread_start(pthread_t *th, void *(*fn)(void *), void *arg);
+
+#endif

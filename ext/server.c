@@ -1,0 +1,1050 @@
+#define _GNU_SOURCE
+#define FUSE_USE_VERSION 312
+#include "server.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/sysmacros.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bitmap.h"
+#include "common.h"
+#include "frame.h"
+#include "netio.h"
+
+#define EXTENT_SHIFT 20 /* 1 MiB ordering extents */
+#define NSTRIPES 1024
+#define SYNC_CHUNK (1u << EXTENT_SHIFT)
+#define SYNC_WINDOW 8     /* sync chunks in flight */
+#define MAX_WRITE (1u << 20)
+#define ACK_POLL_MS 250
+/* A large write goes out as several frames so the peer verifies and writes
+ * the first part while the rest is still being sent (QD1 latency). */
+#define FRAME_SPLIT (1024u << 10)
+
+enum { PEER_NONE, PEER_CONNECTED, PEER_FAILED };
+enum { P_WRITE, P_FLUSH, P_SYNC };
+
+/* One FUSE request (write or flush) waiting to be answered. It holds one
+ * reference for the local I/O and one per frame sent for it; whoever drops
+ * the last reference sends the reply. */
+struct op {
+    fuse_req_t req;
+    int kind;
+    int refs;      /* atomic */
+    int local_err; /* positive errno from the local disk, 0 if fine */
+    uint32_t len;
+};
+
+/* One frame waiting for its ack (op is NULL for sync chunks). */
+struct pending {
+    struct pending *next, *prev;
+    uint64_t seq;
+    uint64_t off;
+    uint32_t len;
+    int kind;
+    struct op *op;
+    uint64_t t_sent;
+};
+
+struct mrd_server {
+    char *disk_path, *mountpoint;
+    int disk_fd;
+    uint64_t size;
+    struct mrd_bitmap *bm;
+    pthread_mutex_t stripes[NSTRIPES];
+    time_t start_time;
+
+    /* FUSE */
+    struct fuse_session *se;
+    pthread_t loop_th;
+    int loop_live;
+    int loop_done; /* atomic */
+    dev_t fuse_dev;
+
+    /* Peer. send_mu orders the wire (seq assignment + socket write); pend_mu
+     * guards the pending list and peer_state and is never held across I/O,
+     * so the ack reader is never stuck behind a blocked send. Lock order:
+     * extent stripe -> send_mu -> pend_mu. */
+    pthread_mutex_t send_mu, pend_mu;
+    pthread_cond_t pend_cv;
+    int peer_state;
+    int peer_fd;
+    pthread_t ack_th;
+    int ack_live;
+    uint32_t peer_timeout_ms;
+    struct pending head; /* sentinel of the seq-ordered pending list */
+    uint64_t next_seq;
+    uint64_t in_flight;
+    int sync_inflight;
+    int corrupt_next; /* atomic */
+
+    /* Sync */
+    pthread_t sync_th;
+    int sync_live;
+    volatile int sync_stop;
+    uint64_t sync_from;
+    uint32_t sync_flags;
+    uint8_t *sync_buf;
+
+    /* Stats: counters bumped with atomics; the rest under pend_mu. */
+    uint64_t writes, bytes_written, reads, bytes_read, flushes, write_errors, max_write_seen;
+    uint64_t frames_sent, bytes_sent, acked, lat_total, lat_max, peer_failures;
+    int sync_active, sync_done;
+    uint64_t sync_offset, sync_total, bytes_synced;
+    char last_error[256];
+};
+
+#define ADD(field, v) __atomic_add_fetch(&(field), (v), __ATOMIC_RELAXED)
+
+static void set_error_locked(struct mrd_server *s, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void set_error_locked(struct mrd_server *s, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->last_error, sizeof s->last_error, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- extent locks ------------------------------------------------------ */
+
+static void extents_lock(struct mrd_server *s, uint64_t off, uint64_t len, unsigned idx[2])
+{
+    unsigned a = (unsigned)((off >> EXTENT_SHIFT) % NSTRIPES);
+    unsigned b = (unsigned)(((off + (len ? len - 1 : 0)) >> EXTENT_SHIFT) % NSTRIPES);
+    /* A write spans at most two extents (MAX_WRITE == extent size): lock the
+     * stripes in index order so two spanning writes cannot deadlock. */
+    if (a > b) {
+        unsigned t = a;
+        a = b, b = t;
+    }
+    idx[0] = a, idx[1] = b;
+    pthread_mutex_lock(&s->stripes[a]);
+    if (b != a)
+        pthread_mutex_lock(&s->stripes[b]);
+}
+
+static void extents_unlock(struct mrd_server *s, const unsigned idx[2])
+{
+    if (idx[1] != idx[0])
+        pthread_mutex_unlock(&s->stripes[idx[1]]);
+    pthread_mutex_unlock(&s->stripes[idx[0]]);
+}
+
+/* ---- pending completion ------------------------------------------------ */
+
+static void op_put(struct op *o)
+{
+    if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_ACQ_REL))
+        return;
+    if (o->kind == P_WRITE && !o->local_err)
+        fuse_reply_write(o->req, o->len);
+    else
+        fuse_reply_err(o->req, o->local_err);
+    free(o);
+}
+
+/* The peer side of e is over: acked (ok) or lost with the connection. */
+static void complete_peer(struct mrd_server *s, struct pending *e, int ok)
+{
+    if (e->kind == P_WRITE && !ok)
+        mrd_bitmap_set_range(s->bm, e->off, e->len);
+    if (e->op)
+        op_put(e->op);
+    free(e);
+}
+
+/* Declare the peer gone. Safe from any thread, any number of times. */
+static void fail_peer(struct mrd_server *s, int code, const char *why)
+{
+    struct pending list;
+    pthread_mutex_lock(&s->pend_mu);
+    if (s->peer_state != PEER_CONNECTED) {
+        pthread_mutex_unlock(&s->pend_mu);
+        return;
+    }
+    s->peer_state = PEER_FAILED;
+    s->peer_failures++;
+    if (code)
+        set_error_locked(s, "peer lost: %s: %s", why, mrd_strerror(code));
+    else
+        set_error_locked(s, "peer lost: %s", why);
+    /* Wakes a blocked sendmsg and the ack reader; the fd itself is closed
+     * later under send_mu, when nobody can be using it. */
+    shutdown(s->peer_fd, SHUT_RDWR);
+    list = s->head;
+    if (list.next == &s->head) {
+        list.next = list.prev = &list;
+    } else {
+        list.next->prev = &list;
+        list.prev->next = &list;
+    }
+    s->head.next = s->head.prev = &s->head;
+    s->in_flight = 0;
+    s->sync_inflight = 0;
+    pthread_cond_broadcast(&s->pend_cv);
+    pthread_mutex_unlock(&s->pend_mu);
+    for (struct pending *e = list.next, *n; e != &list; e = n) {
+        n = e->next;
+        complete_peer(s, e, 0);
+    }
+}
+
+/* Put e on the wire (frame header + payload). Returns MRD_ENOPEER, with e
+ * untouched, when no peer is connected; otherwise 0: e now belongs to the
+ * pending machinery, acked later or failed with the peer. */
+static int peer_send(struct mrd_server *s, struct pending *e, uint16_t type, const void *payload)
+{
+    uint8_t hdr[MRD_FRAME_HEADER_SIZE];
+    pthread_mutex_lock(&s->send_mu);
+    pthread_mutex_lock(&s->pend_mu);
+    if (s->peer_state != PEER_CONNECTED) {
+        pthread_mutex_unlock(&s->pend_mu);
+        pthread_mutex_unlock(&s->send_mu);
+        return MRD_ENOPEER;
+    }
+    e->seq = ++s->next_seq;
+    e->t_sent = mrd_now_ns();
+    e->prev = s->head.prev;
+    e->next = &s->head;
+    s->head.prev->next = e;
+    s->head.prev = e;
+    s->in_flight++;
+    if (e->kind == P_SYNC)
+        s->sync_inflight++;
+    int fd = s->peer_fd;
+    pthread_mutex_unlock(&s->pend_mu);
+
+    mrd_frame_encode(hdr, type, 0, e->seq, e->off, payload, e->kind == P_FLUSH ? 0 : e->len);
+    struct iovec iov[2] = {{hdr, sizeof hdr}, {(void *)payload, e->kind == P_FLUSH ? 0 : e->len}};
+    int iovcnt = iov[1].iov_len ? 2 : 1;
+    uint64_t payload_len = iov[1].iov_len; /* mrd_send_all consumes the iovec */
+    uint8_t *bad = NULL;
+    if (iovcnt == 2 && __atomic_load_n(&s->corrupt_next, __ATOMIC_RELAXED) > 0 &&
+        __atomic_sub_fetch(&s->corrupt_next, 1, __ATOMIC_RELAXED) >= 0) {
+        /* Corrupt a private copy: the local disk must get the good data. */
+        bad = malloc(e->len);
+        if (bad) {
+            memcpy(bad, payload, e->len);
+            bad[e->len / 2] ^= 0x5a;
+            iov[1].iov_base = bad;
+        }
+    }
+    int rc = mrd_send_all(fd, iov, iovcnt);
+    pthread_mutex_unlock(&s->send_mu);
+    free(bad);
+    if (rc) {
+        fail_peer(s, rc, "send");
+    } else {
+        ADD(s->frames_sent, 1);
+        ADD(s->bytes_sent, payload_len);
+    }
+    return 0;
+}
+
+static void *ack_main(void *arg)
+{
+    struct mrd_server *s = arg;
+    uint8_t raw[MRD_FRAME_HEADER_SIZE];
+    size_t have = 0;
+    int fd = s->peer_fd;
+    for (;;) {
+        ssize_t n = recv(fd, raw + have, sizeof raw - have, 0);
+        if (n > 0) {
+            have += (size_t)n;
+            if (have < sizeof raw)
+                continue;
+            have = 0;
+        } else if (n == 0) {
+            fail_peer(s, 0, "peer closed the connection");
+            break;
+        } else if (errno == EINTR) {
+            continue;
+        } else if (errno == EAGAIN) {
+            /* Receive poll: notice a dead peer that keeps the TCP session
+             * open but stops acknowledging. */
+            pthread_mutex_lock(&s->pend_mu);
+            int state = s->peer_state;
+            uint64_t oldest = s->head.next != &s->head ? s->head.next->t_sent : 0;
+            pthread_mutex_unlock(&s->pend_mu);
+            if (state != PEER_CONNECTED)
+                break;
+            if (oldest && mrd_now_ns() - oldest > (uint64_t)s->peer_timeout_ms * 1000000ull) {
+                fail_peer(s, -ETIMEDOUT, "no ack within the peer timeout");
+                break;
+            }
+            continue;
+        } else {
+            fail_peer(s, -errno, "receive");
+            break;
+        }
+
+        struct mrd_frame_header h;
+        int rc = mrd_frame_decode(raw, sizeof raw, &h);
+        if (!rc)
+            rc = mrd_frame_verify(raw, &h, NULL, 0);
+        if (rc) {
+            fail_peer(s, rc, "bad frame from the peer");
+            break;
+        }
+        if (h.type == MRD_FRAME_PONG)
+            continue;
+        pthread_mutex_lock(&s->pend_mu);
+        if (s->peer_state != PEER_CONNECTED) {
+            pthread_mutex_unlock(&s->pend_mu);
+            break;
+        }
+        /* Acks come back in send order, so the match is nearly always the
+         * head of the list. */
+        struct pending *e = s->head.next;
+        while (e != &s->head && e->seq != h.seq)
+            e = e->next;
+        int want = e == &s->head ? -1
+                   : e->kind == P_WRITE ? MRD_FRAME_WRITE_ACK
+                   : e->kind == P_FLUSH ? MRD_FRAME_FLUSH_ACK
+                                        : MRD_FRAME_SYNC_ACK;
+        if (want != h.type) {
+            pthread_mutex_unlock(&s->pend_mu);
+            fail_peer(s, MRD_EPROTO, "ack for no pending frame");
+            break;
+        }
+        e->prev->next = e->next;
+        e->next->prev = e->prev;
+        s->in_flight--;
+        s->acked++;
+        uint64_t lat = mrd_now_ns() - e->t_sent;
+        s->lat_total += lat;
+        if (lat > s->lat_max)
+            s->lat_max = lat;
+        /* Clearing dirty bits under pend_mu, while the peer is still known
+         * connected, orders it before any re-dirtying by a later failure. */
+        if (e->kind != P_FLUSH)
+            mrd_bitmap_clear_range(s->bm, e->off, e->len);
+        if (e->kind == P_SYNC) {
+            s->sync_inflight--;
+            s->bytes_synced += e->len;
+            s->sync_offset = e->off + e->len;
+            pthread_cond_broadcast(&s->pend_cv);
+        } else if (!s->in_flight) {
+            pthread_cond_broadcast(&s->pend_cv);
+        }
+        pthread_mutex_unlock(&s->pend_mu);
+        complete_peer(s, e, 1);
+    }
+    return NULL;
+}
+
+/* Join the ack reader and close a failed or detached connection. */
+static void reap_peer(struct mrd_server *s)
+{
+    if (s->ack_live) {
+        pthread_join(s->ack_th, NULL);
+        s->ack_live = 0;
+    }
+    pthread_mutex_lock(&s->send_mu);
+    pthread_mutex_lock(&s->pend_mu);
+    if (s->peer_state != PEER_CONNECTED && s->peer_fd >= 0) {
+        close(s->peer_fd);
+        s->peer_fd = -1;
+        s->peer_state = PEER_NONE;
+    }
+    pthread_mutex_unlock(&s->pend_mu);
+    pthread_mutex_unlock(&s->send_mu);
+}
+
+static void reap_sync(struct mrd_server *s)
+{
+    if (s->sync_live) {
+        pthread_join(s->sync_th, NULL);
+        s->sync_live = 0;
+    }
+}
+
+/* ---- FUSE operations --------------------------------------------------- */
+
+static struct mrd_server *srv(fuse_req_t req) { return fuse_req_userdata(req); }
+
+static void fill_stat(struct mrd_server *s, struct stat *st)
+{
+    memset(st, 0, sizeof *st);
+    st->st_ino = FUSE_ROOT_ID;
+    st->st_mode = S_IFREG | 0600;
+    st->st_nlink = 1;
+    st->st_size = (off_t)s->size;
+    st->st_blksize = 4096;
+    st->st_blocks = (blkcnt_t)((s->size + 511) / 512);
+    st->st_atime = st->st_mtime = st->st_ctime = s->start_time;
+}
+
+static void op_init(void *userdata, struct fuse_conn_info *conn)
+{
+    (void)userdata;
+    /* 1 MiB writes: libfuse derives max_pages (256) from max_write. */
+    conn->max_write = MAX_WRITE;
+    if (conn->capable & FUSE_CAP_ASYNC_DIO)
+        conn->want |= FUSE_CAP_ASYNC_DIO; /* loop --direct-io keeps many requests in flight */
+    conn->want &= ~(FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE |
+                    FUSE_CAP_SPLICE_MOVE);
+    if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC)
+        conn->want |= FUSE_CAP_ATOMIC_O_TRUNC; /* O_TRUNC is ignored: like a block device */
+    conn->max_background = 64;
+    conn->congestion_threshold = 48;
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)fi;
+    struct stat st;
+    if (ino != FUSE_ROOT_ID) {
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    fill_stat(srv(req), &st);
+    fuse_reply_attr(req, &st, 60.0);
+}
+
+/* The size is the disk's and never changes: truncation (dd without
+ * conv=notrunc, O_TRUNC) is accepted and ignored, as on a block device; the
+ * kernel takes the size from the attributes we return. */
+static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                       struct fuse_file_info *fi)
+{
+    (void)attr, (void)to_set;
+    op_getattr(req, ino, fi);
+}
+
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (ino != FUSE_ROOT_ID) {
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    /* O_DIRECT opens go through the kernel's fuse direct-I/O path; nothing
+     * to do here (no FOPEN_DIRECT_IO, so mmap and buffered users work too). */
+    fi->keep_cache = 0;
+    fuse_reply_open(req, fi);
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    (void)ino, (void)fi;
+    struct mrd_server *s = srv(req);
+    if (off < 0) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    if ((uint64_t)off >= s->size)
+        size = 0;
+    else if (size > s->size - (uint64_t)off)
+        size = (size_t)(s->size - (uint64_t)off);
+    struct fuse_bufvec bv = FUSE_BUFVEC_INIT(size);
+    bv.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+    bv.buf[0].fd = s->disk_fd;
+    bv.buf[0].pos = off;
+    ADD(s->reads, 1);
+    ADD(s->bytes_read, size);
+    fuse_reply_data(req, &bv, FUSE_BUF_SPLICE_MOVE);
+}
+
+static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                     struct fuse_file_info *fi)
+{
+    (void)ino, (void)fi;
+    struct mrd_server *s = srv(req);
+    if (off < 0) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    if ((uint64_t)off >= s->size) {
+        ADD(s->write_errors, 1);
+        fuse_reply_err(req, size ? ENOSPC : 0);
+        return;
+    }
+    /* A write straddling the end is cut short, as on a block device. */
+    if (size > s->size - (uint64_t)off)
+        size = (size_t)(s->size - (uint64_t)off);
+    if (size == 0) {
+        fuse_reply_write(req, 0);
+        return;
+    }
+    uint64_t seen = __atomic_load_n(&s->max_write_seen, __ATOMIC_RELAXED);
+    while (size > seen && !__atomic_compare_exchange_n(&s->max_write_seen, &seen, size, 0,
+                                                       __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+
+    struct op *o = calloc(1, sizeof *o);
+    if (!o) {
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    o->kind = P_WRITE;
+    o->len = (uint32_t)size;
+    o->req = req;
+    o->refs = 1; /* the local write's */
+
+    unsigned idx[2];
+    extents_lock(s, (uint64_t)off, size, idx);
+    /* Frames first, then the local write: the peer works while we pwrite,
+     * and both happen inside the extent lock, so order is the same on both. */
+    for (size_t done = 0; done < size;) {
+        size_t n = size - done > FRAME_SPLIT ? FRAME_SPLIT : size - done;
+        struct pending *e = calloc(1, sizeof *e);
+        int rc = MRD_ENOPEER;
+        if (e) {
+            e->kind = P_WRITE;
+            e->off = (uint64_t)off + done;
+            e->len = (uint32_t)n;
+            e->op = o;
+            __atomic_add_fetch(&o->refs, 1, __ATOMIC_RELAXED);
+            rc = peer_send(s, e, MRD_FRAME_WRITE, buf + done);
+            if (rc) {
+                __atomic_sub_fetch(&o->refs, 1, __ATOMIC_RELAXED);
+                free(e);
+            }
+        }
+        if (rc)
+            mrd_bitmap_set_range(s->bm, (uint64_t)off + done, n);
+        done += n;
+    }
+    int rc = mrd_pwrite_all(s->disk_fd, buf, size, (uint64_t)off);
+    extents_unlock(s, idx);
+
+    if (rc) {
+        pthread_mutex_lock(&s->pend_mu);
+        set_error_locked(s, "local pwrite at %llu: %s", (unsigned long long)off, strerror(-rc));
+        pthread_mutex_unlock(&s->pend_mu);
+        ADD(s->write_errors, 1);
+    } else {
+        ADD(s->writes, 1);
+        ADD(s->bytes_written, size);
+    }
+    o->local_err = -rc;
+    op_put(o);
+}
+
+/* flush (every close) and fsync: local fdatasync + FLUSH frame; the reply
+ * waits for the peer's FLUSH_ACK, which it sends after its own fdatasync. */
+static void do_flush(fuse_req_t req)
+{
+    struct mrd_server *s = srv(req);
+    ADD(s->flushes, 1);
+    struct op *o = calloc(1, sizeof *o);
+    struct pending *e = calloc(1, sizeof *e);
+    if (!o || !e) {
+        free(o);
+        free(e);
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    o->kind = e->kind = P_FLUSH;
+    o->req = req;
+    o->refs = 2;
+    e->op = o;
+    if (peer_send(s, e, MRD_FRAME_FLUSH, NULL)) {
+        free(e);
+        o->refs = 1;
+    }
+    if (fdatasync(s->disk_fd) < 0)
+        o->local_err = errno;
+    op_put(o);
+}
+
+static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)ino, (void)fi;
+    do_flush(req);
+}
+
+static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    (void)ino, (void)datasync, (void)fi;
+    do_flush(req);
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)ino, (void)fi;
+    fuse_reply_err(req, 0);
+}
+
+static void op_statfs(fuse_req_t req, fuse_ino_t ino)
+{
+    (void)ino;
+    struct mrd_server *s = srv(req);
+    struct statvfs sv = {0};
+    sv.f_bsize = sv.f_frsize = 4096;
+    sv.f_blocks = s->size / 4096;
+    sv.f_files = 1;
+    sv.f_namemax = 255;
+    fuse_reply_statfs(req, &sv);
+}
+
+static const struct fuse_lowlevel_ops ops = {
+    .init = op_init,
+    .getattr = op_getattr,
+    .setattr = op_setattr,
+    .open = op_open,
+    .read = op_read,
+    .write = op_write,
+    .flush = op_flush,
+    .fsync = op_fsync,
+    .release = op_release,
+    .statfs = op_statfs,
+};
+
+static void *loop_main(void *arg)
+{
+    struct mrd_server *s = arg;
+    struct fuse_loop_config *cfg = fuse_loop_cfg_create();
+    if (cfg) {
+        fuse_loop_cfg_set_clone_fd(cfg, 0);
+        fuse_loop_cfg_set_max_threads(cfg, 16);
+        fuse_loop_cfg_set_idle_threads(cfg, 4);
+    }
+    fuse_session_loop_mt(s->se, cfg);
+    if (cfg)
+        fuse_loop_cfg_destroy(cfg);
+    __atomic_store_n(&s->loop_done, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+/* ---- public API -------------------------------------------------------- */
+
+int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size, struct mrd_server **out)
+{
+    if (!disk_path || !mountpoint || !out)
+        return -EINVAL;
+    struct mrd_server *s = calloc(1, sizeof *s);
+    if (!s)
+        return -ENOMEM;
+    s->disk_fd = s->peer_fd = -1;
+    s->peer_timeout_ms = 10000;
+    s->head.next = s->head.prev = &s->head;
+    for (int i = 0; i < NSTRIPES; i++)
+        pthread_mutex_init(&s->stripes[i], NULL);
+    pthread_mutex_init(&s->send_mu, NULL);
+    pthread_mutex_init(&s->pend_mu, NULL);
+    pthread_cond_init(&s->pend_cv, NULL);
+    s->start_time = time(NULL);
+    int rc = -ENOMEM;
+    s->disk_path = strdup(disk_path);
+    s->mountpoint = strdup(mountpoint);
+    s->sync_buf = malloc(SYNC_CHUNK);
+    if (!s->disk_path || !s->mountpoint || !s->sync_buf)
+        goto fail;
+    uint64_t disk_size;
+    rc = mrd_open_disk(disk_path, &disk_size);
+    if (rc < 0)
+        goto fail;
+    s->disk_fd = rc;
+    if (size > disk_size) {
+        rc = -ENOSPC;
+        goto fail;
+    }
+    s->size = size ? size : disk_size;
+    rc = mrd_bitmap_new(s->size, 4096, &s->bm);
+    if (rc)
+        goto fail;
+    *out = s;
+    return 0;
+fail:
+    mrd_server_free(s);
+    return rc;
+}
+
+int mrd_server_set_peer_timeout(struct mrd_server *s, uint32_t timeout_ms)
+{
+    if (!s || timeout_ms < 100)
+        return -EINVAL;
+    s->peer_timeout_ms = timeout_ms;
+    return 0;
+}
+
+int mrd_server_start(struct mrd_server *s)
+{
+    if (!s)
+        return -EINVAL;
+    if (s->se)
+        return MRD_ESTATE;
+    /* libfuse takes rootmode from the mountpoint's own st_mode: a regular
+     * file gives a regular-file root, i.e. the disk appears as that file. */
+    int mfd = open(s->mountpoint, O_RDONLY | O_CREAT | O_CLOEXEC, 0600);
+    if (mfd < 0)
+        return -errno;
+    struct stat st;
+    int rc = fstat(mfd, &st) < 0 ? -errno : 0;
+    close(mfd);
+    if (rc)
+        return rc;
+    if (!S_ISREG(st.st_mode))
+        return -EINVAL;
+
+    char *argv[] = {"mirrord", "-o", "allow_other,default_permissions,fsname=mirrord,subtype=mirrord", NULL};
+    struct fuse_args args = FUSE_ARGS_INIT(3, argv);
+    s->se = fuse_session_new(&args, &ops, sizeof ops, s);
+    fuse_opt_free_args(&args);
+    if (!s->se)
+        return MRD_EFUSE;
+    if (fuse_session_mount(s->se, s->mountpoint) != 0) {
+        fuse_session_destroy(s->se);
+        s->se = NULL;
+        return MRD_EFUSE;
+    }
+    s->loop_done = 0;
+    rc = mrd_thread_start(&s->loop_th, loop_main, s);
+    if (rc) {
+        fuse_session_unmount(s->se);
+        fuse_session_destroy(s->se);
+        s->se = NULL;
+        return rc;
+    }
+    s->loop_live = 1;
+    /* The connection number (for a forced abort in stop) is the minor of the
+     * mounted file's st_dev; this stat is served by the loop just started. */
+    if (stat(s->mountpoint, &st) == 0)
+        s->fuse_dev = st.st_dev;
+    return 0;
+}
+
+int mrd_server_attach_peer(struct mrd_server *s, int sock_fd)
+{
+    if (!s || sock_fd < 0)
+        return -EINVAL;
+    pthread_mutex_lock(&s->pend_mu);
+    int state = s->peer_state;
+    pthread_mutex_unlock(&s->pend_mu);
+    if (state == PEER_CONNECTED)
+        return MRD_ESTATE;
+    reap_peer(s);
+    reap_sync(s);
+    int fd = fcntl(sock_fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    mrd_tune_socket(fd, s->peer_timeout_ms, ACK_POLL_MS);
+    pthread_mutex_lock(&s->send_mu);
+    pthread_mutex_lock(&s->pend_mu);
+    s->peer_fd = fd;
+    s->peer_state = PEER_CONNECTED;
+    pthread_mutex_unlock(&s->pend_mu);
+    pthread_mutex_unlock(&s->send_mu);
+    int rc = mrd_thread_start(&s->ack_th, ack_main, s);
+    if (rc) {
+        fail_peer(s, rc, "cannot start the ack reader");
+        reap_peer(s);
+        return rc;
+    }
+    s->ack_live = 1;
+    return 0;
+}
+
+int mrd_server_detach_peer(struct mrd_server *s)
+{
+    if (!s)
+        return -EINVAL;
+    fail_peer(s, 0, "detached");
+    reap_sync(s);
+    reap_peer(s);
+    return 0;
+}
+
+static void *sync_main(void *arg)
+{
+    struct mrd_server *s = arg;
+    uint64_t gran = mrd_bitmap_granularity(s->bm);
+    uint64_t off = s->sync_from / gran * gran;
+    int dirty_only = s->sync_flags & MRD_SYNC_DIRTY_ONLY;
+    int finished = 0;
+    for (;;) {
+        if (s->sync_stop)
+            break;
+        if (off >= s->size) {
+            finished = 1;
+            break;
+        }
+        uint64_t end = ((off >> EXTENT_SHIFT) + 1) << EXTENT_SHIFT;
+        if (end > s->size)
+            end = s->size;
+        if (dirty_only) {
+            int64_t b = mrd_bitmap_find_next_set(s->bm, off / gran);
+            if (b < 0) {
+                finished = 1;
+                break;
+            }
+            off = (uint64_t)b * gran;
+            end = ((off >> EXTENT_SHIFT) + 1) << EXTENT_SHIFT;
+            if (end > s->size)
+                end = s->size;
+            int64_t c = mrd_bitmap_find_next_clear(s->bm, (uint64_t)b);
+            if (c >= 0 && (uint64_t)c * gran < end)
+                end = (uint64_t)c * gran;
+        }
+        pthread_mutex_lock(&s->pend_mu);
+        while (s->sync_inflight >= SYNC_WINDOW && s->peer_state == PEER_CONNECTED && !s->sync_stop)
+            pthread_cond_wait(&s->pend_cv, &s->pend_mu);
+        int state = s->peer_state;
+        pthread_mutex_unlock(&s->pend_mu);
+        if (state != PEER_CONNECTED || s->sync_stop)
+            break;
+
+        struct pending *e = calloc(1, sizeof *e);
+        if (!e) {
+            pthread_mutex_lock(&s->pend_mu);
+            set_error_locked(s, "sync: out of memory");
+            pthread_mutex_unlock(&s->pend_mu);
+            break;
+        }
+        e->kind = P_SYNC;
+        e->off = off;
+        e->len = (uint32_t)(end - off);
+        unsigned idx[2];
+        extents_lock(s, e->off, e->len, idx);
+        int rc = mrd_pread_all(s->disk_fd, s->sync_buf, e->len, e->off);
+        if (!rc)
+            rc = peer_send(s, e, MRD_FRAME_SYNC_DATA, s->sync_buf);
+        extents_unlock(s, idx);
+        if (rc) {
+            free(e);
+            if (rc != MRD_ENOPEER) {
+                pthread_mutex_lock(&s->pend_mu);
+                set_error_locked(s, "sync: read at %llu: %s", (unsigned long long)off, mrd_strerror(rc));
+                pthread_mutex_unlock(&s->pend_mu);
+            }
+            break;
+        }
+        off = end;
+    }
+    /* Done only when every chunk is acked by a peer that is still there. */
+    pthread_mutex_lock(&s->pend_mu);
+    while (s->sync_inflight > 0 && s->peer_state == PEER_CONNECTED)
+        pthread_cond_wait(&s->pend_cv, &s->pend_mu);
+    s->sync_done = finished && s->peer_state == PEER_CONNECTED;
+    if (s->sync_done && !dirty_only)
+        s->sync_offset = s->size;
+    s->sync_active = 0;
+    pthread_mutex_unlock(&s->pend_mu);
+    return NULL;
+}
+
+int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t flags)
+{
+    if (!s || (flags & ~MRD_SYNC_DIRTY_ONLY))
+        return -EINVAL;
+    if (from_offset > s->size)
+        return MRD_ERANGE;
+    pthread_mutex_lock(&s->pend_mu);
+    int state = s->peer_state, active = s->sync_active;
+    pthread_mutex_unlock(&s->pend_mu);
+    if (state != PEER_CONNECTED)
+        return MRD_ENOPEER;
+    if (active)
+        return MRD_ESTATE;
+    reap_sync(s);
+    uint64_t gran = mrd_bitmap_granularity(s->bm);
+    pthread_mutex_lock(&s->pend_mu);
+    s->sync_from = from_offset / gran * gran;
+    s->sync_flags = flags;
+    s->sync_stop = 0;
+    s->sync_active = 1;
+    s->sync_done = 0;
+    s->sync_offset = s->sync_from;
+    s->bytes_synced = 0;
+    s->sync_total = (flags & MRD_SYNC_DIRTY_ONLY) ? mrd_bitmap_count(s->bm) * gran
+                                                  : s->size - s->sync_from;
+    pthread_mutex_unlock(&s->pend_mu);
+    int rc = mrd_thread_start(&s->sync_th, sync_main, s);
+    if (rc) {
+        pthread_mutex_lock(&s->pend_mu);
+        s->sync_active = 0;
+        pthread_mutex_unlock(&s->pend_mu);
+        return rc;
+    }
+    s->sync_live = 1;
+    return 0;
+}
+
+int mrd_server_stop_sync(struct mrd_server *s)
+{
+    if (!s)
+        return -EINVAL;
+    pthread_mutex_lock(&s->pend_mu);
+    s->sync_stop = 1;
+    pthread_cond_broadcast(&s->pend_cv);
+    pthread_mutex_unlock(&s->pend_mu);
+    reap_sync(s);
+    return 0;
+}
+
+int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *o)
+{
+    if (!s || !o)
+        return -EINVAL;
+    memset(o, 0, sizeof *o);
+#define LD(f) __atomic_load_n(&s->f, __ATOMIC_RELAXED)
+    o->size = s->size;
+    o->writes = LD(writes);
+    o->bytes_written = LD(bytes_written);
+    o->reads = LD(reads);
+    o->bytes_read = LD(bytes_read);
+    o->flushes = LD(flushes);
+    o->write_errors = LD(write_errors);
+    o->max_write_seen = LD(max_write_seen);
+    o->frames_sent = LD(frames_sent);
+    o->bytes_sent = LD(bytes_sent);
+#undef LD
+    o->dirty_blocks = mrd_bitmap_count(s->bm);
+    o->dirty_granularity = mrd_bitmap_granularity(s->bm);
+    o->fuse_running = s->se && !__atomic_load_n(&s->loop_done, __ATOMIC_ACQUIRE);
+    pthread_mutex_lock(&s->pend_mu);
+    o->acked = s->acked;
+    o->in_flight = s->in_flight;
+    o->ack_latency_ns_total = s->lat_total;
+    o->ack_latency_ns_max = s->lat_max;
+    o->peer_failures = s->peer_failures;
+    o->peer_connected = s->peer_state == PEER_CONNECTED;
+    o->sync_active = s->sync_active;
+    o->sync_done = s->sync_done;
+    o->sync_offset = s->sync_offset;
+    o->sync_total = s->sync_total;
+    o->bytes_synced = s->bytes_synced;
+    memcpy(o->last_error, s->last_error, sizeof o->last_error);
+    pthread_mutex_unlock(&s->pend_mu);
+    return 0;
+}
+
+long mrd_server_dirty_nbytes(struct mrd_server *s)
+{
+    return s ? (long)mrd_bitmap_nbytes(s->bm) : -EINVAL;
+}
+
+long mrd_server_dirty_snapshot(struct mrd_server *s, void *buf, long buflen)
+{
+    if (!s || !buf || buflen < 0)
+        return -EINVAL;
+    return mrd_bitmap_snapshot(s->bm, buf, (size_t)buflen);
+}
+
+int mrd_server_dirty_load(struct mrd_server *s, const void *buf, long buflen)
+{
+    if (!s || !buf || buflen < 0)
+        return -EINVAL;
+    if (s->se)
+        return MRD_ESTATE;
+    return mrd_bitmap_load(s->bm, buf, (size_t)buflen);
+}
+
+int64_t mrd_server_dirty_mark(struct mrd_server *s, uint64_t offset, uint64_t len)
+{
+    if (!s)
+        return -EINVAL;
+    return mrd_bitmap_set_range(s->bm, offset, len);
+}
+
+int mrd_server_debug_corrupt_next(struct mrd_server *s, uint32_t n)
+{
+    if (!s || n > INT32_MAX)
+        return -EINVAL;
+    __atomic_store_n(&s->corrupt_next, (int)n, __ATOMIC_RELAXED);
+    return 0;
+}
+
+static int wait_loop_done(struct mrd_server *s, int ms)
+{
+    for (int i = 0; i < ms / 10; i++) {
+        if (__atomic_load_n(&s->loop_done, __ATOMIC_ACQUIRE))
+            return 1;
+        usleep(10000);
+    }
+    return __atomic_load_n(&s->loop_done, __ATOMIC_ACQUIRE);
+}
+
+/* Abort the FUSE connection through fusectl: the only way to wake the
+ * workers when the file is still open (e.g. a loop device on it), and what
+ * makes libfuse's own unmount step quiet once we have unmounted ourselves. */
+#define FUSECTL_SUPER_MAGIC 0x65735543
+static void abort_connection(struct mrd_server *s)
+{
+    const char *dir = "/sys/fs/fuse/connections";
+    struct statfs sf;
+    if (statfs(dir, &sf) < 0 || sf.f_type != FUSECTL_SUPER_MAGIC)
+        mount("fusectl", dir, "fusectl", 0, NULL); /* e.g. in a fresh mount namespace */
+    char path[96];
+    snprintf(path, sizeof path, "%s/%u/abort", dir, minor(s->fuse_dev));
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (write(fd, "1", 1) < 0) {
+            /* the connection is already gone */
+        }
+        close(fd);
+    }
+}
+
+int mrd_server_stop(struct mrd_server *s)
+{
+    if (!s)
+        return -EINVAL;
+    mrd_server_stop_sync(s);
+    /* Give in-flight frames a moment to be acked so a clean stop does not
+     * leave dirty blocks behind. */
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 2;
+    pthread_mutex_lock(&s->pend_mu);
+    while (s->in_flight && s->peer_state == PEER_CONNECTED)
+        if (pthread_cond_timedwait(&s->pend_cv, &s->pend_mu, &until) == ETIMEDOUT)
+            break;
+    pthread_mutex_unlock(&s->pend_mu);
+    fail_peer(s, 0, "server stopped");
+    reap_peer(s);
+    if (!s->se)
+        return 0;
+    if (s->loop_live) {
+        fuse_session_exit(s->se);
+        /* Lazy unmount: with no open file the connection goes away at once
+         * and the workers see ENODEV. */
+        umount2(s->mountpoint, MNT_DETACH);
+        if (!wait_loop_done(s, 2000)) {
+            abort_connection(s);
+            if (!wait_loop_done(s, 3000))
+                return -EBUSY;
+        }
+        pthread_join(s->loop_th, NULL);
+        s->loop_live = 0;
+        abort_connection(s);
+    }
+    fuse_session_unmount(s->se);
+    fuse_session_destroy(s->se);
+    s->se = NULL;
+    return 0;
+}
+
+void mrd_server_free(struct mrd_server *s)
+{
+    if (!s)
+        return;
+    if (mrd_server_stop(s) == -EBUSY)
+        return; /* threads still use s: leaking is the only safe choice */
+    if (s->disk_fd >= 0)
+        close(s->disk_fd);
+    mrd_bitmap_free(s->bm);
+    free(s->sync_buf);
+    free(s->disk_path);
+    free(s->mountpoint);
+    for (int i = 0; i < NSTRIPES; i++)
+        pthread_mutex_destroy(&s->stripes[i]);
+    pthread_mutex_destroy(&s->send_mu);
+    pthread_mutex_destroy(&s->pend_mu);
+    pthread_cond_destroy(&s->pend_cv);
+    free(s);
+}

@@ -1,0 +1,89 @@
+/* Primary side: serve one disk as one regular file through FUSE (libfuse3
+ * low-level API, multi-threaded loop in C threads) and replicate every write
+ * to the peer with protocol C: the FUSE reply for a write is sent only when
+ * the local pwrite is done AND the peer's WRITE_ACK arrived.
+ *
+ * Threads: the FUSE loop (+ its workers), an ack reader while a peer is
+ * attached, a sync thread while a full/dirty sync runs. None of them ever
+ * calls into Python.
+ *
+ * Ordering: writes, sync reads and frame enqueueing take a striped lock per
+ * 1 MiB extent, so overlapping writes reach the peer in the order they
+ * reached the local disk, and a sync chunk is either sent before a racing
+ * write's frame or already contains its data.
+ *
+ * Peer failure (send/recv error, timeout, bad frame, detach): every pending
+ * write completes locally with success and its blocks are marked in the
+ * dirty bitmap; later writes are local-only and dirty, until attach_peer. */
+#ifndef MIRRORD_SERVER_H
+#define MIRRORD_SERVER_H
+#include <stdint.h>
+
+struct mrd_server;
+
+#define MRD_SYNC_DIRTY_ONLY 1u /* start_sync flag: send only dirty blocks */
+
+struct mrd_server_stats {
+    uint64_t size;
+    uint64_t writes, bytes_written;   /* FUSE writes completed */
+    uint64_t reads, bytes_read;
+    uint64_t flushes;                 /* flush + fsync requests */
+    uint64_t write_errors;            /* writes answered with an error */
+    uint64_t max_write_seen;          /* largest single FUSE write, bytes */
+    uint64_t frames_sent, bytes_sent; /* to the peer, payload bytes */
+    uint64_t acked;                   /* acks received */
+    uint64_t in_flight;               /* frames sent, not yet acked */
+    uint64_t ack_latency_ns_total;    /* sum over acks of send -> ack time */
+    uint64_t ack_latency_ns_max;
+    uint64_t peer_failures;           /* connections lost (incl. detach) */
+    uint64_t dirty_blocks;
+    uint32_t dirty_granularity;
+    int32_t peer_connected;
+    int32_t fuse_running;
+    int32_t sync_active;
+    int32_t sync_done;                /* last sync finished completely */
+    int32_t pad0;
+    uint64_t sync_offset;             /* everything below it is acked */
+    uint64_t sync_total;              /* bytes the sync covers */
+    uint64_t bytes_synced;            /* SYNC_DATA payload bytes acked */
+    char last_error[256];
+};
+
+/* Prepare a server for disk_path (opened O_RDWR) exposed at mountpoint (a
+ * regular file, created if missing). size 0 means the disk's size; a size
+ * larger than the disk is -ENOSPC. Nothing is mounted yet. */
+int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
+                   struct mrd_server **out);
+/* How long a peer may leave a frame unacknowledged (and a send may block)
+ * before it is declared gone; default 10000 ms. Takes effect on attach. */
+int mrd_server_set_peer_timeout(struct mrd_server *s, uint32_t timeout_ms);
+/* Mount and start serving (returns once the mount is live). */
+int mrd_server_start(struct mrd_server *s);
+/* Hand over a connected, handshaken TCP socket (dup'ed; the caller must not
+ * use its socket afterwards). MRD_ESTATE if a peer is already connected. */
+int mrd_server_attach_peer(struct mrd_server *s, int sock_fd);
+/* Drop the peer on purpose (pending writes complete locally, marked dirty). */
+int mrd_server_detach_peer(struct mrd_server *s);
+/* Copy the disk to the peer from from_offset (rounded down to a block) in the
+ * background; with MRD_SYNC_DIRTY_ONLY only blocks set in the dirty bitmap.
+ * Acked chunks clear their dirty bits. MRD_ENOPEER without a peer,
+ * MRD_ESTATE if a sync is running. */
+int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t flags);
+/* Stop a running sync and wait for it (its offset is kept). */
+int mrd_server_stop_sync(struct mrd_server *s);
+int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *out);
+/* Dirty bitmap (format of bitmap.h): size in bytes, copy out, load (load
+ * only before start: it replaces the whole bitmap), mark a range. */
+long mrd_server_dirty_nbytes(struct mrd_server *s);
+long mrd_server_dirty_snapshot(struct mrd_server *s, void *buf, long buflen);
+int mrd_server_dirty_load(struct mrd_server *s, const void *buf, long buflen);
+int64_t mrd_server_dirty_mark(struct mrd_server *s, uint64_t offset, uint64_t len);
+/* Test hook: flip one payload byte of each of the next n frames that carry a
+ * payload, after their CRC was computed (the local disk gets good data). */
+int mrd_server_debug_corrupt_next(struct mrd_server *s, uint32_t n);
+/* Stop sync, wait briefly for in-flight frames, detach the peer, unmount and
+ * join every thread. -EBUSY if the FUSE loop could not be stopped. */
+int mrd_server_stop(struct mrd_server *s);
+void mrd_server_free(struct mrd_server *s);
+
+#endif

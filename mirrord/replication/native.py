@@ -1,0 +1,442 @@
+"""Typed wrapper around mirrord's C data path (``mirrord._native``, cffi API mode).
+
+Everything per request runs in C threads; Python only starts and stops them,
+hands over sockets and reads counters. Each negative return code from C
+becomes a typed exception:
+
+* frame codes (bad magic, type, length, flags, CRC, truncation) -> ``FrameError``
+* libfuse refusing to create or mount the session -> ``FuseError``
+* everything else (errno values and other mirrord codes) -> ``NativeError``
+
+Every exception carries ``code`` (the raw negative code) and ``errno`` (the
+positive errno, or ``None`` for mirrord-specific codes).
+
+Socket hand-over: ``PrimaryServer.attach_peer`` and ``Receiver`` take
+ownership of the fd they are given (pass ``sock.detach()``): C works on its own
+duplicate and the wrapper closes the one it was given.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from mirrord._native import ffi, lib
+from mirrord.errors import FrameError, FuseError, NativeError
+
+HEADER_SIZE: int = lib.MRD_FRAME_HEADER_SIZE
+MAX_PAYLOAD: int = lib.MRD_FRAME_MAX_PAYLOAD
+MAGIC: int = lib.MRD_FRAME_MAGIC
+
+WRITE: int = lib.MRD_FRAME_WRITE
+WRITE_ACK: int = lib.MRD_FRAME_WRITE_ACK
+FLUSH: int = lib.MRD_FRAME_FLUSH
+FLUSH_ACK: int = lib.MRD_FRAME_FLUSH_ACK
+SYNC_DATA: int = lib.MRD_FRAME_SYNC_DATA
+SYNC_ACK: int = lib.MRD_FRAME_SYNC_ACK
+PING: int = lib.MRD_FRAME_PING
+PONG: int = lib.MRD_FRAME_PONG
+FRAME_TYPES: dict[int, str] = {
+    WRITE: "WRITE", WRITE_ACK: "WRITE_ACK", FLUSH: "FLUSH", FLUSH_ACK: "FLUSH_ACK",
+    SYNC_DATA: "SYNC_DATA", SYNC_ACK: "SYNC_ACK", PING: "PING", PONG: "PONG",
+}
+
+# mirrord-specific codes (ext/common.h); they sit far outside the errno range.
+_BASE = lib.MRD_E_BASE
+E_TRUNC = -(_BASE + 1)
+E_MAGIC = -(_BASE + 2)
+E_TYPE = -(_BASE + 3)
+E_LEN = -(_BASE + 4)
+E_CRC = -(_BASE + 5)
+E_FLAGS = -(_BASE + 6)
+E_PROTO = -(_BASE + 7)
+E_STATE = -(_BASE + 8)
+E_FUSE = -(_BASE + 9)
+E_RANGE = -(_BASE + 10)
+E_NOPEER = -(_BASE + 11)
+_FRAME_CODES = frozenset({E_TRUNC, E_MAGIC, E_TYPE, E_LEN, E_CRC, E_FLAGS})
+
+SYNC_DIRTY_ONLY: int = lib.MRD_SYNC_DIRTY_ONLY
+
+
+def strerror(code: int) -> str:
+    """Readable text for a C return code (negative errno or mirrord code)."""
+    return ffi.string(lib.mrd_strerror(code)).decode()
+
+
+def _error(code: int, what: str) -> NativeError:
+    cls: type[NativeError] = NativeError
+    if code in _FRAME_CODES:
+        cls = FrameError
+    elif code == E_FUSE:
+        cls = FuseError
+    exc = cls(f"{what}: {strerror(code)}")
+    exc.code = code  # type: ignore[attr-defined]
+    exc.errno = -code if -_BASE < code < 0 else None  # type: ignore[attr-defined]
+    return exc
+
+
+def _check(code: int, what: str) -> int:
+    if code < 0:
+        raise _error(code, what)
+    return code
+
+
+def crc32c(data: bytes, crc: int = 0) -> int:
+    """CRC32C (Castagnoli) of data, continuing from crc (chainable)."""
+    return int(lib.mrd_crc32c(crc, ffi.from_buffer(data), len(data)))
+
+
+# ---- frames ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FrameHeader:
+    type: int
+    seq: int
+    offset: int
+    length: int
+    crc: int = 0
+    flags: int = 0
+    magic: int = MAGIC
+
+    @property
+    def type_name(self) -> str:
+        return FRAME_TYPES.get(self.type, f"type {self.type}")
+
+
+def _header(c: Any) -> FrameHeader:
+    return FrameHeader(type=c.type, seq=c.seq, offset=c.offset, length=c.length,
+                       crc=c.crc, flags=c.flags, magic=c.magic)
+
+
+def encode_frame(type: int, seq: int, offset: int = 0, payload: bytes = b"", flags: int = 0) -> bytes:
+    """Header (CRC computed) followed by the payload."""
+    out = ffi.new("uint8_t[]", HEADER_SIZE)
+    _check(lib.mrd_frame_encode(out, type, flags, seq, offset,
+                                ffi.from_buffer(payload) if payload else ffi.NULL, len(payload)),
+           "encode frame")
+    return bytes(ffi.buffer(out, HEADER_SIZE)) + bytes(payload)
+
+
+def decode_header(raw: bytes) -> FrameHeader:
+    """Parse and bound-check the first HEADER_SIZE bytes (the CRC is not checked)."""
+    h = ffi.new("struct mrd_frame_header *")
+    _check(lib.mrd_frame_decode(ffi.from_buffer(raw), len(raw), h), "decode frame header")
+    return _header(h)
+
+
+def verify_frame(raw_header: bytes, payload: bytes = b"") -> FrameHeader:
+    """Decode raw_header and check its CRC against payload; raise FrameError if bad."""
+    header = ffi.new("struct mrd_frame_header *")
+    _check(lib.mrd_frame_decode(ffi.from_buffer(raw_header), len(raw_header), header),
+           "decode frame header")
+    _check(lib.mrd_frame_verify(ffi.from_buffer(raw_header), header,
+                                ffi.from_buffer(payload) if payload else ffi.NULL, len(payload)),
+           "verify frame")
+    return _header(header)
+
+
+def parse_frame(buf: bytes) -> tuple[FrameHeader, bytes, int]:
+    """Decode and verify one whole frame at the start of buf.
+
+    Returns (header, payload, bytes consumed); FrameError (code E_TRUNC) when
+    buf does not yet hold a whole frame.
+    """
+    h = ffi.new("struct mrd_frame_header *")
+    n = _check(lib.mrd_frame_parse(ffi.from_buffer(buf), len(buf), h), "parse frame")
+    return _header(h), bytes(buf[HEADER_SIZE:n]), n
+
+
+# ---- bitmap ---------------------------------------------------------------
+
+class Bitmap:
+    """Dirty bitmap, one bit per ``granularity`` bytes (see ext/bitmap.h for rounding)."""
+
+    def __init__(self, size: int, granularity: int = 4096) -> None:
+        out = ffi.new("struct mrd_bitmap **")
+        _check(lib.mrd_bitmap_new(size, granularity, out), "create bitmap")
+        self._bm = ffi.gc(out[0], lib.mrd_bitmap_free)
+
+    @property
+    def size(self) -> int:
+        return int(lib.mrd_bitmap_size(self._bm))
+
+    @property
+    def granularity(self) -> int:
+        return int(lib.mrd_bitmap_granularity(self._bm))
+
+    @property
+    def nblocks(self) -> int:
+        return int(lib.mrd_bitmap_nblocks(self._bm))
+
+    @property
+    def nbytes(self) -> int:
+        return int(lib.mrd_bitmap_nbytes(self._bm))
+
+    def count(self) -> int:
+        return int(lib.mrd_bitmap_count(self._bm))
+
+    def set_range(self, offset: int, length: int) -> int:
+        """Mark every block the byte range touches; returns bits newly set."""
+        return _check(lib.mrd_bitmap_set_range(self._bm, offset, length), "bitmap set_range")
+
+    def clear_range(self, offset: int, length: int) -> int:
+        """Clear the blocks the byte range fully covers; returns bits cleared."""
+        return _check(lib.mrd_bitmap_clear_range(self._bm, offset, length), "bitmap clear_range")
+
+    def set_all(self) -> None:
+        lib.mrd_bitmap_set_all(self._bm)
+
+    def clear_all(self) -> None:
+        lib.mrd_bitmap_clear_all(self._bm)
+
+    def test(self, block: int) -> bool:
+        return bool(lib.mrd_bitmap_test(self._bm, block))
+
+    def find_next_set(self, from_block: int = 0) -> int | None:
+        b = lib.mrd_bitmap_find_next_set(self._bm, from_block)
+        return None if b < 0 else int(b)
+
+    def find_next_clear(self, from_block: int = 0) -> int | None:
+        b = lib.mrd_bitmap_find_next_clear(self._bm, from_block)
+        return None if b < 0 else int(b)
+
+    def snapshot(self) -> bytes:
+        buf = ffi.new("uint8_t[]", max(1, self.nbytes))
+        n = _check(lib.mrd_bitmap_snapshot(self._bm, buf, self.nbytes), "bitmap snapshot")
+        return bytes(ffi.buffer(buf, n))
+
+    def load(self, data: bytes) -> None:
+        _check(lib.mrd_bitmap_load(self._bm, ffi.from_buffer(data), len(data)), "bitmap load")
+
+
+# ---- stats ----------------------------------------------------------------
+
+class _Stats:
+    """Counters snapshot; ``as_dict`` is what status endpoints serialise."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload,no-any-return]
+
+
+@dataclass(frozen=True)
+class ServerStats(_Stats):
+    size: int
+    writes: int
+    bytes_written: int
+    reads: int
+    bytes_read: int
+    flushes: int
+    write_errors: int
+    max_write_seen: int
+    frames_sent: int
+    bytes_sent: int
+    acked: int
+    in_flight: int
+    ack_latency_ns_total: int
+    ack_latency_ns_max: int
+    peer_failures: int
+    dirty_blocks: int
+    dirty_granularity: int
+    peer_connected: bool
+    fuse_running: bool
+    sync_active: bool
+    sync_done: bool
+    sync_offset: int
+    sync_total: int
+    bytes_synced: int
+    last_error: str
+
+    @property
+    def dirty_bytes(self) -> int:
+        return self.dirty_blocks * self.dirty_granularity
+
+    @property
+    def ack_latency_avg_us(self) -> float:
+        return self.ack_latency_ns_total / self.acked / 1000 if self.acked else 0.0
+
+
+@dataclass(frozen=True)
+class ReceiverStats(_Stats):
+    frames: int
+    writes: int
+    syncs: int
+    flushes: int
+    bytes_applied: int
+    acks_sent: int
+    crc_errors: int
+    protocol_errors: int
+    last_seq: int
+    connected: bool
+    error_code: int
+    last_error: str
+
+
+def _stats(cls: type[_Stats], c: Any) -> Any:
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        v = getattr(c, f.name)
+        if f.type == "str":
+            v = ffi.string(v).decode(errors="replace")
+        elif f.type == "bool":
+            v = bool(v)
+        values[f.name] = v
+    return cls(**values)
+
+
+def _take_fd(sock_fd: int) -> None:
+    """Close the caller's fd once C holds its own duplicate (ownership contract)."""
+    try:
+        os.close(sock_fd)
+    except OSError:
+        pass
+
+
+# ---- primary server -------------------------------------------------------
+
+class PrimaryServer:
+    """The disk at disk_path served as the regular file mountpoint, replicated to a peer.
+
+    Control calls are serialised by a lock; none of them is on the I/O path.
+    """
+
+    def __init__(self, disk_path: str, mountpoint: str, size: int = 0, peer_timeout_ms: int = 10000) -> None:
+        out = ffi.new("struct mrd_server **")
+        _check(lib.mrd_server_new(disk_path.encode(), mountpoint.encode(), size, out),
+               f"open {disk_path}")
+        self._s: Any = out[0]
+        self._lock = threading.Lock()
+        self.disk_path = disk_path
+        self.mountpoint = mountpoint
+        _check(lib.mrd_server_set_peer_timeout(self._s, peer_timeout_ms), "set peer timeout")
+
+    def _ptr(self) -> Any:
+        if self._s is None:
+            raise NativeError("the server has been closed")
+        return self._s
+
+    def start(self) -> None:
+        with self._lock:
+            _check(lib.mrd_server_start(self._ptr()), f"serve {self.disk_path} at {self.mountpoint}")
+
+    def attach_peer(self, sock_fd: int) -> None:
+        """Replicate to the peer on this connected, handshaken socket (takes the fd)."""
+        with self._lock:
+            try:
+                _check(lib.mrd_server_attach_peer(self._ptr(), sock_fd), "attach peer")
+            finally:
+                _take_fd(sock_fd)
+
+    def detach_peer(self) -> None:
+        with self._lock:
+            _check(lib.mrd_server_detach_peer(self._ptr()), "detach peer")
+
+    def start_sync(self, from_offset: int = 0, dirty_only: bool = False) -> None:
+        """Copy the disk (or only its dirty blocks) to the peer in the background."""
+        with self._lock:
+            _check(lib.mrd_server_start_sync(self._ptr(), from_offset, SYNC_DIRTY_ONLY if dirty_only else 0),
+                   "start sync")
+
+    def stop_sync(self) -> None:
+        with self._lock:
+            _check(lib.mrd_server_stop_sync(self._ptr()), "stop sync")
+
+    def stats(self) -> ServerStats:
+        c = ffi.new("struct mrd_server_stats *")
+        with self._lock:
+            _check(lib.mrd_server_stats(self._ptr(), c), "server stats")
+        result: ServerStats = _stats(ServerStats, c)
+        return result
+
+    def dirty_bitmap(self) -> bytes:
+        """The live dirty bitmap, serialised as in ext/bitmap.h."""
+        with self._lock:
+            n = _check(lib.mrd_server_dirty_nbytes(self._ptr()), "dirty bitmap size")
+            buf = ffi.new("uint8_t[]", max(1, n))
+            n = _check(lib.mrd_server_dirty_snapshot(self._ptr(), buf, n), "dirty bitmap snapshot")
+        return bytes(ffi.buffer(buf, n))
+
+    def load_dirty_bitmap(self, data: bytes) -> None:
+        """Restore a persisted bitmap (before start)."""
+        with self._lock:
+            _check(lib.mrd_server_dirty_load(self._ptr(), ffi.from_buffer(data), len(data)), "load dirty bitmap")
+
+    def mark_dirty(self, offset: int, length: int) -> int:
+        with self._lock:
+            return _check(lib.mrd_server_dirty_mark(self._ptr(), offset, length), "mark dirty")
+
+    def debug_corrupt_next(self, n: int) -> None:
+        """Test hook: corrupt the payload of the next n frames after their CRC."""
+        with self._lock:
+            _check(lib.mrd_server_debug_corrupt_next(self._ptr(), n), "debug corrupt")
+
+    def stop(self) -> None:
+        """Stop sync, drain briefly, drop the peer, unmount, join all C threads."""
+        with self._lock:
+            if self._s is not None:
+                _check(lib.mrd_server_stop(self._s), f"stop serving {self.mountpoint}")
+
+    def close(self) -> None:
+        """stop() and free the C object (the server cannot be used afterwards)."""
+        self.stop()
+        with self._lock:
+            if self._s is not None:
+                lib.mrd_server_free(self._s)
+                self._s = None
+
+    def __enter__(self) -> PrimaryServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- receiver -------------------------------------------------------------
+
+class Receiver:
+    """Applies the primary's frames to disk_path from a connected socket (takes the fd)."""
+
+    def __init__(self, disk_path: str, size: int, sock_fd: int) -> None:
+        out = ffi.new("struct mrd_receiver **")
+        try:
+            _check(lib.mrd_receiver_start(disk_path.encode(), size, sock_fd, out), f"receive into {disk_path}")
+        finally:
+            _take_fd(sock_fd)
+        self._r: Any = out[0]
+        self._lock = threading.Lock()
+        self.disk_path = disk_path
+
+    def stats(self) -> ReceiverStats:
+        with self._lock:
+            if self._r is None:
+                raise NativeError("the receiver has been closed")
+            c = ffi.new("struct mrd_receiver_stats *")
+            _check(lib.mrd_receiver_stats(self._r, c), "receiver stats")
+        result: ReceiverStats = _stats(ReceiverStats, c)
+        return result
+
+    def stop(self) -> None:
+        """Close the connection and join the thread; stats stay readable."""
+        with self._lock:
+            if self._r is not None:
+                _check(lib.mrd_receiver_stop(self._r), "stop receiver")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._r is not None:
+                lib.mrd_receiver_free(self._r)
+                self._r = None
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

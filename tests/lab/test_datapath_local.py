@@ -1,0 +1,341 @@
+"""The C data path end to end on this host: real FUSE, real TCP on 127.0.0.1.
+
+A Receiver applies frames to image B; a PrimaryServer exposes image A as a
+FUSE file and replicates to it. Every test ends by comparing the images.
+Needs root and /dev/fuse (and loop devices + mkfs.ext4 for the filesystem
+test); without them the tests skip, or fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mirrord.replication.native import PrimaryServer, Receiver
+
+pytestmark = pytest.mark.lab
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+
+def _require(*tools: str, loop: bool = False) -> None:
+    missing = None
+    if os.geteuid() != 0:
+        missing = "root"
+    elif not os.path.exists("/dev/fuse"):
+        missing = "/dev/fuse"
+    elif loop and not os.path.exists("/dev/loop-control"):
+        missing = "/dev/loop-control"
+    else:
+        missing = next((t for t in ("cmp", *tools) if shutil.which(t) is None), None)
+    if missing:
+        message = f"the local data-path lab needs {missing}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _mounted(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def _socket_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+def _aligned(data: bytes) -> mmap.mmap:
+    """A page-aligned copy of data, as O_DIRECT wants."""
+    buf = mmap.mmap(-1, max(len(data), 1))
+    buf.write(data)
+    return buf
+
+
+def _identical(a: Path, b: Path) -> bool:
+    return subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+@dataclass
+class Pair:
+    dir: Path
+    a: Path
+    b: Path
+    dev: Path
+    size: int
+    server: PrimaryServer
+    receiver: Receiver | None = None
+
+    def connect(self) -> Receiver:
+        """A fresh TCP connection and receiver, attached to the server."""
+        primary_end, secondary_end = _socket_pair()
+        self.receiver = Receiver(str(self.b), self.size, secondary_end.detach())
+        self.server.attach_peer(primary_end.detach())
+        return self.receiver
+
+    def stop(self) -> None:
+        """Stop both ends (idempotent): every frame sent is applied or dropped."""
+        self.server.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
+
+
+@pytest.fixture
+def make_pair(tmp_path: Path) -> Iterator[Callable[..., Pair]]:
+    pairs: list[Pair] = []
+
+    def make(size: int = 64 * MiB, fill_a: bytes | None = None, connect: bool = True) -> Pair:
+        _require()
+        a, b, dev = tmp_path / "a.img", tmp_path / "b.img", tmp_path / "r0"
+        with open(a, "wb") as f:
+            f.truncate(size)
+            if fill_a is not None:
+                f.seek(0)
+                f.write(fill_a)
+        with open(b, "wb") as f:
+            f.truncate(size)
+        dev.touch()
+        pair = Pair(tmp_path, a, b, dev, size, PrimaryServer(str(a), str(dev), size))
+        pairs.append(pair)
+        pair.server.start()
+        if connect:
+            pair.connect()
+        return pair
+
+    yield make
+    for pair in pairs:
+        try:
+            pair.server.close()
+        finally:
+            if pair.receiver is not None:
+                pair.receiver.close()
+            if _mounted(pair.dev):
+                subprocess.run(["umount", "-l", str(pair.dev)], check=False)
+
+
+def test_fuse_file_looks_like_the_disk(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair(size=8 * MiB + 4 * KiB, connect=False)
+    st = os.stat(pair.dev)
+    assert st.st_size == pair.size and (st.st_mode & 0o170000) == 0o100000
+    fd = os.open(pair.dev, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"x" * 100, 0)
+        assert os.pread(fd, 100, 0) == b"x" * 100
+        # Past the end: refused; straddling the end: cut short, like a block device.
+        with pytest.raises(OSError) as ei:
+            os.pwrite(fd, b"y", pair.size)
+        assert ei.value.errno in (28, 27)  # ENOSPC / EFBIG
+        assert os.pwrite(fd, b"z" * 10, pair.size - 4) == 4
+        assert os.pread(fd, 10, pair.size - 4) == b"zzzz"
+        # Truncation is ignored: the size is the disk's.
+        os.ftruncate(fd, 0)
+        assert os.fstat(fd).st_size == pair.size
+        assert os.statvfs(pair.dev).f_blocks * 4096 <= pair.size
+    finally:
+        os.close(fd)
+    stats = pair.server.stats()
+    assert stats.fuse_running and not stats.peer_connected and stats.dirty_blocks == 2
+
+
+def test_writes_reach_both_disks(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    rnd = random.Random(7)
+    # O_DSYNC 4 KiB writes: each one is a write + a flush round trip.
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
+    try:
+        for _ in range(200):
+            off = rnd.randrange(pair.size // (4 * KiB)) * 4 * KiB
+            assert os.pwrite(fd, _aligned(rnd.randbytes(4 * KiB)), off) == 4 * KiB
+    finally:
+        os.close(fd)
+    # 1 MiB direct writes (max_write), some not extent aligned.
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        for i in range(24):
+            off = i * MiB + (i % 3) * 64 * KiB
+            assert os.pwrite(fd, _aligned(rnd.randbytes(MiB)), off) == MiB
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    # Buffered, unaligned.
+    with open(pair.dev, "r+b", buffering=0) as f:
+        for _ in range(100):
+            f.seek(rnd.randrange(pair.size - 10000))
+            f.write(rnd.randbytes(rnd.randrange(1, 10000)))
+        os.fsync(f.fileno())
+    stats = pair.server.stats()
+    assert stats.max_write_seen == MiB  # max_pages took effect
+    assert stats.peer_connected and stats.dirty_blocks == 0 and stats.write_errors == 0
+    assert stats.in_flight == 0 and stats.acked == stats.frames_sent
+    rstats = pair.receiver.stats() if pair.receiver else None
+    assert rstats is not None and rstats.crc_errors == 0 and rstats.flushes >= 200
+    assert rstats.bytes_applied == stats.bytes_sent
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_ext4_on_loop_direct_io(make_pair: Callable[..., Pair], tmp_path: Path) -> None:
+    _require("losetup", "mkfs.ext4", "mount", "umount", loop=True)
+    pair = make_pair(size=128 * MiB)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(pair.dev)],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    mounted = False
+    try:
+        dio = Path(f"/sys/block/{Path(loop).name}/loop/dio").read_text().strip()
+        assert dio == "1", "the loop device fell back to buffered I/O"
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", loop], check=True)
+        subprocess.run(["mount", loop, str(mnt)], check=True)
+        mounted = True
+        rnd = random.Random(3)
+        for i in range(20):
+            (mnt / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(1, 3 * MiB)))
+        subprocess.run(["sync"], check=True)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["losetup", "-d", loop], check=True)
+    _wait(lambda: not Path(f"/sys/block/{Path(loop).name}/loop/backing_file").exists())
+    stats = pair.server.stats()
+    assert stats.peer_connected and stats.dirty_blocks == 0 and stats.writes > 0
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_full_sync_races_with_writes(make_pair: Callable[..., Pair]) -> None:
+    size = 256 * MiB
+    pattern = random.Random(11).randbytes(MiB) * (size // MiB)
+    pair = make_pair(size=size, fill_a=pattern)
+    writes = 0
+    stop = threading.Event()
+
+    def hammer() -> None:
+        nonlocal writes
+        rnd = random.Random(12)
+        fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+        try:
+            while not stop.is_set():
+                length = rnd.choice([4, 8, 64, 256, 1024]) * KiB
+                # Half the writes aim just ahead of the sync's acked front,
+                # where chunks are being read and sent: that is the race.
+                if rnd.random() < 0.5:
+                    lo, span = min(pair.server.stats().sync_offset, size - 8 * MiB), 8 * MiB
+                else:
+                    lo, span = 0, size
+                off = lo + rnd.randrange((span - length) // (4 * KiB)) * 4 * KiB
+                os.pwrite(fd, _aligned(rnd.randbytes(length)), off)
+                writes += 1
+        finally:
+            os.close(fd)
+
+    writer = threading.Thread(target=hammer)
+    writer.start()
+    try:
+        time.sleep(0.2)
+        pair.server.start_sync(0)
+        _wait(lambda: not pair.server.stats().sync_active, timeout=120)
+        time.sleep(0.2)  # keep writing a little after the sync finished
+    finally:
+        stop.set()
+        writer.join()
+    stats = pair.server.stats()
+    assert stats.sync_done and stats.sync_offset == size and stats.bytes_synced == size
+    assert stats.peer_connected and stats.dirty_blocks == 0
+    assert writes > 50, "the writer did not overlap the sync"
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_corrupted_frame_is_detected_and_never_applied(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    good = random.Random(5).randbytes(256 * KiB)
+    off = 10 * MiB
+    pair.server.debug_corrupt_next(1)
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert os.pwrite(fd, _aligned(good), off) == len(good)  # completes locally
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    receiver = pair.receiver
+    assert receiver is not None
+    _wait(lambda: not receiver.stats().connected)
+    _wait(lambda: not pair.server.stats().peer_connected)
+    rstats = receiver.stats()
+    assert rstats.crc_errors == 1 and "CRC32C" in rstats.last_error
+    stats = pair.server.stats()
+    assert stats.dirty_blocks == len(good) // (4 * KiB)
+    assert stats.last_error.startswith("peer lost")
+    with open(pair.b, "rb") as f:
+        f.seek(off)
+        on_b = f.read(len(good))
+    assert on_b in (bytes(len(good)), good)  # old or correct, never corrupted
+    with open(pair.a, "rb") as f:
+        f.seek(off)
+        assert f.read(len(good)) == good  # the local disk got the good data
+
+
+def test_peer_drop_keeps_serving_and_dirty_resync_catches_up(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    rnd = random.Random(9)
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwrite(fd, _aligned(rnd.randbytes(MiB)), 0)
+        assert pair.server.stats().dirty_blocks == 0
+        assert pair.receiver is not None
+        pair.receiver.stop()  # the secondary goes away
+        _wait(lambda: not pair.server.stats().peer_connected)
+        written = set()
+        for _ in range(50):
+            block = rnd.randrange(pair.size // (4 * KiB))
+            assert os.pwrite(fd, _aligned(rnd.randbytes(4 * KiB)), block * 4 * KiB) == 4 * KiB
+            written.add(block)
+        os.fsync(fd)
+        stats = pair.server.stats()
+        assert not stats.peer_connected and stats.dirty_blocks == len(written)
+        bitmap = pair.server.dirty_bitmap()
+        assert {i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1} == written
+
+        pair.receiver.close()
+        pair.connect()  # a new connection; only the dirty blocks travel
+        pair.server.start_sync(0, dirty_only=True)
+        _wait(lambda: not pair.server.stats().sync_active)
+        stats = pair.server.stats()
+        assert stats.sync_done and stats.dirty_blocks == 0
+        assert stats.bytes_synced == len(written) * 4 * KiB
+
+        pair.server.detach_peer()  # on purpose, same bookkeeping
+        os.pwrite(fd, _aligned(rnd.randbytes(4 * KiB)), 0)
+        assert pair.server.stats().dirty_blocks == 1
+        pair.receiver.close()
+        pair.connect()
+        pair.server.start_sync(0, dirty_only=True)
+        _wait(lambda: not pair.server.stats().sync_active)
+    finally:
+        os.close(fd)
+    pair.stop()
+    assert _identical(pair.a, pair.b)

@@ -1,0 +1,168 @@
+"""Replication frames: layout, encode/decode/verify/parse and every rejection."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from mirrord.errors import FrameError, NativeError
+from mirrord.replication import native as n
+
+ALL_TYPES = [n.WRITE, n.WRITE_ACK, n.FLUSH, n.FLUSH_ACK, n.SYNC_DATA, n.SYNC_ACK, n.PING, n.PONG]
+PAYLOAD_TYPES = [n.WRITE, n.SYNC_DATA]
+EMPTY_TYPES = [t for t in ALL_TYPES if t not in PAYLOAD_TYPES]
+
+
+def frame(t: int, seq: int = 7, offset: int = 4096, payload: bytes | None = None) -> bytes:
+    if payload is None:
+        payload = b"data" * 8 if t in PAYLOAD_TYPES else b""
+    return n.encode_frame(t, seq, offset, payload)
+
+
+def test_header_layout_is_little_endian_32_bytes() -> None:
+    raw = n.encode_frame(n.WRITE, 0x0102030405060708, 0x1122334455667788, b"abc")
+    magic, typ, flags, seq, off, length, crc = struct.unpack("<IHHQQII", raw[:32])
+    assert raw[:4] == b"MRD1" and magic == n.MAGIC
+    assert (typ, flags, seq, off, length) == (n.WRITE, 0, 0x0102030405060708, 0x1122334455667788, 3)
+    assert raw[32:] == b"abc"
+    # The CRC covers the header with crc=0, then the payload.
+    assert crc == n.crc32c(b"abc", n.crc32c(raw[:28] + b"\0\0\0\0"))
+
+
+@pytest.mark.parametrize("t", ALL_TYPES)
+def test_every_type_round_trips(t: int) -> None:
+    raw = frame(t)
+    h = n.decode_header(raw[:32])
+    assert h.type == t and h.seq == 7 and h.offset == 4096 and h.length == len(raw) - 32
+    assert n.verify_frame(raw[:32], raw[32:]) == h
+    parsed, payload, used = n.parse_frame(raw + b"trailing")
+    assert parsed == h and payload == raw[32:] and used == len(raw)
+    assert h.type_name == n.FRAME_TYPES[t]
+
+
+@pytest.mark.parametrize("length", [1, 4095, 4096, n.MAX_PAYLOAD])
+def test_payload_sizes_accepted(length: int) -> None:
+    payload = bytes([length % 251]) * length
+    raw = n.encode_frame(n.SYNC_DATA, 1, 0, payload)
+    h, got, used = n.parse_frame(raw)
+    assert h.length == length and got == payload and used == 32 + length
+
+
+@pytest.mark.parametrize("cut", [0, 1, 16, 31])
+def test_truncated_header(cut: int) -> None:
+    with pytest.raises(FrameError) as ei:
+        n.decode_header(frame(n.WRITE)[:cut])
+    assert ei.value.code == n.E_TRUNC  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("missing", [1, 5, 32])
+def test_truncated_payload(missing: int) -> None:
+    raw = frame(n.WRITE)
+    with pytest.raises(FrameError) as ei:
+        n.parse_frame(raw[:-missing])
+    assert ei.value.code == n.E_TRUNC  # type: ignore[attr-defined]
+    with pytest.raises(FrameError):
+        n.verify_frame(raw[:32], raw[32:-missing])
+
+
+@pytest.mark.parametrize("magic", [b"MRD0", b"1DRM", b"\0\0\0\0", b"mrd1"])
+def test_bad_magic(magic: bytes) -> None:
+    raw = magic + frame(n.PING)[4:]
+    with pytest.raises(FrameError) as ei:
+        n.decode_header(raw)
+    assert ei.value.code == n.E_MAGIC  # type: ignore[attr-defined]
+
+
+def _patch(raw: bytes, fmt: str, at: int, value: int) -> bytes:
+    b = bytearray(raw)
+    struct.pack_into(fmt, b, at, value)
+    return bytes(b)
+
+
+@pytest.mark.parametrize("t", [0, 9, 100, 0xFFFF])
+def test_unknown_type(t: int) -> None:
+    with pytest.raises(FrameError) as ei:
+        n.decode_header(_patch(frame(n.PING), "<H", 4, t))
+    assert ei.value.code == n.E_TYPE  # type: ignore[attr-defined]
+    with pytest.raises(FrameError):
+        n.encode_frame(t, 1)
+
+
+@pytest.mark.parametrize("flags", [1, 0x8000])
+def test_reserved_flags(flags: int) -> None:
+    with pytest.raises(FrameError) as ei:
+        n.decode_header(_patch(frame(n.PING), "<H", 6, flags))
+    assert ei.value.code == n.E_FLAGS  # type: ignore[attr-defined]
+    with pytest.raises(FrameError):
+        n.encode_frame(n.PING, 1, flags=flags)
+
+
+@pytest.mark.parametrize("length", [n.MAX_PAYLOAD + 1, 1 << 30, 0xFFFFFFFF])
+def test_oversize_length(length: int) -> None:
+    with pytest.raises(FrameError) as ei:
+        n.decode_header(_patch(frame(n.WRITE), "<I", 24, length))
+    assert ei.value.code == n.E_LEN  # type: ignore[attr-defined]
+
+
+def test_encode_refuses_oversize_payload() -> None:
+    with pytest.raises(FrameError) as ei:
+        n.encode_frame(n.WRITE, 1, 0, bytes(n.MAX_PAYLOAD + 1))
+    assert ei.value.code == n.E_LEN  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("t", PAYLOAD_TYPES)
+def test_data_frames_need_payload(t: int) -> None:
+    with pytest.raises(FrameError):
+        n.encode_frame(t, 1, 0, b"")
+    with pytest.raises(FrameError):
+        n.decode_header(_patch(frame(t), "<I", 24, 0))
+
+
+@pytest.mark.parametrize("t", EMPTY_TYPES)
+def test_control_frames_carry_no_payload(t: int) -> None:
+    with pytest.raises(FrameError):
+        n.encode_frame(t, 1, 0, b"x")
+    with pytest.raises(FrameError) as ei:
+        n.decode_header(_patch(frame(t), "<I", 24, 4))
+    assert ei.value.code == n.E_LEN  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("t", ALL_TYPES)
+@pytest.mark.parametrize("field_at", [8, 16, 28])  # seq, offset, crc
+def test_header_bit_flip_fails_crc(t: int, field_at: int) -> None:
+    raw = bytearray(frame(t))
+    raw[field_at] ^= 0x01
+    with pytest.raises(FrameError) as ei:
+        n.parse_frame(bytes(raw))
+    assert ei.value.code == n.E_CRC  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("pos", [0, 1, 15, 31])
+def test_payload_bit_flip_fails_crc(pos: int) -> None:
+    raw = bytearray(frame(n.WRITE))
+    raw[32 + pos] ^= 0x80
+    with pytest.raises(FrameError) as ei:
+        n.verify_frame(bytes(raw[:32]), bytes(raw[32:]))
+    assert ei.value.code == n.E_CRC  # type: ignore[attr-defined]
+    assert "CRC" in str(ei.value)
+
+
+def test_stream_of_frames_parses_in_order() -> None:
+    frames = [frame(t, seq=i) for i, t in enumerate(ALL_TYPES * 3)]
+    stream = b"".join(frames)
+    seqs = []
+    while stream:
+        h, _, used = n.parse_frame(stream)
+        seqs.append(h.seq)
+        stream = stream[used:]
+    assert seqs == list(range(len(frames)))
+
+
+def test_errors_are_typed_and_carry_codes() -> None:
+    with pytest.raises(NativeError) as ei:
+        n.decode_header(b"")
+    assert isinstance(ei.value, FrameError)
+    assert ei.value.errno is None  # type: ignore[attr-defined]
+    assert n.strerror(-2) == "No such file or directory"
+    assert n.strerror(n.E_CRC) == "frame CRC32C mismatch"
