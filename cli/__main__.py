@@ -1,0 +1,3 @@
+from mirrord_cli.main import mirrord
+
+mirrord()

@@ -1,0 +1,85 @@
+"""How every HA command runs: log it, do it, print one answer, leave ha.out and ha.result, exit with its code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import click
+
+from mirrord.control import ControlClient
+from mirrord.errors import MirrordError
+from mirrord.halog import HALog
+from mirrord.paths import Home
+
+DAEMON_START_TIMEOUT = 15.0
+#: Option values never written to ha.log (a path to a secret is fine, its content never passes here).
+_QUIET: frozenset[str] = frozenset()
+
+
+def describe(name: str, options: dict[str, Any]) -> str:
+    given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v not in (None, False) and k not in _QUIET)
+    return f"{name} {given}".strip()
+
+
+def run(name: str, options: dict[str, Any], action: Callable[[ControlClient], tuple[str, dict[str, Any]]],
+        as_json: bool = False, render: Callable[[str, dict[str, Any]], str] | None = None) -> None:
+    home = Home.from_env()
+    log = HALog(home, name)
+    log.log(f"Command: {describe(name, options)}")
+    client = ControlClient(home)
+    try:
+        message, data = action(client)
+        code = 0
+        text = json.dumps(data, indent=2, sort_keys=True) if as_json else (render(message, data) if render else message)
+    except MirrordError as exc:
+        code, message, text = exc.exit_code, str(exc), ""
+    except OSError as exc:  # e.g. MIRRORD_HOME not writable: still one sentence, never a traceback
+        code, message, text = 1, f"{name} failed: {exc}", ""
+    if text:
+        click.echo(text)
+    if code:
+        click.echo(f"{name}: {message}", err=True)
+    try:
+        log.write_out(text + ("\n" if text else ""))
+        log.write_result(name, code, message)
+        log.log(f"{name} {'succeeded' if code == 0 else 'exit ' + str(code)}: {message}")
+    except OSError as exc:
+        click.echo(f"{name}: could not write the HA logs in {home.log_dir}: {exc}", err=True)
+        code = code or 1
+    sys.exit(code)
+
+
+def ensure_daemon(client: ControlClient) -> None:
+    """Start the appliance's daemon in the background if none answers (startHA needs one)."""
+    if client.daemon_running():
+        return
+    home = client.home
+    home.ensure()
+    out = open(home.log_dir / "daemon.out", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "mirrord_cli.main", "daemon"], stdin=subprocess.DEVNULL,
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
+    out.close()
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if client.daemon_running():
+            return
+        if proc.poll() is not None:
+            tail = (home.log_dir / "daemon.out").read_text(errors="replace")[-800:]
+            raise MirrordError(f"The mirrord daemon exited at start (code {proc.returncode}): {tail.strip()}")
+        time.sleep(0.05)
+    raise MirrordError(f"The mirrord daemon did not open {home.control_socket} within {DAEMON_START_TIMEOUT:g} s; "
+                       f"see {home.log_dir / 'daemon.out'}.")
+
+
+def wait_daemon_gone(client: ControlClient) -> None:
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while client.daemon_running():
+        if time.monotonic() > deadline:
+            raise MirrordError(f"The daemon is still answering on {client.home.control_socket} after "
+                               f"{DAEMON_START_TIMEOUT:g} s; see ha.log.")
+        time.sleep(0.05)

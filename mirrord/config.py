@@ -1,0 +1,271 @@
+"""HA settings: parsed, validated, and persisted crash-safely.
+
+Validation happens in two layers. :func:`parse` turns raw option strings into
+typed values and checks what can be checked from the values alone (addresses
+well formed, floating IP on the public subnet, sensible ping interval).
+:func:`check_local` then checks them against this machine: which appliance am
+I, does the disk exist, is the mount point an empty directory. Both raise
+:class:`BadInput` with one sentence naming the bad value and what is expected,
+before anything is changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from mirrord import atomicfile
+from mirrord.errors import BadInput
+from mirrord.paths import Home
+
+MIN_PING_INTERVAL = 0.05
+MAX_PING_INTERVAL = 600.0
+SUPPORTED_MKFS = ("ext4",)
+DEFAULT_VOLUME = "r0"
+#: TCP port of the replication link on the sync network (DRBD's customary one).
+DEFAULT_SYNC_PORT = 7788
+DEFAULT_STATUS_PORT = 9187
+
+#: Option names as the CLI spells them (IWD aliases map onto these).
+FIELDS = (
+    "primary_ip",
+    "secondary_ip",
+    "primary_sync_ip",
+    "secondary_sync_ip",
+    "floating_ip",
+    "ping_interval",
+    "disk",
+    "mount",
+    "mkfs",
+    "start_script",
+    "stop_script",
+    "secret_file",
+)
+REQUIRED = ("primary_ip", "secondary_ip", "primary_sync_ip", "secondary_sync_ip", "floating_ip", "ping_interval", "disk")
+
+
+@dataclass(frozen=True)
+class Settings:
+    primary_ip: ipaddress.IPv4Address
+    secondary_ip: ipaddress.IPv4Address
+    primary_sync_ip: ipaddress.IPv4Address
+    secondary_sync_ip: ipaddress.IPv4Address
+    floating_ip: ipaddress.IPv4Interface
+    ping_interval: float
+    disk: Path
+    mount: Path | None = None
+    mkfs: str | None = None
+    start_script: Path | None = None
+    stop_script: Path | None = None
+    secret_file: Path | None = None
+    volume: str = DEFAULT_VOLUME
+    sync_port: int = DEFAULT_SYNC_PORT
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: (None if (v := getattr(self, f.name)) is None else v if isinstance(v, (int, float)) else str(v))
+                for f in dataclasses.fields(self)}
+
+    def role_of(self, addresses: Iterable[ipaddress.IPv4Address]) -> str:
+        """``primary`` or ``secondary``: which appliance owns these addresses."""
+        local = set(addresses)
+        mine = [role for role, ip in (("primary", self.primary_ip), ("secondary", self.secondary_ip)) if ip in local]
+        if len(mine) == 2:
+            raise BadInput(
+                f"This machine holds both {self.primary_ip} and {self.secondary_ip}; "
+                "the primary and secondary must be two different appliances."
+            )
+        if not mine:
+            raise BadInput(
+                f"Neither --primary-ip {self.primary_ip} nor --secondary-ip {self.secondary_ip} is an address "
+                "of this appliance; give the public addresses of the two appliances."
+            )
+        role = mine[0]
+        sync_ip = self.primary_sync_ip if role == "primary" else self.secondary_sync_ip
+        if sync_ip not in local:
+            flag = "--primary-sync-ip" if role == "primary" else "--secondary-sync-ip"
+            raise BadInput(
+                f"This appliance is the {role} ({self.primary_ip if role == 'primary' else self.secondary_ip}) "
+                f"but {flag} {sync_ip} is not one of its addresses; give its address on the sync link."
+            )
+        return role
+
+    def my_sync_ip(self, role: str) -> ipaddress.IPv4Address:
+        return self.primary_sync_ip if role == "primary" else self.secondary_sync_ip
+
+    def peer_sync_ip(self, role: str) -> ipaddress.IPv4Address:
+        return self.secondary_sync_ip if role == "primary" else self.primary_sync_ip
+
+    def my_public_ip(self, role: str) -> ipaddress.IPv4Address:
+        return self.primary_ip if role == "primary" else self.secondary_ip
+
+    def peer_public_ip(self, role: str) -> ipaddress.IPv4Address:
+        return self.secondary_ip if role == "primary" else self.primary_ip
+
+
+def _address(name: str, value: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(str(value).strip())
+    except ValueError:
+        raise BadInput(f"--{name.replace('_', '-')} {value!r} is not an IPv4 address; expected e.g. 198.18.0.11.") from None
+
+
+def _interface(value: str) -> ipaddress.IPv4Interface:
+    text = str(value).strip()
+    if "/" not in text:
+        raise BadInput(f"--floating-ip {value!r} has no prefix length; expected ADDRESS/PREFIX, e.g. 198.18.0.10/24.")
+    try:
+        iface = ipaddress.IPv4Interface(text)
+    except ValueError:
+        raise BadInput(f"--floating-ip {value!r} is not an IPv4 address with prefix; expected e.g. 198.18.0.10/24.") from None
+    if iface.network.prefixlen >= 31:
+        raise BadInput(f"--floating-ip {value!r} has prefix /{iface.network.prefixlen}; the public subnet must hold "
+                       "both appliances and the floating address (a prefix of /30 or shorter).")
+    return iface
+
+
+def _interval(value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"--ping-interval {value!r} is not a number; expected seconds, e.g. 1 or 0.2.") from None
+    if not (MIN_PING_INTERVAL <= seconds <= MAX_PING_INTERVAL) or seconds != seconds:
+        raise BadInput(f"--ping-interval {value!r} is out of range; expected between {MIN_PING_INTERVAL} and "
+                       f"{MAX_PING_INTERVAL:g} seconds.")
+    return seconds
+
+
+def parse(options: Mapping[str, Any]) -> Settings:
+    """Typed, self-consistent settings from option strings, or :class:`BadInput`."""
+    missing = [k for k in REQUIRED if options.get(k) in (None, "")]
+    if missing:
+        flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise BadInput(f"Missing {flags}; startHA needs all of them.")
+    unknown = set(options) - set(FIELDS)
+    if unknown:
+        raise BadInput(f"Unknown setting(s) {', '.join(sorted(unknown))}.")
+    primary = _address("primary_ip", options["primary_ip"])
+    secondary = _address("secondary_ip", options["secondary_ip"])
+    psync = _address("primary_sync_ip", options["primary_sync_ip"])
+    ssync = _address("secondary_sync_ip", options["secondary_sync_ip"])
+    floating = _interface(options["floating_ip"])
+    interval = _interval(options["ping_interval"])
+    if primary == secondary:
+        raise BadInput(f"--primary-ip and --secondary-ip are both {primary}; the two appliances need different addresses.")
+    if psync == ssync:
+        raise BadInput(f"--primary-sync-ip and --secondary-sync-ip are both {psync}; each end of the sync link needs its own address.")
+    subnet = floating.network
+    for flag, ip in (("--primary-ip", primary), ("--secondary-ip", secondary)):
+        if ip not in subnet:
+            raise BadInput(f"--floating-ip {floating} is outside the public subnet of {flag} {ip}; "
+                           f"expected an address in the same subnet as both appliances ({subnet} does not hold {ip}).")
+    if floating.ip in (primary, secondary):
+        raise BadInput(f"--floating-ip {floating.ip} is an appliance's own address; it must be a third, free address.")
+    if floating.ip in (subnet.network_address, subnet.broadcast_address):
+        raise BadInput(f"--floating-ip {floating} is the network or broadcast address of {subnet}.")
+    for flag, ip in (("--primary-sync-ip", psync), ("--secondary-sync-ip", ssync)):
+        if ip in subnet:
+            raise BadInput(f"{flag} {ip} is on the public subnet {subnet}; the sync link must be a separate network "
+                           "(the dedicated crossover cable).")
+        if ip in (primary, secondary, floating.ip):
+            raise BadInput(f"{flag} {ip} is also a public address; the sync link needs its own addresses.")
+    mkfs = options.get("mkfs") or None
+    if mkfs is not None and mkfs not in SUPPORTED_MKFS:
+        raise BadInput(f"--mkfs {mkfs!r} is not supported; expected one of: {', '.join(SUPPORTED_MKFS)}.")
+    if mkfs and not options.get("mount"):
+        raise BadInput("--mkfs needs --mount: the new filesystem has to be mounted somewhere.")
+
+    def path(key: str) -> Path | None:
+        value = options.get(key)
+        return Path(value).absolute() if value else None
+
+    return Settings(
+        primary_ip=primary,
+        secondary_ip=secondary,
+        primary_sync_ip=psync,
+        secondary_sync_ip=ssync,
+        floating_ip=floating,
+        ping_interval=interval,
+        disk=Path(options["disk"]).absolute(),
+        mount=path("mount"),
+        mkfs=mkfs,
+        start_script=path("start_script"),
+        stop_script=path("stop_script"),
+        secret_file=path("secret_file"),
+    )
+
+
+def disk_size(path: Path) -> int:
+    """Size in bytes of a block device or image file (open read-only, no lock)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def check_disk(path: Path) -> int:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadInput(f"--disk {path} does not exist; give a block device or a fixed-size image file.") from None
+    except OSError as exc:
+        raise BadInput(f"--disk {path} cannot be examined ({exc.strerror}).") from None
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise BadInput(f"--disk {path} is neither a block device nor a regular file.")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise BadInput(f"--disk {path} is not readable and writable by this user; mirrord needs read-write access.")
+    size = disk_size(path)
+    if size < 1 << 20 or size % 4096:
+        raise BadInput(f"--disk {path} is {size} bytes; expected at least 1 MiB and a multiple of 4096 bytes.")
+    return size
+
+
+def check_mount_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise BadInput(f"--mount {path} is not a directory; create an empty directory for the filesystem first.")
+    if any(path.iterdir()):
+        raise BadInput(f"--mount {path} is not empty; the mirrored filesystem needs an empty directory.")
+    if os.path.ismount(path):
+        raise BadInput(f"--mount {path} already has a filesystem mounted on it; unmount it or choose another directory.")
+
+
+def check_script(flag: str, path: Path) -> None:
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise BadInput(f"{flag} {path} is not an executable file.")
+
+
+def check_local(settings: Settings, addresses: Iterable[ipaddress.IPv4Address]) -> str:
+    """Validate against this machine; returns this appliance's role."""
+    role = settings.role_of(addresses)
+    check_disk(settings.disk)
+    if settings.mount is not None and role == "primary":
+        check_mount_dir(settings.mount)
+    for flag, script in (("--start-script", settings.start_script), ("--stop-script", settings.stop_script)):
+        if script is not None:
+            check_script(flag, script)
+    if settings.secret_file is not None and not os.access(settings.secret_file, os.R_OK):
+        raise BadInput(f"--secret-file {settings.secret_file} is not a readable file.")
+    return role
+
+
+def merge(current: Settings, changes: Mapping[str, Any]) -> Settings:
+    """configureHA: the current settings with ``changes`` applied, revalidated as a whole."""
+    options = {k: v for k, v in current.to_json().items() if k in FIELDS}
+    options.update({k: v for k, v in changes.items() if v is not None})
+    return parse(options)
+
+
+def save(home: Home, settings: Settings) -> None:
+    atomicfile.write_json(home.settings_file, settings.to_json(), mode=0o600)
+
+
+def load(home: Home) -> Settings | None:
+    data = atomicfile.read_json(home.settings_file)
+    if data is None:
+        return None
+    return parse({k: v for k, v in data.items() if k in FIELDS})

@@ -1,0 +1,103 @@
+"""The replication link's two TCP connections and their handshake.
+
+The primary opens two connections to the secondary's sync address, both on
+the same port: a *control* connection, which carries the handshake and a few
+small JSON messages (sync progress, sync done), and a *data* connection,
+which after its own one-message greeting belongs to the C data path (WRITE /
+ACK frames, see docs/protocol.md). Keeping them apart means a large burst of
+writes never delays a control message, and the C side can own its socket
+without sharing a byte stream with Python.
+
+Messages on the control connection, and the greeting on the data connection,
+are a 4-byte big-endian length followed by that many bytes of JSON. Python
+reads exactly the greeting's bytes, so nothing of the C side's stream is ever
+consumed here.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+from mirrord.errors import HandshakeRefused, PeerError
+
+#: Bumped whenever the frame layout or the handshake changes incompatibly.
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 64 * 1024
+_LEN = struct.Struct(">I")
+
+
+def tune(sock: socket.socket, user_timeout_ms: int) -> None:
+    """Low latency, big buffers, and a bound on how long unacknowledged data may sit.
+
+    TCP_USER_TIMEOUT makes the kernel abort the connection when data it sent is
+    not acknowledged in time, so a dead peer turns into an error on the socket
+    instead of writes that wait forever; keepalive does the same for an idle one.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, user_timeout_ms // 1000)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
+
+
+def send(sock: socket.socket, message: dict[str, Any]) -> None:
+    body = json.dumps(message).encode()
+    sock.sendall(_LEN.pack(len(body)) + body)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise PeerError("The peer closed the connection.")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv(sock: socket.socket) -> dict[str, Any]:
+    """One message; a malformed one is a protocol error, never trusted."""
+    try:
+        (length,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+        if length > MAX_MESSAGE:
+            raise PeerError(f"The peer sent a {length}-byte control message (limit {MAX_MESSAGE}); dropping it.")
+        message = json.loads(_recv_exact(sock, length))
+    except (OSError, ValueError) as exc:
+        raise PeerError(f"Control connection failed: {exc}.") from exc
+    if not isinstance(message, dict) or "type" not in message:
+        raise PeerError("The peer sent a control message without a type; dropping it.")
+    return message
+
+
+def hello(*, node: str, role: str, volume: str, disk_size: int, version: str, settings: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "hello", "protocol": PROTOCOL_VERSION, "version": version, "node": node, "role": role,
+            "volume": volume, "disk_size": disk_size, "settings": settings}
+
+
+def check_hello(msg: dict[str, Any], *, my_disk_size: int, volume: str) -> None:
+    """What the secondary checks before it lets a primary write to its disk."""
+    if msg.get("type") != "hello":
+        raise HandshakeRefused(f"Expected a hello from the peer, got {msg.get('type')!r}.")
+    if msg.get("protocol") != PROTOCOL_VERSION:
+        raise HandshakeRefused(
+            f"Protocol version mismatch: the peer speaks {msg.get('protocol')}, this appliance speaks "
+            f"{PROTOCOL_VERSION}; install the same mirrord version on both appliances."
+        )
+    if msg.get("volume") != volume:
+        raise HandshakeRefused(f"The peer replicates volume {msg.get('volume')!r}, this appliance {volume!r}.")
+    size = msg.get("disk_size")
+    if not isinstance(size, int) or size <= 0:
+        raise HandshakeRefused("The peer did not state its disk size.")
+    if size > my_disk_size:
+        raise HandshakeRefused(
+            f"This appliance's disk ({my_disk_size} bytes) is smaller than the primary's ({size} bytes); "
+            "the secondary's disk must be at least as large."
+        )

@@ -1,0 +1,56 @@
+"""Per-volume metadata kept beside the disk (never inside it), written crash-safely.
+
+What a node must remember across crashes about its copy of the volume:
+
+* ``disk_state``: ``UpToDate`` (a complete, current copy), ``Inconsistent``
+  (a sync into it started and has not finished: parts are old, parts new),
+  ``Outdated`` (complete but known to be behind the peer);
+* ``sync_offset``: how far an unfinished sync into this disk got, so it can
+  resume there;
+* ``node_id``: a random identity for this copy of the data, chosen on first use.
+
+The file is replaced atomically (temp + fsync + rename + directory fsync), so
+after a crash it is either the old or the new version. A sync target marks
+itself Inconsistent *before* the first sync byte lands, and UpToDate only
+after the source says the sync is complete.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from mirrord import atomicfile
+from mirrord.paths import Home
+
+
+class DiskState(str, enum.Enum):
+    UP_TO_DATE = "UpToDate"
+    INCONSISTENT = "Inconsistent"
+    OUTDATED = "Outdated"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class VolumeMeta:
+    disk_state: DiskState = DiskState.UP_TO_DATE
+    sync_offset: int = 0
+    node_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @classmethod
+    def load(cls, home: Home, volume: str) -> "VolumeMeta":
+        data = atomicfile.read_json(home.meta_file(volume))
+        if data is None:
+            meta = cls()
+            meta.save(home, volume)
+            return meta
+        return cls(disk_state=DiskState(data["disk_state"]), sync_offset=int(data.get("sync_offset", 0)),
+                   node_id=str(data["node_id"]))
+
+    def save(self, home: Home, volume: str) -> None:
+        data = asdict(self)
+        data["disk_state"] = str(self.disk_state)
+        atomicfile.write_json(home.meta_file(volume), data)

@@ -1,0 +1,176 @@
+"""The secondary's side of a volume: accept the primary, apply its writes, never expose the disk.
+
+One listener on the sync address takes both of the primary's connections
+(see :mod:`mirrord.replication.link`). A control connection brings a hello,
+which is checked (protocol version, disk size, volume) and answered with a
+session token; the data connection presents that token and is then handed to
+the C :class:`Receiver`, which applies frames in order of arrival and
+acknowledges them. The disk is marked ``Inconsistent`` in the metadata
+*before* the receiver may write, and ``UpToDate`` only when the primary says
+the sync is complete: a crash in between leaves an appliance that knows it
+must not be promoted.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import threading
+from dataclasses import dataclass
+
+from mirrord.config import Settings
+from mirrord.errors import HandshakeRefused, PeerError
+from mirrord.halog import HALog
+from mirrord.paths import Home
+from mirrord.replication import link
+from mirrord.replication.meta import DiskState, VolumeMeta
+from mirrord.replication.native import Receiver
+
+ACCEPT_POLL = 0.2
+HANDSHAKE_TIMEOUT = 5.0
+
+
+@dataclass
+class PrimaryView:
+    connected: bool = False
+    sync_percent: float = 0.0
+    sync_started: bool = False
+    last_error: str = ""
+
+
+class SecondarySide:
+    def __init__(self, home: Home, settings: Settings, log: HALog, disk_size: int, meta: VolumeMeta) -> None:
+        self.home = home
+        self.settings = settings
+        self.log = log
+        self.disk_size = disk_size
+        self.meta = meta
+        self.primary = PrimaryView(sync_percent=100.0 if meta.disk_state == DiskState.UP_TO_DATE else 0.0)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: str | None = None
+        self._control: socket.socket | None = None
+        self._receiver: Receiver | None = None
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((str(self.settings.secondary_sync_ip), self.settings.sync_port))
+        self._listener.listen(4)
+        self._listener.settimeout(ACCEPT_POLL)
+        self._thread = threading.Thread(target=self._accept_forever, name="listener", daemon=True)
+        self._thread.start()
+        self.log.log(f"Waiting for the primary on {self.settings.secondary_sync_ip}:{self.settings.sync_port}.")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._listener.close()
+        self._end_session("HA stopped on this appliance")
+
+    def receiver_stats(self) -> dict[str, object]:
+        with self._lock:
+            return self._receiver.stats().as_dict() if self._receiver is not None else {}
+
+    # -- connections ---------------------------------------------------------
+    def _accept_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, (addr, _port) = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if addr != str(self.settings.primary_sync_ip):
+                self.log.log(f"Refused a replication connection from {addr}: only the primary's sync address "
+                             f"{self.settings.primary_sync_ip} may connect.")
+                conn.close()
+                continue
+            threading.Thread(target=self._greet, args=(conn,), name="greet", daemon=True).start()
+
+    def _greet(self, conn: socket.socket) -> None:
+        conn.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            msg = link.recv(conn)
+            if msg["type"] == "hello":
+                self._on_hello(conn, msg)
+            elif msg["type"] == "data":
+                self._on_data(conn, msg)
+            else:
+                raise PeerError(f"unexpected first message {msg['type']!r}")
+        except (PeerError, OSError) as exc:
+            self.log.log(f"Replication connection from the primary failed: {exc}")
+            conn.close()
+
+    def _on_hello(self, conn: socket.socket, msg: dict[str, object]) -> None:
+        try:
+            link.check_hello(msg, my_disk_size=self.disk_size, volume=self.settings.volume)
+        except HandshakeRefused as exc:
+            self.primary.last_error = str(exc)
+            self.log.log(f"Refused the primary: {exc}")
+            link.send(conn, {"type": "refuse", "reason": str(exc)})
+            conn.close()
+            return
+        self._end_session("the primary reconnected")
+        token = secrets.token_hex(16)
+        with self._lock:
+            self._pending = token
+            self._control = conn
+        link.send(conn, {"type": "welcome", "session": token, "disk_size": self.disk_size,
+                         "disk_state": str(self.meta.disk_state), "node": self.meta.node_id})
+
+    def _on_data(self, conn: socket.socket, msg: dict[str, object]) -> None:
+        with self._lock:
+            if self._pending is None or msg.get("session") != self._pending:
+                raise PeerError("a data connection presented an unknown session")
+            self._pending = None
+            control = self._control
+        assert control is not None
+        # Mark the copy incomplete before the first sync byte can land.
+        self.meta.disk_state = DiskState.INCONSISTENT
+        self.meta.sync_offset = 0
+        self.meta.save(self.home, self.settings.volume)
+        link.tune(conn, user_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000))
+        link.send(conn, {"type": "ok"})
+        conn.settimeout(None)
+        with self._lock:
+            self._receiver = Receiver(str(self.settings.disk), self.disk_size, conn.detach())
+        self.primary = PrimaryView(connected=True, sync_started=True)
+        self.log.log(f"Primary {self.settings.primary_sync_ip} connected; receiving a full sync "
+                     f"({self.disk_size} bytes). This disk is Inconsistent until it completes.")
+        threading.Thread(target=self._follow, args=(control,), name="follow", daemon=True).start()
+
+    def _follow(self, control: socket.socket) -> None:
+        control.settimeout(None)
+        reason = "the primary closed the connection"
+        try:
+            while not self._stop.is_set():
+                msg = link.recv(control)
+                if msg["type"] == "progress":
+                    self.primary.sync_percent = float(msg.get("percent", 0.0))
+                elif msg["type"] == "sync_done":
+                    self.meta.disk_state = DiskState.UP_TO_DATE
+                    self.meta.sync_offset = self.disk_size
+                    self.meta.save(self.home, self.settings.volume)
+                    self.primary.sync_percent = 100.0
+                    self.log.log("Sync from the primary complete: this disk is UpToDate.")
+        except PeerError as exc:
+            reason = str(exc)
+        if self._control is control:
+            self._end_session(reason)
+
+    def _end_session(self, reason: str) -> None:
+        with self._lock:
+            receiver, self._receiver = self._receiver, None
+            control, self._control = self._control, None
+            self._pending = None
+        if control is not None:
+            control.close()
+        if receiver is not None:
+            stats = receiver.stats()
+            receiver.stop()
+            self.primary.connected = False
+            self.primary.last_error = stats.last_error or reason
+            self.log.log(f"Replication from the primary stopped: {self.primary.last_error}.")

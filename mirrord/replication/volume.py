@@ -1,0 +1,97 @@
+"""How the primary turns the exposed FUSE file into a mounted filesystem, and back.
+
+``FUSE file → loop device (direct I/O) → filesystem → mount point``: the loop
+device uses direct I/O so that the page cache sits above the filesystem only,
+not a second time above the FUSE file, and every write the filesystem makes
+reaches the data path at once. These steps use util-linux and e2fsprogs
+(losetup, blkid, mkfs.ext4, mount, umount); their failures are translated
+into :class:`MirrordError` here, at the one place that calls them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from mirrord.errors import MirrordError, Refused
+
+COMMAND_TIMEOUT = 120.0
+
+
+def _run(argv: list[str], what: str) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MirrordError(f"Could not {what}: {exc}.") from exc
+    if done.returncode != 0:
+        raise MirrordError(f"Could not {what}: {' '.join(argv)} said: {done.stderr.strip() or done.returncode}.")
+    return done.stdout.strip()
+
+
+def users_of(path: Path) -> list[str]:
+    """Processes, mounts and loop devices other than this process that hold ``path`` open."""
+    target = os.path.realpath(path)
+    found: list[str] = []
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.path.realpath(f"/proc/{pid}/fd/{fd}") == target:
+                    with open(f"/proc/{pid}/comm") as f:
+                        found.append(f"process {pid} ({f.read().strip()})")
+                    break
+        except OSError:
+            continue
+    for loop in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (loop / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if os.path.realpath(backing) == target:
+            found.append(f"loop device /dev/{loop.name}")
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            source, mountpoint = line.split()[:2]
+            if os.path.realpath(source) == target:
+                found.append(f"the filesystem mounted on {mountpoint}")
+    return found
+
+
+def ensure_unused(path: Path) -> None:
+    users = users_of(path)
+    if users:
+        raise Refused(f"Disk {path} is in use by {', '.join(users)}; stop whatever uses it before startHA.")
+
+
+def attach_loop(device_file: Path) -> str:
+    return _run(["losetup", "--find", "--show", "--direct-io=on", str(device_file)],
+                f"attach a loop device to {device_file}")
+
+
+def detach_loop(loop: str) -> None:
+    _run(["losetup", "--detach", loop], f"detach {loop}")
+
+
+def has_filesystem(block: str) -> bool:
+    done = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", block], capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT)
+    return done.returncode == 0 and bool(done.stdout.strip())
+
+
+def make_filesystem(block: str, fstype: str) -> None:
+    _run([f"mkfs.{fstype}", "-q", "-F", block], f"create an {fstype} filesystem on {block}")
+
+
+def mount(block: str, mountpoint: Path) -> None:
+    _run(["mount", block, str(mountpoint)], f"mount {block} on {mountpoint}")
+
+
+def unmount(mountpoint: Path) -> None:
+    _run(["umount", str(mountpoint)], f"unmount {mountpoint} (is an application still using it?)")
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    return os.path.ismount(mountpoint)

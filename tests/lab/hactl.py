@@ -1,0 +1,65 @@
+"""Driving the HA commands inside lab nodes, as an operator would."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable
+
+PING_INTERVAL = "1"
+
+HA_ARGS = (
+    "--primary-ip 198.18.0.11 --secondary-ip 198.18.0.12 "
+    "--primary-sync-ip 198.19.0.1 --secondary-sync-ip 198.19.0.2 "
+    f"--floating-ip 198.18.0.10/24 --ping-interval {PING_INTERVAL} --disk $MIRRORD_HOME/disk.img"
+)
+
+
+def start_ha(lab: Any, node: str, extra: str = "", check: bool = True) -> Any:
+    done = lab.run(node, f"startHA {HA_ARGS} {extra}", timeout=120)
+    if check:
+        assert done.returncode == 0, f"startHA on {node} exited {done.returncode}: {done.stdout}{done.stderr}"
+    return done
+
+
+def start_primary_with_fs(lab: Any) -> None:
+    lab.run("a1", "mkdir -p $MIRRORD_HOME/mnt", check=True)
+    start_ha(lab, "a1", "--mount $MIRRORD_HOME/mnt --mkfs ext4")
+
+
+def stop_ha(lab: Any, node: str) -> None:
+    done = lab.run(node, "stopHA", timeout=120)
+    assert done.returncode == 0, f"stopHA on {node}: {done.stdout}{done.stderr}"
+
+
+def status(lab: Any, node: str) -> dict[str, Any]:
+    done = lab.run(node, "HAstatus --json", timeout=30)
+    assert done.returncode == 0, f"HAstatus on {node}: {done.stderr}"
+    return json.loads(done.stdout)
+
+
+def wait_status(lab: Any, node: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        last = status(lab, node)
+        if pred(last):
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"{node} never reached the expected state; last status: {json.dumps(last, indent=1)}")
+
+
+def in_sync(s: dict[str, Any]) -> bool:
+    return bool(s["peer_connected"]) and s["disk"]["sync_percent"] >= 100.0
+
+
+def ha_log(lab: Any, node: str) -> str:
+    path = lab.home(node) / "log" / "ha.log"
+    return path.read_text() if path.exists() else ""
+
+
+def stop_all(lab: Any) -> None:
+    """Best-effort: leave both appliances standalone with no daemon (for the next test)."""
+    for node in ("a1", "a2"):
+        lab.run(node, "HAstatus >/dev/null 2>&1 && stopHA; true", timeout=120)
+        lab.run(node, "mirrord shutdown >/dev/null 2>&1; true", timeout=30)

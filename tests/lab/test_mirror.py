@@ -1,0 +1,161 @@
+"""Synchronous mirroring in the namespace lab (issue 3's acceptance tests)."""
+
+from __future__ import annotations
+
+import filecmp
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from hactl import ha_log, in_sync, start_ha, start_primary_with_fs, status, stop_all, stop_ha, wait_status
+from writer import BLOCK, block_bytes
+
+WRITER = str(Path(__file__).with_name("writer.py"))
+DEVICE = "$MIRRORD_HOME/dev/r0"
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def lab256(make_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with make_lab(tmp_path_factory.mktemp("mirror"), "256M") as handle:
+        yield handle
+
+
+@pytest.fixture
+def pair(lab256: Any) -> Iterator[Any]:
+    """The lab, left with both appliances standalone and powered after the test."""
+    yield lab256
+    for node in ("a1", "a2"):
+        state = lab256.run(node, "true")
+        if state.returncode != 0:  # a crashed node: power it back
+            lab256.boot(node)
+    stop_all(lab256)
+
+
+def images_identical(lab: Any) -> bool:
+    return filecmp.cmp(lab.home("a1") / "disk.img", lab.home("a2") / "disk.img", shallow=False)
+
+
+def first_difference(lab: Any) -> str:
+    a = (lab.home("a1") / "disk.img").read_bytes()
+    b = (lab.home("a2") / "disk.img").read_bytes()
+    for off in range(0, len(a), BLOCK):
+        if a[off:off + BLOCK] != b[off:off + BLOCK]:
+            return f"first differing block at offset {off}"
+    return "no difference"
+
+
+def test_filesystem_writes_are_on_both_disks(pair: Any) -> None:
+    start_ha(pair, "a2")
+    start_primary_with_fs(pair)
+    wait_status(pair, "a1", in_sync)
+    pair.run("a1", "for i in $(seq 1 16); do head -c 4M /dev/urandom > $MIRRORD_HOME/mnt/f$i; done; sync",
+             check=True, timeout=180)
+    s2 = status(pair, "a2")
+    assert s2["mode"] == "secondary" and s2["disk"]["state"] == "UpToDate"
+    stop_ha(pair, "a1")
+    assert images_identical(pair), first_difference(pair)
+    assert "mounted" not in pair.run("a1", "grep -c $MIRRORD_HOME/mnt /proc/mounts || true").stdout
+    log = ha_log(pair, "a1")
+    assert "Created an ext4 filesystem" in log and "Unmounted" in log
+
+
+@pytest.mark.parametrize("round_", range(5))
+def test_acknowledged_writes_survive_primary_crash(pair: Any, round_: int) -> None:
+    start_ha(pair, "a2")
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", in_sync)
+    tag = f"r{round_}-{random.randrange(1 << 30)}"
+    writer = pair.popen("a1", [sys.executable, WRITER, f"{pair.home('a1')}/dev/r0", "0", "60000", tag],
+                        stdout=subprocess.PIPE, text=True)
+    time.sleep(random.uniform(0.3, 2.0))
+    pair.crash("a1")
+    out, _ = writer.communicate(timeout=30)
+    acked = [tuple(map(int, line.split()[1:])) for line in out.splitlines() if line.startswith("ACK ")]
+    assert len(acked) > 20, f"the writer acknowledged only {len(acked)} writes before the crash"
+    image = (pair.home("a2") / "disk.img").read_bytes()
+    missing = [(b, n) for b, n in acked if image[b * BLOCK:(b + 1) * BLOCK] != block_bytes(tag, b, n)]
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes missing on a2, e.g. {missing[:3]}"
+
+
+def test_initial_sync_under_a_running_writer(pair: Any) -> None:
+    start_ha(pair, "a1")
+    writer = pair.popen("a1", [sys.executable, WRITER, f"{pair.home('a1')}/dev/r0", "0", "65536", "sync-race",
+                               "random"], stdout=subprocess.DEVNULL)
+    time.sleep(0.5)
+    start_ha(pair, "a2")
+    wait_status(pair, "a2", lambda s: s["disk"]["state"] == "UpToDate" and s["disk"]["sync_percent"] >= 100)
+    time.sleep(0.5)
+    writer.kill()
+    writer.wait(timeout=10)
+    assert status(pair, "a1")["peer_connected"]
+    assert images_identical(pair), first_difference(pair)
+
+
+def test_secondary_with_smaller_disk_is_refused(pair: Any) -> None:
+    pair.run("a2", "truncate -s 128M $MIRRORD_HOME/disk.img", check=True)
+    try:
+        before = (pair.home("a2") / "disk.img").read_bytes()
+        start_ha(pair, "a2")
+        start_ha(pair, "a1")
+        s1 = wait_status(pair, "a1", lambda s: "smaller" in s.get("peer_error", ""), timeout=20)
+        assert not s1["peer_connected"]
+        assert "is smaller than the primary's" in ha_log(pair, "a2")
+        assert status(pair, "a2")["disk"]["state"] == "UpToDate"
+        assert (pair.home("a2") / "disk.img").read_bytes() == before
+    finally:
+        stop_all(pair)
+        pair.run("a2", "truncate -s 256M $MIRRORD_HOME/disk.img", check=True)
+
+
+HELLO_V99 = r"""
+import json, socket, struct, sys
+s = socket.create_connection(("198.19.0.2", 7788), 5, source_address=("198.19.0.1", 0))
+body = json.dumps({"type": "hello", "protocol": 99, "version": "9.9", "node": "x", "role": "primary",
+                   "volume": "r0", "disk_size": 4096 * 256, "settings": {}}).encode()
+s.sendall(struct.pack(">I", len(body)) + body)
+n, = struct.unpack(">I", s.recv(4))
+print(json.loads(s.recv(n)))
+"""
+
+
+def test_protocol_version_mismatch_is_refused(pair: Any) -> None:
+    start_ha(pair, "a2")
+    done = pair.run("a1", [sys.executable, "-c", HELLO_V99], check=True)
+    assert "'type': 'refuse'" in done.stdout and "Protocol version mismatch" in done.stdout
+    assert "the peer speaks 99, this appliance speaks 1" in ha_log(pair, "a2")
+
+
+def test_disk_in_use_is_refused(pair: Any) -> None:
+    holder = pair.popen("a2", "exec 3<>$MIRRORD_HOME/disk.img; exec sleep 60")
+    try:
+        pair.wait_for(lambda: "disk.img" in pair.run("a2", f"ls -l /proc/{holder.pid}/fd").stdout, timeout=10)
+        done = start_ha(pair, "a2", check=False)
+        assert done.returncode == 3, done.stderr
+        assert "is in use by process" in done.stderr
+        assert not (pair.home("a2") / "ha.json").exists() or "secondary" not in status(pair, "a2")["mode"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_corrupt_frame_is_dropped_and_link_recovers(pair: Any) -> None:
+    start_ha(pair, "a2")
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", in_sync)
+    done = pair.run("a1", "mirrord debug corrupt-next 1", check=True)
+    assert "next 1 frame" in done.stdout
+    good = block_bytes("corrupt-test", 100, 0)
+    pair.run("a1", [sys.executable, WRITER, f"{pair.home('a1')}/dev/r0", "100", "1", "corrupt-test"], check=True)
+    wait_status(pair, "a1", in_sync, timeout=60)
+    assert "CRC" in ha_log(pair, "a2") or "crc" in ha_log(pair, "a2")
+    image = (pair.home("a2") / "disk.img").read_bytes()
+    assert image[100 * BLOCK:101 * BLOCK] == good
+    stop_ha(pair, "a1")
+    assert images_identical(pair), first_difference(pair)
