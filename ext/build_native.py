@@ -72,6 +72,8 @@ int mrd_bitmap_load(struct mrd_bitmap *bm, const void *buf, size_t buflen);
 
 /* server.h */
 #define MRD_SYNC_DIRTY_ONLY 1
+#define MRD_RESUME_DEGRADED 1
+#define MRD_RESUME_FAIL 2
 struct mrd_server;
 struct mrd_server_stats {
     uint64_t size;
@@ -96,6 +98,9 @@ struct mrd_server_stats {
     uint64_t sync_offset;
     uint64_t sync_total;
     uint64_t bytes_synced;
+    uint64_t held;
+    int32_t suspended;
+    int32_t failed_io;
     char last_error[256];
 };
 int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
@@ -104,6 +109,8 @@ int mrd_server_set_peer_timeout(struct mrd_server *s, uint32_t timeout_ms);
 int mrd_server_start(struct mrd_server *s);
 int mrd_server_attach_peer(struct mrd_server *s, int sock_fd);
 int mrd_server_detach_peer(struct mrd_server *s);
+int mrd_server_set_fencing(struct mrd_server *s, int on);
+int mrd_server_resume(struct mrd_server *s, int how);
 int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t flags);
 int mrd_server_stop_sync(struct mrd_server *s);
 int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *out);

@@ -35,6 +35,11 @@
 
 enum { PEER_NONE, PEER_CONNECTED, PEER_FAILED };
 enum { P_WRITE, P_FLUSH, P_SYNC };
+/* What FUSE replies may say (io_state). NORMAL: as the peer/local results
+ * say. SUSPENDED (fencing, after a peer failure): successful replies are
+ * held until mrd_server_resume. FAILED: every write/flush gets EIO. */
+enum { IO_NORMAL, IO_SUSPENDED, IO_FAILED };
+#define FH_RDONLY 1u /* fuse_file_info.fh: opened O_RDONLY */
 
 /* One FUSE request (write or flush) waiting to be answered. It holds one
  * reference for the local I/O and one per frame sent for it; whoever drops
@@ -45,6 +50,7 @@ struct op {
     int refs;      /* atomic */
     int local_err; /* positive errno from the local disk, 0 if fine */
     uint32_t len;
+    struct op *hnext; /* held list link (under pend_mu) */
 };
 
 /* One frame waiting for its ack (op is NULL for sync chunks). */
@@ -89,6 +95,14 @@ struct mrd_server {
     uint64_t in_flight;
     int sync_inflight;
     int corrupt_next; /* atomic */
+
+    /* Fencing, under pend_mu. io_state is also read without the lock (atomic
+     * acquire) on the reply fast path; it is only written under pend_mu.
+     * held_*: FUSE ops whose reply waits for mrd_server_resume. */
+    int fencing;
+    int io_state;
+    struct op *held_head, *held_tail;
+    uint64_t held_n;
 
     /* Sync */
     pthread_t sync_th;
@@ -145,15 +159,78 @@ static void extents_unlock(struct mrd_server *s, const unsigned idx[2])
 
 /* ---- pending completion ------------------------------------------------ */
 
-static void op_put(struct op *o)
+/* Send o's reply and free it; fail turns a success into EIO. Never called
+ * with pend_mu held. */
+static void op_finish(struct mrd_server *s, struct op *o, int fail)
+{
+    int err = o->local_err;
+    if (!err && fail) {
+        err = EIO;
+        if (o->kind == P_WRITE)
+            __atomic_add_fetch(&s->write_errors, 1, __ATOMIC_RELAXED);
+    }
+    if (o->kind == P_WRITE && !err)
+        fuse_reply_write(o->req, o->len);
+    else
+        fuse_reply_err(o->req, err);
+    free(o);
+}
+
+/* Drop one reference; the last one replies, or parks the op on the held
+ * list while the server is suspended (errors are never held: they
+ * acknowledge nothing). Must not be called with pend_mu held.
+ *
+ * Why the unlocked io_state load is enough: an op that lost a frame to a
+ * peer failure has that reference dropped by fail_peer after it set
+ * SUSPENDED, and the acq_rel refcount orders that store before the final
+ * put, wherever it runs; an op that found no peer did so under pend_mu,
+ * after the same store. */
+static void op_put(struct mrd_server *s, struct op *o)
 {
     if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_ACQ_REL))
         return;
-    if (o->kind == P_WRITE && !o->local_err)
-        fuse_reply_write(o->req, o->len);
-    else
-        fuse_reply_err(o->req, o->local_err);
-    free(o);
+    int st = __atomic_load_n(&s->io_state, __ATOMIC_ACQUIRE);
+    if (st == IO_SUSPENDED && !o->local_err) {
+        pthread_mutex_lock(&s->pend_mu);
+        st = s->io_state;
+        if (st == IO_SUSPENDED) {
+            o->hnext = NULL;
+            if (s->held_tail)
+                s->held_tail->hnext = o;
+            else
+                s->held_head = o;
+            s->held_tail = o;
+            s->held_n++;
+            pthread_mutex_unlock(&s->pend_mu);
+            return;
+        }
+        pthread_mutex_unlock(&s->pend_mu);
+    }
+    op_finish(s, o, st == IO_FAILED);
+}
+
+/* Set io_state to to (IO_NORMAL or IO_FAILED) and answer every held op:
+ * success (per its local result) for NORMAL, EIO for FAILED. Going to
+ * NORMAL only happens from SUSPENDED: otherwise returns the current state
+ * and changes nothing. */
+static int release_held(struct mrd_server *s, int to)
+{
+    pthread_mutex_lock(&s->pend_mu);
+    int was = s->io_state;
+    if (to == IO_NORMAL && was != IO_SUSPENDED) {
+        pthread_mutex_unlock(&s->pend_mu);
+        return was;
+    }
+    __atomic_store_n(&s->io_state, to, __ATOMIC_RELEASE);
+    struct op *list = s->held_head;
+    s->held_head = s->held_tail = NULL;
+    s->held_n = 0;
+    pthread_mutex_unlock(&s->pend_mu);
+    for (struct op *o = list, *n; o; o = n) {
+        n = o->hnext;
+        op_finish(s, o, to == IO_FAILED);
+    }
+    return was;
 }
 
 /* The peer side of e is over: acked (ok) or lost with the connection. */
@@ -162,12 +239,14 @@ static void complete_peer(struct mrd_server *s, struct pending *e, int ok)
     if (e->kind == P_WRITE && !ok)
         mrd_bitmap_set_range(s->bm, e->off, e->len);
     if (e->op)
-        op_put(e->op);
+        op_put(s, e->op);
     free(e);
 }
 
-/* Declare the peer gone. Safe from any thread, any number of times. */
-static void fail_peer(struct mrd_server *s, int code, const char *why)
+/* Declare the peer gone. Safe from any thread, any number of times. With
+ * fence set and fencing on, the server becomes SUSPENDED before any pending
+ * op loses its peer reference, so none of them is acknowledged. */
+static void fail_peer(struct mrd_server *s, int code, const char *why, int fence)
 {
     struct pending list;
     pthread_mutex_lock(&s->pend_mu);
@@ -177,6 +256,8 @@ static void fail_peer(struct mrd_server *s, int code, const char *why)
     }
     s->peer_state = PEER_FAILED;
     s->peer_failures++;
+    if (fence && s->fencing && s->io_state == IO_NORMAL)
+        __atomic_store_n(&s->io_state, IO_SUSPENDED, __ATOMIC_RELEASE);
     if (code)
         set_error_locked(s, "peer lost: %s: %s", why, mrd_strerror(code));
     else
@@ -246,7 +327,7 @@ static int peer_send(struct mrd_server *s, struct pending *e, uint16_t type, con
     pthread_mutex_unlock(&s->send_mu);
     free(bad);
     if (rc) {
-        fail_peer(s, rc, "send");
+        fail_peer(s, rc, "send", 1);
     } else {
         ADD(s->frames_sent, 1);
         ADD(s->bytes_sent, payload_len);
@@ -268,7 +349,7 @@ static void *ack_main(void *arg)
                 continue;
             have = 0;
         } else if (n == 0) {
-            fail_peer(s, 0, "peer closed the connection");
+            fail_peer(s, 0, "peer closed the connection", 1);
             break;
         } else if (errno == EINTR) {
             continue;
@@ -282,12 +363,12 @@ static void *ack_main(void *arg)
             if (state != PEER_CONNECTED)
                 break;
             if (oldest && mrd_now_ns() - oldest > (uint64_t)s->peer_timeout_ms * 1000000ull) {
-                fail_peer(s, -ETIMEDOUT, "no ack within the peer timeout");
+                fail_peer(s, -ETIMEDOUT, "no ack within the peer timeout", 1);
                 break;
             }
             continue;
         } else {
-            fail_peer(s, -errno, "receive");
+            fail_peer(s, -errno, "receive", 1);
             break;
         }
 
@@ -296,7 +377,7 @@ static void *ack_main(void *arg)
         if (!rc)
             rc = mrd_frame_verify(raw, &h, NULL, 0);
         if (rc) {
-            fail_peer(s, rc, "bad frame from the peer");
+            fail_peer(s, rc, "bad frame from the peer", 1);
             break;
         }
         if (h.type == MRD_FRAME_PONG)
@@ -317,7 +398,7 @@ static void *ack_main(void *arg)
                                         : MRD_FRAME_SYNC_ACK;
         if (want != h.type) {
             pthread_mutex_unlock(&s->pend_mu);
-            fail_peer(s, MRD_EPROTO, "ack for no pending frame");
+            fail_peer(s, MRD_EPROTO, "ack for no pending frame", 1);
             break;
         }
         e->prev->next = e->next;
@@ -434,6 +515,7 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     /* O_DIRECT opens go through the kernel's fuse direct-I/O path; nothing
      * to do here (no FOPEN_DIRECT_IO, so mmap and buffered users work too). */
     fi->keep_cache = 0;
+    fi->fh = (fi->flags & O_ACCMODE) == O_RDONLY ? FH_RDONLY : 0;
     fuse_reply_open(req, fi);
 }
 
@@ -477,6 +559,12 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
         size = (size_t)(s->size - (uint64_t)off);
     if (size == 0) {
         fuse_reply_write(req, 0);
+        return;
+    }
+    /* Stepped down (resume FAIL): nothing more is written or acknowledged. */
+    if (__atomic_load_n(&s->io_state, __ATOMIC_ACQUIRE) == IO_FAILED) {
+        ADD(s->write_errors, 1);
+        fuse_reply_err(req, EIO);
         return;
     }
     uint64_t seen = __atomic_load_n(&s->max_write_seen, __ATOMIC_RELAXED);
@@ -531,7 +619,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
         ADD(s->bytes_written, size);
     }
     o->local_err = -rc;
-    op_put(o);
+    op_put(s, o);
 }
 
 /* flush (every close) and fsync: local fdatasync + FLUSH frame; the reply
@@ -540,6 +628,10 @@ static void do_flush(fuse_req_t req)
 {
     struct mrd_server *s = srv(req);
     ADD(s->flushes, 1);
+    if (__atomic_load_n(&s->io_state, __ATOMIC_ACQUIRE) == IO_FAILED) {
+        fuse_reply_err(req, EIO);
+        return;
+    }
     struct op *o = calloc(1, sizeof *o);
     struct pending *e = calloc(1, sizeof *e);
     if (!o || !e) {
@@ -558,12 +650,19 @@ static void do_flush(fuse_req_t req)
     }
     if (fdatasync(s->disk_fd) < 0)
         o->local_err = errno;
-    op_put(o);
+    op_put(s, o);
 }
 
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    (void)ino, (void)fi;
+    (void)ino;
+    /* The close of a read-only handle flushes nothing of its own: while
+     * suspended or failed, answer it at once so readers are never stuck in
+     * close() or see EIO there. */
+    if ((fi->fh & FH_RDONLY) && __atomic_load_n(&srv(req)->io_state, __ATOMIC_ACQUIRE) != IO_NORMAL) {
+        fuse_reply_err(req, 0);
+        return;
+    }
     do_flush(req);
 }
 
@@ -723,9 +822,9 @@ int mrd_server_attach_peer(struct mrd_server *s, int sock_fd)
     if (!s || sock_fd < 0)
         return -EINVAL;
     pthread_mutex_lock(&s->pend_mu);
-    int state = s->peer_state;
+    int state = s->peer_state, io = s->io_state;
     pthread_mutex_unlock(&s->pend_mu);
-    if (state == PEER_CONNECTED)
+    if (state == PEER_CONNECTED || io == IO_FAILED)
         return MRD_ESTATE;
     reap_peer(s);
     reap_sync(s);
@@ -741,7 +840,7 @@ int mrd_server_attach_peer(struct mrd_server *s, int sock_fd)
     pthread_mutex_unlock(&s->send_mu);
     int rc = mrd_thread_start(&s->ack_th, ack_main, s);
     if (rc) {
-        fail_peer(s, rc, "cannot start the ack reader");
+        fail_peer(s, rc, "cannot start the ack reader", 1);
         reap_peer(s);
         return rc;
     }
@@ -749,11 +848,31 @@ int mrd_server_attach_peer(struct mrd_server *s, int sock_fd)
     return 0;
 }
 
+int mrd_server_set_fencing(struct mrd_server *s, int on)
+{
+    if (!s)
+        return -EINVAL;
+    pthread_mutex_lock(&s->pend_mu);
+    s->fencing = !!on;
+    pthread_mutex_unlock(&s->pend_mu);
+    return 0;
+}
+
+int mrd_server_resume(struct mrd_server *s, int how)
+{
+    if (!s || (how != MRD_RESUME_DEGRADED && how != MRD_RESUME_FAIL))
+        return -EINVAL;
+    if (how == MRD_RESUME_DEGRADED)
+        return release_held(s, IO_NORMAL) == IO_FAILED ? MRD_ESTATE : 0;
+    release_held(s, IO_FAILED);
+    return 0;
+}
+
 int mrd_server_detach_peer(struct mrd_server *s)
 {
     if (!s)
         return -EINVAL;
-    fail_peer(s, 0, "detached");
+    fail_peer(s, 0, "detached", 0);
     reap_sync(s);
     reap_peer(s);
     return 0;
@@ -918,6 +1037,9 @@ int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *o)
     o->sync_offset = s->sync_offset;
     o->sync_total = s->sync_total;
     o->bytes_synced = s->bytes_synced;
+    o->held = s->held_n;
+    o->suspended = s->io_state == IO_SUSPENDED;
+    o->failed_io = s->io_state == IO_FAILED;
     memcpy(o->last_error, s->last_error, sizeof o->last_error);
     pthread_mutex_unlock(&s->pend_mu);
     return 0;
@@ -1005,8 +1127,15 @@ int mrd_server_stop(struct mrd_server *s)
         if (pthread_cond_timedwait(&s->pend_cv, &s->pend_mu, &until) == ETIMEDOUT)
             break;
     pthread_mutex_unlock(&s->pend_mu);
-    fail_peer(s, 0, "server stopped");
+    fail_peer(s, 0, "server stopped", 1);
     reap_peer(s);
+    /* Never leave a FUSE request unanswered (unmount would wait for it):
+     * held ops get EIO, and so does anything that would be held from now. */
+    pthread_mutex_lock(&s->pend_mu);
+    int suspended = s->io_state == IO_SUSPENDED || s->held_head;
+    pthread_mutex_unlock(&s->pend_mu);
+    if (suspended)
+        release_held(s, IO_FAILED);
     if (!s->se)
         return 0;
     if (s->loop_live) {

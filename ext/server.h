@@ -12,9 +12,25 @@
  * reached the local disk, and a sync chunk is either sent before a racing
  * write's frame or already contains its data.
  *
- * Peer failure (send/recv error, timeout, bad frame, detach): every pending
- * write completes locally with success and its blocks are marked in the
- * dirty bitmap; later writes are local-only and dirty, until attach_peer. */
+ * Peer failure (send/recv error, timeout, bad frame, detach), fencing off
+ * (the default): every pending write completes locally with success and its
+ * blocks are marked in the dirty bitmap; later writes are local-only and
+ * dirty, until attach_peer.
+ *
+ * Peer failure with fencing on (mrd_server_set_fencing), except an explicit
+ * detach_peer, which behaves as above: the server is SUSPENDED. Pending
+ * writes and flushes are not answered: their blocks are marked dirty and
+ * they go on a held list. While suspended, new writes still reach the local
+ * disk (under the extent lock; dirty unless a peer attached meanwhile got
+ * and acked them) and new flushes still fdatasync, but no successful reply
+ * is sent: they are held too (an op that completes while suspended is held
+ * even if the peer had acked it). Local I/O errors are answered at once.
+ * Reads keep working. mrd_server_resume ends it: DEGRADED answers every held
+ * op with its local result (success; the blocks stay dirty) and goes back to
+ * the behaviour above; FAIL answers every held write/flush with EIO and
+ * enters the FAILED state, where every later write/flush gets EIO at once
+ * (nothing is written or acknowledged any more; reads still work) until the
+ * server is freed. mrd_server_stop answers anything held with EIO. */
 #ifndef MIRRORD_SERVER_H
 #define MIRRORD_SERVER_H
 #include <stdint.h>
@@ -22,6 +38,8 @@
 struct mrd_server;
 
 #define MRD_SYNC_DIRTY_ONLY 1u /* start_sync flag: send only dirty blocks */
+#define MRD_RESUME_DEGRADED 1  /* resume: acknowledge held ops, go on local-only */
+#define MRD_RESUME_FAIL 2      /* resume: EIO to held ops and every later write/flush */
 
 struct mrd_server_stats {
     uint64_t size;
@@ -46,6 +64,9 @@ struct mrd_server_stats {
     uint64_t sync_offset;             /* everything below it is acked */
     uint64_t sync_total;              /* bytes the sync covers */
     uint64_t bytes_synced;            /* SYNC_DATA payload bytes acked */
+    uint64_t held;                    /* FUSE ops whose reply is held now */
+    int32_t suspended;                /* fenced after a peer failure */
+    int32_t failed_io;                /* resumed with FAIL: writes get EIO */
     char last_error[256];
 };
 
@@ -60,10 +81,22 @@ int mrd_server_set_peer_timeout(struct mrd_server *s, uint32_t timeout_ms);
 /* Mount and start serving (returns once the mount is live). */
 int mrd_server_start(struct mrd_server *s);
 /* Hand over a connected, handshaken TCP socket (dup'ed; the caller must not
- * use its socket afterwards). MRD_ESTATE if a peer is already connected. */
+ * use its socket afterwards). MRD_ESTATE if a peer is already connected or
+ * the server is FAILED; allowed while suspended (held ops stay held). */
 int mrd_server_attach_peer(struct mrd_server *s, int sock_fd);
-/* Drop the peer on purpose (pending writes complete locally, marked dirty). */
+/* Drop the peer on purpose (pending writes complete locally, marked dirty,
+ * fencing or not). */
 int mrd_server_detach_peer(struct mrd_server *s);
+/* Fencing on (1) or off (0, the default), see "Peer failure" above. Turning
+ * it off does not end a suspension: only resume does. */
+int mrd_server_set_fencing(struct mrd_server *s, int on);
+/* End a suspension. MRD_RESUME_DEGRADED: held ops are answered with success,
+ * later writes are local-only and dirty (or replicated, if a peer was
+ * attached meanwhile); a no-op returning 0 when not suspended; MRD_ESTATE
+ * when FAILED. MRD_RESUME_FAIL: held ops get EIO and the server is FAILED
+ * (from any state: used to step down, an attached peer is left alone but
+ * nothing more is acknowledged); idempotent. -EINVAL for another how. */
+int mrd_server_resume(struct mrd_server *s, int how);
 /* Copy the disk to the peer from from_offset (rounded down to a block) in the
  * background; with MRD_SYNC_DIRTY_ONLY only blocks set in the dirty bitmap.
  * Acked chunks clear their dirty bits. MRD_ENOPEER without a peer,
@@ -82,7 +115,9 @@ int64_t mrd_server_dirty_mark(struct mrd_server *s, uint64_t offset, uint64_t le
  * payload, after their CRC was computed (the local disk gets good data). */
 int mrd_server_debug_corrupt_next(struct mrd_server *s, uint32_t n);
 /* Stop sync, wait briefly for in-flight frames, detach the peer, unmount and
- * join every thread. -EBUSY if the FUSE loop could not be stopped. */
+ * join every thread. -EBUSY if the FUSE loop could not be stopped. With
+ * fencing on, frames still unacked are not acknowledged: like everything
+ * held, they get EIO, and a suspended server ends FAILED. */
 int mrd_server_stop(struct mrd_server *s);
 void mrd_server_free(struct mrd_server *s);
 

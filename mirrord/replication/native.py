@@ -59,6 +59,8 @@ E_NOPEER = -(_BASE + 11)
 _FRAME_CODES = frozenset({E_TRUNC, E_MAGIC, E_TYPE, E_LEN, E_CRC, E_FLAGS})
 
 SYNC_DIRTY_ONLY: int = lib.MRD_SYNC_DIRTY_ONLY
+RESUME_DEGRADED: int = lib.MRD_RESUME_DEGRADED
+RESUME_FAIL: int = lib.MRD_RESUME_FAIL
 
 
 def strerror(code: int) -> str:
@@ -248,6 +250,11 @@ class ServerStats(_Stats):
     sync_total: int
     bytes_synced: int
     last_error: str
+    # Fencing (ext/server.h, "Peer failure"): suspended after a peer loss,
+    # failed after resume(degraded=False), held = FUSE replies waiting now.
+    suspended: bool = False
+    failed_io: bool = False
+    held: int = 0
 
     @property
     def dirty_bytes(self) -> int:
@@ -332,6 +339,30 @@ class PrimaryServer:
     def detach_peer(self) -> None:
         with self._lock:
             _check(lib.mrd_server_detach_peer(self._ptr()), "detach peer")
+
+    def set_fencing(self, on: bool) -> None:
+        """With fencing on, a lost peer suspends acknowledgements until resume().
+
+        Any peer failure except detach_peer() holds every pending and later
+        write/flush reply (the data still reaches the local disk, marked
+        dirty); reads keep working. Off (the default): such writes complete
+        locally with success, marked dirty.
+        """
+        with self._lock:
+            _check(lib.mrd_server_set_fencing(self._ptr(), 1 if on else 0), "set fencing")
+
+    def resume(self, degraded: bool) -> None:
+        """End a fencing suspension.
+
+        degraded=True: answer every held op with success (blocks stay dirty)
+        and go on local-only; a no-op when not suspended; NativeError
+        (code E_STATE) after resume(degraded=False). degraded=False: answer
+        held ops with EIO and fail every later write/flush with EIO (step
+        down); allowed in any state.
+        """
+        with self._lock:
+            _check(lib.mrd_server_resume(self._ptr(), RESUME_DEGRADED if degraded else RESUME_FAIL),
+                   "resume I/O")
 
     def start_sync(self, from_offset: int = 0, dirty_only: bool = False) -> None:
         """Copy the disk (or only its dirty blocks) to the peer in the background."""

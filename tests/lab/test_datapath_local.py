@@ -8,6 +8,7 @@ test); without them the tests skip, or fail under CI=true.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import random
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from mirrord.replication.native import PrimaryServer, Receiver
+from mirrord.errors import NativeError
+from mirrord.replication.native import E_STATE, PrimaryServer, Receiver
 
 pytestmark = pytest.mark.lab
 
@@ -339,3 +341,235 @@ def test_peer_drop_keeps_serving_and_dirty_resync_catches_up(make_pair: Callable
         os.close(fd)
     pair.stop()
     assert _identical(pair.a, pair.b)
+
+
+# ---- fencing ----------------------------------------------------------------
+
+class _Writer(threading.Thread):
+    """O_DIRECT|O_DSYNC 4 KiB writes (write + flush round trip each), each one
+    with unique data, recording every acknowledged one in order; it stops at
+    the first error (recorded) or when told."""
+
+    def __init__(self, dev: Path, size: int) -> None:
+        super().__init__(daemon=True)
+        self.dev, self.nblocks = dev, size // (4 * KiB)
+        self.lock = threading.Lock()
+        self.acked: dict[int, bytes] = {}  # offset -> last acknowledged data
+        self.count = 0
+        self.errors: list[OSError] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        rnd = random.Random(21)
+        fd = os.open(self.dev, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
+        try:
+            i = 0
+            while not self.stop_event.is_set():
+                off = (i % self.nblocks) * 4 * KiB
+                data = i.to_bytes(8, "little") + rnd.randbytes(4 * KiB - 8)
+                try:
+                    written = os.pwrite(fd, _aligned(data), off)
+                except OSError as e:
+                    with self.lock:
+                        self.errors.append(e)
+                    return
+                assert written == len(data)
+                with self.lock:
+                    self.acked[off] = data
+                    self.count += 1
+                i += 1
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the close's flush fails too once the server failed
+
+    def snapshot(self) -> tuple[int, dict[int, bytes]]:
+        with self.lock:
+            return self.count, dict(self.acked)
+
+    def finish(self, timeout: float = 20.0) -> None:
+        self.stop_event.set()
+        self.join(timeout)
+        assert not self.is_alive(), "the writer is still blocked"
+
+
+def _read_at(path: Path, off: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(length)
+
+
+def _all_present(path: Path, acked: dict[int, bytes]) -> list[int]:
+    """Offsets whose acknowledged data is NOT in the image at path."""
+    return [off for off, data in acked.items() if _read_at(path, off, len(data)) != data]
+
+
+def _fence_and_cut(pair: Pair, writer: _Writer) -> tuple[int, dict[int, bytes]]:
+    """Run the writer, cut the peer, wait for the suspension with the writer
+    blocked on a held op, and check that nothing the peer did not get was
+    acknowledged. Returns the writer's snapshot at that point."""
+    receiver = pair.receiver
+    assert receiver is not None
+    writer.start()
+    _wait(lambda: writer.snapshot()[0] >= 20 or not writer.is_alive())
+    assert not writer.errors
+    receiver.stop()  # the connection goes away under the writer's feet
+    _wait(lambda: (lambda st: st.suspended and st.held >= 1)(pair.server.stats()))
+    stats = pair.server.stats()
+    assert not stats.peer_connected and not stats.failed_io
+    assert stats.last_error.startswith("peer lost")
+    count, acked = writer.snapshot()
+    # (a) Every write acknowledged to the application reached the peer.
+    assert _all_present(pair.b, acked) == []
+    # The writer's current op is held: it cannot have progressed meanwhile.
+    assert writer.snapshot()[0] == count and writer.is_alive() and not writer.errors
+    return count, acked
+
+
+def test_fencing_suspends_then_resume_degraded(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    pair.server.set_fencing(True)
+    writer = _Writer(pair.dev, pair.size)
+    try:
+        count, _ = _fence_and_cut(pair, writer)
+        pair.server.resume(degraded=True)
+        # The held write returns success and later writes go on, local-only.
+        _wait(lambda: writer.snapshot()[0] >= count + 20 or not writer.is_alive())
+    finally:
+        writer.finish()
+    assert not writer.errors
+    stats = pair.server.stats()
+    assert not stats.suspended and not stats.failed_io and stats.held == 0
+    assert not stats.peer_connected and stats.dirty_blocks > 0
+    pair.server.resume(degraded=True)  # not suspended any more: a no-op
+    _, acked = writer.snapshot()
+    fd = os.open(pair.dev, os.O_RDONLY)
+    try:
+        assert all(os.pread(fd, len(d), off) == d for off, d in acked.items())
+    finally:
+        os.close(fd)
+    pair.stop()
+    assert _all_present(pair.a, acked) == []
+
+
+def test_fencing_resume_fail_answers_eio(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    pair.server.set_fencing(True)
+    writer = _Writer(pair.dev, pair.size)
+    try:
+        count, acked = _fence_and_cut(pair, writer)
+        pair.server.resume(degraded=False)
+        writer.join(20)
+        assert not writer.is_alive()
+    finally:
+        writer.finish()
+    assert [e.errno for e in writer.errors] == [errno.EIO]  # the held write
+    assert writer.snapshot()[0] == count
+    stats = pair.server.stats()
+    assert stats.failed_io and not stats.suspended and stats.held == 0
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.pwrite(fd, _aligned(b"n" * 4 * KiB), 0)
+        assert ei.value.errno == errno.EIO
+        with pytest.raises(OSError) as ei:
+            os.fsync(fd)
+        assert ei.value.errno == errno.EIO
+    finally:
+        with pytest.raises(OSError) as ei:
+            os.close(fd)  # closed, but its flush reports the failure
+        assert ei.value.errno == errno.EIO
+    assert pair.server.stats().write_errors >= 1  # the held op may be the flush half
+    # Reads still work (the close of a read-only handle too) and see what
+    # was acknowledged.
+    fd = os.open(pair.dev, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4 * KiB)
+        for off, data in list(acked.items())[:50]:
+            assert os.preadv(fd, [buf], off) == 4 * KiB and buf[:] == data
+    finally:
+        os.close(fd)
+    # Stepped down: no new peer, no way back to acknowledging writes.
+    primary_end, secondary_end = _socket_pair()
+    try:
+        with pytest.raises(NativeError) as exc:
+            pair.server.attach_peer(primary_end.detach())
+        assert exc.value.code == E_STATE  # type: ignore[attr-defined]
+        with pytest.raises(NativeError):
+            pair.server.resume(degraded=True)
+    finally:
+        secondary_end.close()
+    assert pair.server.stats().failed_io
+
+
+def test_fencing_attach_while_suspended_then_resync(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    pair.server.set_fencing(True)
+    writer = _Writer(pair.dev, pair.size)
+    try:
+        count, _ = _fence_and_cut(pair, writer)
+        old = pair.receiver
+        assert old is not None
+        pair.connect()  # allowed while suspended; the held op stays held
+        old.close()
+        stats = pair.server.stats()
+        assert stats.peer_connected and stats.suspended and stats.held >= 1
+        assert writer.snapshot()[0] == count
+        pair.server.resume(degraded=True)
+        _wait(lambda: writer.snapshot()[0] >= count + 20 or not writer.is_alive())
+    finally:
+        writer.finish()
+    assert not writer.errors
+    stats = pair.server.stats()
+    assert stats.peer_connected and not stats.suspended and stats.held == 0
+    pair.server.start_sync(0, dirty_only=True)
+    _wait(lambda: not pair.server.stats().sync_active)
+    assert pair.server.stats().sync_done and pair.server.stats().dirty_blocks == 0
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_fencing_stop_answers_held_ops(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    pair.server.set_fencing(True)
+    writer = _Writer(pair.dev, pair.size)
+    try:
+        _fence_and_cut(pair, writer)
+        pair.server.stop()  # must not hang on the held op
+        writer.join(20)
+        assert not writer.is_alive()
+    finally:
+        writer.finish()
+    assert len(writer.errors) == 1
+    assert not pair.server.stats().fuse_running
+
+
+def test_fencing_off_or_detach_keeps_acknowledging(make_pair: Callable[..., Pair]) -> None:
+    pair = make_pair()
+    receiver = pair.receiver
+    assert receiver is not None
+    writer = _Writer(pair.dev, pair.size)
+    try:
+        writer.start()
+        _wait(lambda: writer.snapshot()[0] >= 20 or not writer.is_alive())
+        receiver.stop()
+        _wait(lambda: not pair.server.stats().peer_connected)
+        count = writer.snapshot()[0]
+        # Today's behaviour: the writer goes on, local-only, marked dirty.
+        _wait(lambda: writer.snapshot()[0] >= count + 20 or not writer.is_alive())
+        stats = pair.server.stats()
+        assert not stats.suspended and stats.held == 0 and stats.dirty_blocks > 0
+
+        # With fencing on, an explicit detach is not a failure to fence.
+        receiver.close()
+        pair.connect()
+        pair.server.set_fencing(True)
+        pair.server.detach_peer()
+        count = writer.snapshot()[0]
+        _wait(lambda: writer.snapshot()[0] >= count + 20 or not writer.is_alive())
+        stats = pair.server.stats()
+        assert not stats.suspended and stats.held == 0 and not stats.peer_connected
+    finally:
+        writer.finish()
+    assert not writer.errors

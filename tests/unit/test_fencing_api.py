@@ -1,0 +1,80 @@
+"""Fencing state machine of the C server, without FUSE or a peer.
+
+The server is created but never started (no mount, no root needed): only the
+control calls and their return codes are exercised here; the I/O behaviour is
+in tests/lab/test_datapath_local.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mirrord.errors import NativeError
+from mirrord.replication import native as n
+from mirrord.replication.native import PrimaryServer, ServerStats
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[PrimaryServer]:
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(4 * MiB)
+    s = PrimaryServer(str(disk), str(tmp_path / "dev"))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_new_server_is_not_fenced(server: PrimaryServer) -> None:
+    st = server.stats()
+    assert not st.suspended and not st.failed_io and st.held == 0
+    assert isinstance(st.suspended, bool) and isinstance(st.failed_io, bool)
+    assert {"suspended", "failed_io", "held"} <= st.as_dict().keys()
+
+
+def test_resume_degraded_when_not_suspended_is_a_noop(server: PrimaryServer) -> None:
+    server.set_fencing(True)
+    server.resume(degraded=True)
+    server.resume(degraded=True)
+    st = server.stats()
+    assert not st.suspended and not st.failed_io and st.held == 0
+    server.set_fencing(False)
+
+
+def test_resume_fail_steps_down_for_good(server: PrimaryServer) -> None:
+    server.resume(degraded=False)
+    st = server.stats()
+    assert st.failed_io and not st.suspended and st.held == 0
+    server.resume(degraded=False)  # idempotent
+    with pytest.raises(NativeError) as ei:
+        server.resume(degraded=True)
+    assert ei.value.code == n.E_STATE  # type: ignore[attr-defined]
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(NativeError) as ei:
+            server.attach_peer(a.detach())  # the fd is taken even on failure
+        assert ei.value.code == n.E_STATE  # type: ignore[attr-defined]
+    finally:
+        b.close()
+    assert server.stats().failed_io
+
+
+def test_bad_resume_mode_is_einval(server: PrimaryServer) -> None:
+    assert n.lib.mrd_server_resume(server._ptr(), 0) == -errno.EINVAL
+    assert n.lib.mrd_server_resume(server._ptr(), 3) == -errno.EINVAL
+    assert n.lib.mrd_server_resume(n.ffi.NULL, n.RESUME_DEGRADED) == -errno.EINVAL
+    assert n.lib.mrd_server_set_fencing(n.ffi.NULL, 1) == -errno.EINVAL
+
+
+def test_stats_defaults_keep_older_constructors_working() -> None:
+    names = [f for f in ServerStats.__dataclass_fields__]
+    assert names[-3:] == ["suspended", "failed_io", "held"]
+    assert n.RESUME_DEGRADED == 1 and n.RESUME_FAIL == 2
