@@ -1,0 +1,213 @@
+"""Session-wide collector of the write-path figures, and the table made from them.
+
+Ratios only mean something when every variant ran in the same session on the
+same machine, so each benchmark records its figures here and the session end
+(tests/bench/conftest.py) prints one markdown table and writes it to
+``.benchmarks/latest-write-path.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from write_targets import LABELS
+from write_workloads import GiB, LatencySummary
+
+
+@dataclass
+class Throughput:
+    bytes_per_round: int
+    seconds: list[float]
+
+    @property
+    def mean_bps(self) -> float:
+        return self.bytes_per_round / statistics.fmean(self.seconds)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        return (self.bytes_per_round / max(self.seconds), self.bytes_per_round / min(self.seconds))
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float | None
+    unit: str
+    goal: str  # ">= 0.8", "<= 100"
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        op, bound = self.goal.split()
+        return self.value >= float(bound) if op == ">=" else self.value <= float(bound)
+
+
+@dataclass
+class WritePathReport:
+    throughput: dict[str, Throughput] = field(default_factory=dict)
+    dsync_ns: dict[str, list[int]] = field(default_factory=dict)  # every timed 4 KiB write
+    dsync_wall: dict[str, float] = field(default_factory=dict)
+    ack_us: dict[str, list[float]] = field(default_factory=dict)  # mirrored: mean peer round trip per frame
+    notes: dict[str, str] = field(default_factory=dict)
+    full_sync: Throughput | None = None
+    loopback: Throughput | None = None
+    round_trip: LatencySummary | None = None  # 127.0.0.1 ping-pong
+    started: float = field(default_factory=time.time)
+    load_at_start: str = field(default_factory=lambda: loadavg())
+
+    def add_throughput(self, key: str, bytes_per_round: int, seconds: list[float]) -> None:
+        self.throughput.setdefault(key, Throughput(bytes_per_round, [])).seconds.extend(seconds)
+
+    def add_dsync(self, key: str, latencies_ns: list[int], wall_seconds: float) -> None:
+        self.dsync_ns.setdefault(key, []).extend(latencies_ns)
+        self.dsync_wall[key] = self.dsync_wall.get(key, 0.0) + wall_seconds
+
+    @property
+    def dsync(self) -> dict[str, LatencySummary]:
+        return {k: LatencySummary.of(v, self.dsync_wall[k]) for k, v in self.dsync_ns.items() if v}
+
+    def empty(self) -> bool:
+        return not (self.throughput or self.dsync_ns or self.full_sync or self.loopback or self.round_trip)
+
+    # ---- derived figures ----------------------------------------------------
+
+    def _tp(self, key: str) -> float | None:
+        t = self.throughput.get(key)
+        return t.mean_bps if t else None
+
+    def _lat(self, key: str) -> float | None:
+        d = self.dsync.get(key)
+        return d.mean_us if d else None
+
+    @staticmethod
+    def _ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    @staticmethod
+    def _diff(a: float | None, b: float | None) -> float | None:
+        return a - b if a is not None and b is not None else None
+
+    def sync_bound(self) -> float | None:
+        figures = [f for f in (self._tp("a"), self.loopback.mean_bps if self.loopback else None) if f]
+        return min(figures) if figures else None
+
+    def targets(self) -> list[Target]:
+        return [
+            Target("1 MiB throughput (c)/(b): mirrord alone vs C passthrough_ll",
+                   self._ratio(self._tp("c"), self._tp("b")), "", ">= 0.8"),
+            Target("1 MiB throughput (d)/(c): mirrored (tmpfs peer) vs alone",
+                   self._ratio(self._tp("d"), self._tp("c")), "", ">= 0.8"),
+            Target("4 KiB O_DSYNC mean latency (d)-(c): cost of the peer",
+                   self._diff(self._lat("d"), self._lat("c")), "µs", "<= 100"),
+        ]
+
+    def informative(self) -> list[tuple[str, float | None, str]]:
+        rows = [
+            ("1 MiB throughput (b)/(a): FUSE passthrough vs local", self._ratio(self._tp("b"), self._tp("a")), ""),
+            ("1 MiB throughput (c)/(a): mirrord alone vs local", self._ratio(self._tp("c"), self._tp("a")), ""),
+            ("1 MiB throughput (e)/(c): mirrored (root-disk peer) vs alone",
+             self._ratio(self._tp("e"), self._tp("c")), ""),
+            ("4 KiB latency (b)-(a): FUSE passthrough vs local", self._diff(self._lat("b"), self._lat("a")), "µs"),
+            ("4 KiB latency (c)-(b): mirrord alone vs passthrough_ll", self._diff(self._lat("c"), self._lat("b")), "µs"),
+            ("4 KiB latency (e)-(c): root-disk peer", self._diff(self._lat("e"), self._lat("c")), "µs"),
+            ("4 KiB median latency (d)-(c): cost of the peer, robust to disk-flush stalls",
+             self._diff(*(self.dsync[k].p50_us if k in self.dsync else None for k in ("d", "c"))), "µs"),
+        ]
+        if self.full_sync:
+            rows.append(("full sync / min(local disk (a), loopback TCP)",
+                         self._ratio(self.full_sync.mean_bps, self.sync_bound()), ""))
+        return rows
+
+    # ---- rendering ------------------------------------------------------------
+
+    def render(self) -> str:
+        gib = lambda bps: f"{bps / GiB:.2f}"  # noqa: E731
+        out = ["# mirrord write path: figures from one run", ""]
+        out += [f"- {k}: {v}" for k, v in machine().items()]
+        out += [f"- load average (1/5/15 min) at start: {self.load_at_start}; at end: {loadavg()}"
+                " (anything else running on the 2 cores skews every figure)"]
+        out += ["", "| variant | 1 MiB writes + fsync, GiB/s (min–max of rounds) "
+                "| 4 KiB O_DSYNC writes/s | mean µs | p50 µs | p99 µs | peer ack µs | notes |",
+                "|---|---|---|---|---|---|---|---|"]
+        dsync = self.dsync
+        for key, label in LABELS.items():
+            t, d = self.throughput.get(key), dsync.get(key)
+            if t is None and d is None:
+                continue
+            tp = f"{gib(t.mean_bps)} ({gib(t.spread[0])}–{gib(t.spread[1])})" if t else "–"
+            lat = (f"{d.writes_per_s:.0f} | {d.mean_us:.0f} | {d.p50_us:.0f} | {d.p99_us:.0f}" if d
+                   else "– | – | – | –")
+            ack = f"{statistics.fmean(self.ack_us[key]):.0f}" if self.ack_us.get(key) else "–"
+            out.append(f"| ({key}) {label} | {tp} | {lat} | {ack} | {self.notes.get(key, '')} |")
+        if self.round_trip:
+            r = self.round_trip
+            out += ["", f"127.0.0.1 TCP round trip (64-byte ping-pong, Python both ends): mean {r.mean_us:.0f} µs, "
+                    f"p50 {r.p50_us:.0f} µs, p99 {r.p99_us:.0f} µs; a mirrored O_DSYNC write needs two "
+                    "(WRITE→WRITE_ACK, FLUSH→FLUSH_ACK)."]
+        if self.full_sync or self.loopback:
+            out += ["", "| full sync (1 GiB) | GiB/s (min–max) |", "|---|---|"]
+            for name, t in (("start_sync over 127.0.0.1, replica on tmpfs, primary image not cached",
+                             self.full_sync),
+                            ("loopback TCP blast (Python, 1 MiB sends)", self.loopback)):
+                if t:
+                    out.append(f"| {name} | {gib(t.mean_bps)} ({gib(t.spread[0])}–{gib(t.spread[1])}) |")
+            if self.sync_bound():
+                out.append(f"| bound = min(local disk (a), loopback) | {gib(self.sync_bound() or 0)} |")
+        out += ["", "| target | value | goal | met |", "|---|---|---|---|"]
+        for t in self.targets():
+            value = "–" if t.value is None else f"{t.value:.2f}{(' ' + t.unit) if t.unit else ''}"
+            met = {True: "yes", False: "**no**", None: "not measured"}[t.met]
+            out.append(f"| {t.name} | {value} | {t.goal} {t.unit} | {met} |")
+        out += ["", "| other ratios (no target) | value |", "|---|---|"]
+        for name, value, unit in self.informative():
+            out.append(f"| {name} | {'–' if value is None else f'{value:.2f}'}{(' ' + unit) if unit and value is not None else ''} |")
+        return "\n".join(out) + "\n"
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def machine() -> dict[str, str]:
+    def run(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f"{int(f.readline().split()[1]) // 1024} MiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    root = run("findmnt", "-no", "SOURCE,FSTYPE", "/")
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "make bench  (.venv/bin/python -m pytest -q tests/bench --benchmark-only -p no:cacheprovider)",
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "memory": mem,
+        "kernel": platform.release(),
+        "root filesystem": root,
+        "libfuse": run("pkg-config", "--modversion", "fuse3"),
+        "python": sys.version.split()[0],
+        "mirrord commit": run("git", "describe", "--always", "--dirty"),
+    }

@@ -1,0 +1,194 @@
+"""The I/O the write-path benchmarks time, identical for every variant.
+
+* ``sequential_1mib``: 1 GiB as 1 MiB pwrites from one page-aligned buffer,
+  then one fsync (throughput).
+* ``dsync_4kib``: N 4 KiB pwrites on an O_DSYNC file at fixed pseudo-random
+  4 KiB-aligned offsets (each write is durable before it returns: writes/s
+  and per-write latency).
+
+O_DIRECT is used whenever the target accepts it (``direct=False`` otherwise,
+see write_targets.passthrough_ll). Buffers are mmap'ed, hence page aligned.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import statistics
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def aligned_buffer(size: int, seed: int) -> mmap.mmap:
+    buf = mmap.mmap(-1, size)
+    buf.write(random.Random(seed).randbytes(size))
+    return buf
+
+
+def stamp(buf: mmap.mmap, round_no: int) -> None:
+    """Make this round's bytes differ from the last round's (first 16 bytes)."""
+    buf[:16] = f"round {round_no:010d}".encode()
+
+
+def sequential_1mib(path: Path, buf: mmap.mmap, total: int, direct: bool) -> float:
+    """Write total bytes as len(buf)-sized pwrites from offset 0, then fsync; seconds taken."""
+    flags = os.O_WRONLY | (os.O_DIRECT if direct else 0)
+    chunk = len(buf)
+    fd = os.open(path, flags)
+    try:
+        t0 = time.perf_counter()
+        for off in range(0, total, chunk):
+            n = os.pwrite(fd, buf, off)
+            if n != chunk:
+                raise OSError(f"short write at {off}: {n} of {chunk}")
+        os.fsync(fd)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+def dsync_offsets(count: int, size: int, seed: int = 4096) -> list[int]:
+    rnd = random.Random(seed)
+    return [rnd.randrange(size // (4 * KiB)) * 4 * KiB for _ in range(count)]
+
+
+def dsync_4kib(path: Path, buf: mmap.mmap, offsets: list[int], direct: bool) -> tuple[list[int], float]:
+    """One O_DSYNC 4 KiB pwrite per offset: the nanoseconds each took, and the seconds for all."""
+    flags = os.O_WRONLY | os.O_DSYNC | (os.O_DIRECT if direct else 0)
+    lat: list[int] = []
+    fd = os.open(path, flags)
+    try:
+        clock = time.perf_counter_ns
+        start = clock()
+        for off in offsets:
+            t0 = clock()
+            n = os.pwrite(fd, buf, off)
+            lat.append(clock() - t0)
+            if n != len(buf):
+                raise OSError(f"short write at {off}: {n} of {len(buf)}")
+        return lat, (clock() - start) / 1e9
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    writes: int
+    seconds: float
+    mean_us: float
+    p50_us: float
+    p99_us: float
+    max_us: float
+
+    @property
+    def writes_per_s(self) -> float:
+        return self.writes / self.seconds
+
+    @classmethod
+    def of(cls, latencies_ns: list[int], seconds: float) -> LatencySummary:
+        """seconds: wall time of the whole loop (writes/s uses it)."""
+        us = sorted(x / 1000 for x in latencies_ns)
+        q = statistics.quantiles(us, n=100)
+        return cls(writes=len(us), seconds=seconds, mean_us=statistics.fmean(us),
+                   p50_us=q[49], p99_us=q[98], max_us=us[-1])
+
+
+def read_back(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def loopback_blast(total: int, chunk: int = MiB) -> float:
+    """Seconds to push total bytes through one 127.0.0.1 TCP connection (sender thread -> receiver)."""
+    import socket
+    import threading
+
+    from write_targets import localhost_pair
+
+    a, b = localhost_pair()
+    payload = memoryview(bytes(chunk))
+    sink = bytearray(chunk)
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            for _ in range(total // chunk):
+                a.sendall(payload)
+            a.shutdown(socket.SHUT_WR)
+        except BaseException as e:  # reported by the caller
+            errors.append(e)
+
+    for s in (a, b):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    b.settimeout(30)
+    try:
+        sender = threading.Thread(target=send)
+        t0 = time.perf_counter()
+        sender.start()
+        got = 0
+        while got < total:
+            n = b.recv_into(sink)
+            if n == 0:
+                break
+            got += n
+        elapsed = time.perf_counter() - t0
+        sender.join(timeout=30)
+        if errors:
+            raise errors[0]
+        if got != total:
+            raise AssertionError(f"loopback: received {got} of {total} bytes")
+        return elapsed
+    finally:
+        a.close()
+        b.close()
+
+
+def loopback_round_trips(count: int) -> list[int]:
+    """Nanoseconds of each 64-byte ping-pong over one 127.0.0.1 TCP connection (echo thread)."""
+    import socket
+    import threading
+
+    from write_targets import localhost_pair
+
+    a, b = localhost_pair()
+    for s in (a, b):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.settimeout(10)
+
+    def echo() -> None:
+        with suppress(OSError):
+            for _ in range(count):
+                msg = b.recv(64)
+                if not msg:
+                    return
+                b.sendall(msg)
+
+    ping = bytes(64)
+    rtts: list[int] = []
+    echoer = threading.Thread(target=echo)
+    echoer.start()
+    try:
+        clock = time.perf_counter_ns
+        for _ in range(count):
+            t0 = clock()
+            a.sendall(ping)
+            got = 0
+            while got < len(ping):
+                n = len(a.recv(64))
+                if n == 0:
+                    raise AssertionError("loopback echo closed early")
+                got += n
+            rtts.append(clock() - t0)
+        return rtts
+    finally:
+        a.close()
+        echoer.join(timeout=10)
+        b.close()
