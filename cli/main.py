@@ -39,6 +39,14 @@ def shutdown() -> None:
     run("shutdown", {}, action)
 
 
+@mirrord.command()
+def trace() -> None:
+    """Write trace.zip: this appliance's and the peer's ha.log, ha.out and ha.result."""
+    from mirrord_cli.runner import run
+
+    run("trace", {}, lambda client: client.call("trace"))
+
+
 @mirrord.group()
 def debug() -> None:
     """Fault injection for tests and drills (root only, logged in ha.log)."""

@@ -29,7 +29,11 @@ SUPPORTED_MKFS = ("ext4",)
 DEFAULT_VOLUME = "r0"
 #: TCP port of the replication link on the sync network (DRBD's customary one).
 DEFAULT_SYNC_PORT = 7788
-DEFAULT_STATUS_PORT = 9187
+#: UDP port of the heartbeats (both networks) and TCP port of log shipping (public network).
+HEARTBEAT_PORT = 7789
+LOGSHIP_PORT = 7790
+#: HTTP status endpoint (/primary, /secondary, /health, /metrics) on every address.
+STATUS_PORT = 9187
 
 #: Option names as the CLI spells them (IWD aliases map onto these).
 FIELDS = (
@@ -45,6 +49,7 @@ FIELDS = (
     "start_script",
     "stop_script",
     "secret_file",
+    "witness_ip",
 )
 REQUIRED = ("primary_ip", "secondary_ip", "primary_sync_ip", "secondary_sync_ip", "floating_ip", "ping_interval", "disk")
 
@@ -63,6 +68,7 @@ class Settings:
     start_script: Path | None = None
     stop_script: Path | None = None
     secret_file: Path | None = None
+    witness_ip: ipaddress.IPv4Address | None = None
     volume: str = DEFAULT_VOLUME
     sync_port: int = DEFAULT_SYNC_PORT
 
@@ -70,10 +76,15 @@ class Settings:
         return {f.name: (None if (v := getattr(self, f.name)) is None else v if isinstance(v, (int, float)) else str(v))
                 for f in dataclasses.fields(self)}
 
-    def role_of(self, addresses: Iterable[ipaddress.IPv4Address]) -> str:
-        """``primary`` or ``secondary``: which appliance owns these addresses."""
+    def side_of(self, addresses: Iterable[ipaddress.IPv4Address]) -> str:
+        """``primary`` or ``secondary``: which appliance of the settings owns these addresses.
+
+        This is the *configured* side. The role an appliance plays can differ:
+        after a takeover the configured secondary is the primary, and the old
+        primary rejoins as secondary (see :class:`Endpoints`).
+        """
         local = set(addresses)
-        mine = [role for role, ip in (("primary", self.primary_ip), ("secondary", self.secondary_ip)) if ip in local]
+        mine = [side for side, ip in (("primary", self.primary_ip), ("secondary", self.secondary_ip)) if ip in local]
         if len(mine) == 2:
             raise BadInput(
                 f"This machine holds both {self.primary_ip} and {self.secondary_ip}; "
@@ -84,27 +95,30 @@ class Settings:
                 f"Neither --primary-ip {self.primary_ip} nor --secondary-ip {self.secondary_ip} is an address "
                 "of this appliance; give the public addresses of the two appliances."
             )
-        role = mine[0]
-        sync_ip = self.primary_sync_ip if role == "primary" else self.secondary_sync_ip
+        side = mine[0]
+        sync_ip = self.endpoints(side).my_sync
         if sync_ip not in local:
-            flag = "--primary-sync-ip" if role == "primary" else "--secondary-sync-ip"
+            flag = "--primary-sync-ip" if side == "primary" else "--secondary-sync-ip"
             raise BadInput(
-                f"This appliance is the {role} ({self.primary_ip if role == 'primary' else self.secondary_ip}) "
+                f"This appliance is the {side} ({self.endpoints(side).my_public}) "
                 f"but {flag} {sync_ip} is not one of its addresses; give its address on the sync link."
             )
-        return role
+        return side
 
-    def my_sync_ip(self, role: str) -> ipaddress.IPv4Address:
-        return self.primary_sync_ip if role == "primary" else self.secondary_sync_ip
+    def endpoints(self, side: str) -> "Endpoints":
+        if side == "primary":
+            return Endpoints(self.primary_ip, self.primary_sync_ip, self.secondary_ip, self.secondary_sync_ip)
+        return Endpoints(self.secondary_ip, self.secondary_sync_ip, self.primary_ip, self.primary_sync_ip)
 
-    def peer_sync_ip(self, role: str) -> ipaddress.IPv4Address:
-        return self.secondary_sync_ip if role == "primary" else self.primary_sync_ip
 
-    def my_public_ip(self, role: str) -> ipaddress.IPv4Address:
-        return self.primary_ip if role == "primary" else self.secondary_ip
+@dataclass(frozen=True)
+class Endpoints:
+    """This appliance's and its peer's addresses, whatever role each plays now."""
 
-    def peer_public_ip(self, role: str) -> ipaddress.IPv4Address:
-        return self.secondary_ip if role == "primary" else self.primary_ip
+    my_public: ipaddress.IPv4Address
+    my_sync: ipaddress.IPv4Address
+    peer_public: ipaddress.IPv4Address
+    peer_sync: ipaddress.IPv4Address
 
 
 def _address(name: str, value: str) -> ipaddress.IPv4Address:
@@ -173,6 +187,10 @@ def parse(options: Mapping[str, Any]) -> Settings:
                            "(the dedicated crossover cable).")
         if ip in (primary, secondary, floating.ip):
             raise BadInput(f"{flag} {ip} is also a public address; the sync link needs its own addresses.")
+    witness = options.get("witness_ip")
+    if witness and _address("witness_ip", witness) in (primary, secondary, floating.ip, psync, ssync):
+        raise BadInput(f"--witness-ip {witness} is an address of the pair itself; the witness must be a third host "
+                       "(e.g. the gateway).")
     mkfs = options.get("mkfs") or None
     if mkfs is not None and mkfs not in SUPPORTED_MKFS:
         raise BadInput(f"--mkfs {mkfs!r} is not supported; expected one of: {', '.join(SUPPORTED_MKFS)}.")
@@ -196,6 +214,7 @@ def parse(options: Mapping[str, Any]) -> Settings:
         start_script=path("start_script"),
         stop_script=path("stop_script"),
         secret_file=path("secret_file"),
+        witness_ip=_address("witness_ip", options["witness_ip"]) if options.get("witness_ip") else None,
     )
 
 
@@ -240,10 +259,10 @@ def check_script(flag: str, path: Path) -> None:
 
 
 def check_local(settings: Settings, addresses: Iterable[ipaddress.IPv4Address]) -> str:
-    """Validate against this machine; returns this appliance's role."""
-    role = settings.role_of(addresses)
+    """Validate against this machine; returns this appliance's configured side."""
+    role = settings.side_of(addresses)
     check_disk(settings.disk)
-    if settings.mount is not None and role == "primary":
+    if settings.mount is not None:  # the secondary mounts it too, when it takes over
         check_mount_dir(settings.mount)
     for flag, script in (("--start-script", settings.start_script), ("--stop-script", settings.stop_script)):
         if script is not None:

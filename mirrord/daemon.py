@@ -1,9 +1,11 @@
 """The per-appliance daemon: control socket, HA state, and the supervisor tick.
 
-Threads: the control server (one thread per request), the tick loop, and the
-replication threads owned by the primary or secondary side. Every change of
-mode happens under ``self._lock``, either in a command handler or in a tick,
-so a command never races the loop.
+Threads: the control server (one thread per request), the tick loop, a
+watchdog that measures how long this process was stalled, at most one
+*worker* for a slow action (takeover, step-down, failOver), and the threads
+owned by the heartbeat, log shipping, status endpoint and the replication
+side. Every change of mode happens under ``self._lock``; slow actions run in
+the worker beside the loop, and the loop reports them as "busy" meanwhile.
 
 After a restart the daemon always comes back ``standalone``, whatever mode it
 was in before: an appliance that rebooted must never take the primary role or
@@ -12,91 +14,368 @@ mount the volume by itself (see docs/operations.md).
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mirrord import __version__, atomicfile, config
-from mirrord.config import Settings
+from mirrord.config import Endpoints, Settings
 from mirrord.control import ControlServer
-from mirrord.errors import BadInput, MirrordError, NotAvailable, Refused
+from mirrord.errors import BadInput, MirrordError, Refused
 from mirrord.halog import HALog
+from mirrord.httpstatus import StatusServer
+from mirrord.logship import LogReceiver, LogShipper
 from mirrord.modes import Event, Mode, transition
-from mirrord.net import floatip
+from mirrord.net import arp, floatip
 from mirrord.net.addresses import local_addresses
+from mirrord.net.heartbeat import Heartbeat
+from mirrord.net.links import any_link_up
+from mirrord.net.witness import Witness
 from mirrord.paths import Home
 from mirrord.replication import volume
 from mirrord.replication.meta import DiskState, VolumeMeta
-from mirrord.supervisor import Facts, decide
+from mirrord.replication.primary import PrimarySide
+from mirrord.replication.secondary import SecondarySide
+from mirrord.supervisor import Action, Facts, decide
+from mirrord.trace import write_trace
 
-TICK_SECONDS = 0.2
 SCRIPT_TIMEOUT = 120.0
+WATCHDOG_PERIOD = 0.02
+#: Settings both appliances must agree on (compared over the heartbeats).
+SHARED_SETTINGS = ("primary_ip", "secondary_ip", "primary_sync_ip", "secondary_sync_ip", "floating_ip",
+                   "ping_interval")
+
+
+def tick_period(ping_interval: float) -> float:
+    return min(0.2, ping_interval / 5)
+
+
+class Watchdog:
+    """Measures stalls of this whole process (a freeze, a hung machine), never of one lock.
+
+    A thread that takes no lock wakes every 20 ms and records the longest gap
+    between two wake-ups; the supervisor reads and resets it each tick.
+    """
+
+    def __init__(self) -> None:
+        self._worst = 0.0
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def take(self) -> float:
+        """The longest stall since the last call, including one still going on.
+
+        After a freeze the tick may run before the watchdog thread does: the
+        time since the watchdog's last wake-up is a stall too.
+        """
+        ongoing = time.monotonic() - self._last - WATCHDOG_PERIOD
+        worst, self._worst = max(self._worst, ongoing), 0.0
+        return max(0.0, worst)
+
+    def _run(self) -> None:
+        while not self._stop.wait(WATCHDOG_PERIOD):
+            now = time.monotonic()
+            self._worst = max(self._worst, now - self._last - WATCHDOG_PERIOD)
+            self._last = now
 
 
 class Daemon:
     def __init__(self, home: Home) -> None:
-        from mirrord.replication.primary import PrimarySide
-        from mirrord.replication.secondary import SecondarySide
-
-        self._sides = (PrimarySide, SecondarySide)
         self.home = home
         home.ensure()
         self.log = HALog(home, "mirrord-daemon")
         self.mode = Mode.STANDALONE
-        self.role: str | None = None
+        self.side: str | None = None  # configured side: which appliance of the settings this is
+        self.ends: Endpoints | None = None
         self.settings: Settings | None = config.load(home)
-        self.primary: Any = None
-        self.secondary: Any = None
+        self.primary: PrimarySide | None = None
+        self.secondary: SecondarySide | None = None
         self.meta: VolumeMeta | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.witness: Witness | None = None
+        self.shipper: LogShipper | None = None
+        self.log_receiver: LogReceiver | None = None
+        self.secret: bytes | None = None
+        self.my_mac = ""
+        self.outdate_request = False
+        self.mismatch: list[str] = []
+        self.last_takeover: dict[str, Any] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._busy: str | None = None
         self._last_sentence = ""
+        self._watchdog = Watchdog()
         previous = atomicfile.read_json(home.state_file) or {}
         if previous.get("mode", "standalone") != "standalone":
             self.log.log(f"Daemon restarted while {previous['mode']}: coming back standalone. An appliance never "
                          "resumes HA by itself; run startHA to rejoin.")
         self._save_state()
         self.control = ControlServer(home, self.handle)
+        self.status_server = StatusServer("0.0.0.0", int(os.environ.get("MIRRORD_STATUS_PORT", config.STATUS_PORT)),
+                                          lambda: self.status()[1])
 
     # -- lifecycle ------------------------------------------------------------
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
+        arp.preload()  # scapy's import cost must never land inside a takeover
         self.control.start()
+        try:
+            self.status_server.start()
+        except MirrordError as exc:
+            self.log.log(f"Status endpoint not started: {exc}")
+        self._watchdog.start()
         self.log.log(f"mirrord {__version__} daemon started (pid {os.getpid()}), mode {self.mode}.")
         try:
-            while not self._stop.wait(TICK_SECONDS):
+            while not self._stop.wait(tick_period(self.settings.ping_interval if self.settings else 1.0)):
                 self.tick()
         finally:
             with self._lock:
                 if self.mode is not Mode.STANDALONE:
                     self._teardown("daemon stopping")
+            self._watchdog.stop()
+            self.status_server.stop()
             self.control.stop()
             self.log.log("Daemon stopped.")
 
     def tick(self) -> str:
         """One HA loop iteration; returns the sentence describing what it did."""
         with self._lock:
-            decision = decide(self._facts())
-            if decision.event is not None:
-                self._set_mode(transition(self.mode, decision.event))
-            if decision.sentence != self._last_sentence:
+            facts = self._facts()
+            decision = decide(facts)
+            self._act(decision.action, decision.sentence)
+            if decision.sentence != self._last_sentence and not decision.sentence.startswith("Busy:"):
                 self.log.log(decision.sentence)
                 self._last_sentence = decision.sentence
+            self._compare_settings()
             return decision.sentence
 
+    # -- facts ------------------------------------------------------------------
+    def _peer_view(self) -> tuple[float, float, dict[str, Any] | None]:
+        if self.heartbeat is None:
+            return math.inf, math.inf, None
+        silent_sync = self.heartbeat.silent_for("sync")
+        silent_public = self.heartbeat.silent_for("public")
+        fresher = "sync" if silent_sync <= silent_public else "public"
+        return silent_sync, silent_public, self.heartbeat.peer_state(fresher)
+
     def _facts(self) -> Facts:
-        disk_state = self.meta.disk_state if self.meta else DiskState.UP_TO_DATE
+        silent_sync, silent_public, peer = self._peer_view()
+        ping = self.settings.ping_interval if self.settings else 1.0
+        common = dict(
+            mode=self.mode, ping_interval=ping, silent_sync=silent_sync, silent_public=silent_public,
+            peer_mode=(peer or {}).get("mode"), peer_disk=(peer or {}).get("disk"),
+            peer_wants_outdate=bool((peer or {}).get("outdate_request")),
+            epoch=self.meta.epoch if self.meta else 0, peer_epoch=int((peer or {}).get("epoch") or 0),
+            clock_gap=self._watchdog.take(), busy=self._busy,
+            witness_ok=None if self.witness is None else self.witness.ok,
+            my_links_up=any_link_up([self.ends.my_sync, self.ends.my_public]) if self.ends else True,
+        )
         if self.primary is not None:
-            return Facts(self.mode, self.primary.peer.connected, disk_state, self.primary.peer.sync_percent)
+            stats = self.primary.server.stats() if self.primary.server is not None else None
+            return Facts(disk_state=DiskState.UP_TO_DATE, peer_connected=self.primary.peer.connected,
+                         sync_percent=self.primary.peer.sync_percent,
+                         io_suspended=bool(stats and stats.suspended), **common)
         if self.secondary is not None:
             view = self.secondary.primary
-            return Facts(self.mode, view.connected, self.secondary.meta.disk_state, view.sync_percent,
-                         view.sync_started)
-        return Facts(self.mode, False, disk_state, 0.0)
+            return Facts(disk_state=self.secondary.meta.disk_state, peer_connected=view.connected,
+                         sync_percent=view.sync_percent, sync_started=view.sync_started, synced=view.synced,
+                         **common)
+        disk_state = self.meta.disk_state if self.meta else DiskState.UP_TO_DATE
+        return Facts(disk_state=disk_state, **common)
+
+    def _describe(self) -> dict[str, Any]:
+        """What our heartbeats tell the peer."""
+        disk = self.secondary.meta.disk_state if self.secondary else (self.meta.disk_state if self.meta else None)
+        shared = {k: v for k, v in (self.settings.to_json() if self.settings else {}).items() if k in SHARED_SETTINGS}
+        return {"mode": str(self.mode), "disk": str(disk) if disk else None, "mac": self.my_mac,
+                "epoch": self.meta.epoch if self.meta else 0,
+                "outdate_request": self.outdate_request, "settings": shared, "version": __version__}
+
+    def _compare_settings(self) -> None:
+        if self.heartbeat is None or self.settings is None:
+            return
+        peer = self._peer_view()[2] or {}
+        theirs = peer.get("settings") or {}
+        mine = self._describe()["settings"]
+        mismatch = sorted(k for k in SHARED_SETTINGS if k in theirs and theirs.get(k) != mine.get(k))
+        if mismatch != self.mismatch:
+            self.mismatch = mismatch
+            if mismatch:
+                detail = ", ".join(f"{k} here {mine.get(k)} / peer {theirs.get(k)}" for k in mismatch)
+                self.log.log(f"Settings differ from the peer's: {detail}. Run configureHA on both appliances.")
+            else:
+                self.log.log("Settings agree with the peer's.")
+
+    # -- actions ------------------------------------------------------------------
+    def _act(self, action: Action, sentence: str) -> None:
+        if action is Action.NONE:
+            return
+        if action is Action.SYNC_INTERRUPTED:
+            self._set_mode(transition(self.mode, Event.SYNC_INTERRUPTED))
+        elif action is Action.SYNC_DONE:
+            self._set_mode(transition(self.mode, Event.SYNC_DONE))
+        elif action is Action.OUTDATE_SELF:
+            assert self.secondary is not None
+            self.secondary.outdate()
+        elif action is Action.REQUEST_OUTDATE:
+            self.outdate_request = True
+        elif action is Action.RESUME_DEGRADED:
+            assert self.primary is not None and self.primary.server is not None
+            self.primary.server.resume(degraded=True)
+            self.outdate_request = False
+        elif action is Action.TAKEOVER:
+            self._start_worker("taking over", lambda: self._promote(Event.TAKEOVER, sentence))
+        elif action is Action.STEP_DOWN:
+            self._start_worker("stepping down", lambda: self._step_down(sentence))
+
+    def _start_worker(self, what: str, job: Callable[[], None]) -> None:
+        if self._busy is not None:
+            return
+        self._busy = what
+
+        def run() -> None:
+            try:
+                job()
+            except Exception as exc:  # a failed action is logged; the loop decides again next tick
+                self.log.log(f"{what.capitalize()} failed: {exc}")
+            finally:
+                with self._lock:
+                    self._busy = None
+
+        threading.Thread(target=run, name=what, daemon=True).start()
+
+    def _promote(self, event: Event, why: str) -> None:
+        """Secondary -> primary: stop receiving, claim the address, expose and mount, start the app."""
+        started = time.monotonic()
+        with self._lock:
+            settings, ends, meta = self.settings, self.ends, self.meta
+            assert settings is not None and ends is not None and meta is not None
+            transition(self.mode, event)  # refuses an inconsistent appliance before anything is touched
+            if meta.disk_state is not DiskState.UP_TO_DATE:
+                raise Refused(f"This disk is {meta.disk_state}: not promoting it.")
+            iface = arp.iface_for(ends.my_public)
+            holder = arp.address_in_use(settings.floating_ip.ip, iface, timeout=min(0.1, settings.ping_interval / 2))
+            peer_mac = (self._peer_view()[2] or {}).get("mac")
+            if holder is not None and holder != peer_mac:
+                raise Refused(f"The floating IP {settings.floating_ip.ip} is answered by {holder}, which is not the "
+                              "peer appliance: refusing to take over an address another host uses.")
+            if self.secondary is not None:
+                self.secondary.stop()  # from here on nothing is acknowledged to the old primary
+                self.secondary = None
+            floatip.add(settings.floating_ip, ends.my_public)
+            threading.Thread(target=arp.announce, args=(settings.floating_ip.ip, iface), daemon=True).start()
+            ip_at = time.monotonic()
+            side = PrimarySide(self.home, settings, self.log, config.check_disk(settings.disk), ends,
+                               self._on_failover_request)
+            try:
+                side.start()
+            except MirrordError:
+                # Keep nothing half-claimed: a secondary that cannot serve must not hold the address.
+                floatip.remove(settings.floating_ip)
+                self._set_mode(transition(self.mode, Event.STEP_DOWN))
+                raise
+            self.primary = side
+            self._new_term()
+            self._set_mode(transition(self.mode, event))
+            self._run_script(settings.start_script, "start", settings, "primary", check=False)
+            self.last_takeover = {"reason": why, "ip_seconds": round(ip_at - started, 3),
+                                  "serving_seconds": round(time.monotonic() - started, 3)}
+            self.log.log(f"Now primary ({event}): floating IP {settings.floating_ip} held after "
+                         f"{ip_at - started:.3f} s, serving after {time.monotonic() - started:.3f} s.")
+        self._write_trace()
+
+    def _step_down(self, why: str) -> None:
+        """Primary -> standalone at once: fail held I/O, stop the app, release everything."""
+        with self._lock:
+            settings = self.settings
+            assert settings is not None
+            if self.primary is not None and self.primary.server is not None:
+                self.primary.server.resume(degraded=False)  # nothing more is acknowledged here
+            self._run_script(settings.stop_script, "stop", settings, str(self.mode), check=False)
+            if floatip.remove(settings.floating_ip):
+                self.log.log(f"Released floating IP {settings.floating_ip}.")
+            if self.primary is not None:
+                self.primary.release_filesystem(force=True)
+                self.primary.stop()
+                self.primary = None
+            self._mark_outdated()
+            self._stop_companions()
+            self._set_mode(transition(self.mode, Event.STEP_DOWN))
+            self.log.log(f"Stepped down: this appliance is standalone ({why}). Its disk is Outdated; run startHA "
+                         "to make it the secondary of the new primary.")
+        self._write_trace()
+
+    def _new_term(self) -> None:
+        """Becoming primary: a term higher than any this appliance has served or heard of."""
+        assert self.meta is not None and self.settings is not None
+        peer = self._peer_view()[2] or {}
+        self.meta.epoch = max(self.meta.epoch, int(peer.get("epoch") or 0)) + 1
+        self.meta.save(self.home, self.settings.volume)
+
+    def _mark_outdated(self) -> None:
+        if self.meta is not None and self.settings is not None:
+            self.meta.disk_state = DiskState.OUTDATED
+            self.meta.save(self.home, self.settings.volume)
+
+    def _on_failover_request(self) -> None:
+        with self._lock:
+            self._start_worker("failing over to the peer", self._hand_over)
+
+    def _on_promote(self) -> None:
+        with self._lock:
+            self._start_worker("taking over (failOver)", lambda: self._promote(
+                Event.FAILOVER_PROMOTE, "the primary handed over (failOver)"))
+
+    def _hand_over(self) -> None:
+        """failOver, primary's part: stop the app, release the IP, flush through the mirror, go idle."""
+        with self._lock:
+            settings, primary = self.settings, self.primary
+            if primary is None or settings is None:
+                raise Refused("This appliance is not the primary.")
+            transition(self.mode, Event.FAILOVER_DEMOTE)
+            if not (primary.peer.connected and primary.peer.sync_done):
+                raise Refused("The secondary is not connected and in sync: a failOver now would lose data. "
+                              "Wait until HAstatus shows it UpToDate.")
+            self._run_script(settings.stop_script, "stop", settings, "primary")
+            floatip.remove(settings.floating_ip)
+            try:
+                primary.hand_over()
+            except MirrordError as exc:
+                # Stay the primary we were: address back, application back, then say why.
+                primary.remount()
+                floatip.add(settings.floating_ip, primary.ends.my_public)
+                self._run_script(settings.start_script, "start", settings, "primary",
+                                 check=False)
+                raise Refused(f"failOver refused, this appliance stays primary: {exc}") from exc
+            primary.stop()
+            self.primary = None
+            self._mark_outdated()
+            self._set_mode(transition(self.mode, Event.FAILOVER_DEMOTE))
+            self.log.log("failOver: this appliance is idle; the peer is taking over. Run startHA here to make it "
+                         "the new secondary.")
+
+    def _write_trace(self) -> None:
+        if self.ends is None:
+            return
+        try:
+            path = write_trace(self.home, str(self.ends.my_public), str(self.ends.peer_public),
+                               status=self.status()[1])
+            self.log.log(f"Wrote {path}.")
+        except (OSError, MirrordError) as exc:
+            self.log.log(f"Could not write trace.zip: {exc}")
 
     def _set_mode(self, mode: Mode) -> None:
         if mode is not self.mode:
@@ -105,16 +384,17 @@ class Daemon:
         self._save_state()
 
     def _save_state(self) -> None:
-        atomicfile.write_json(self.home.state_file, {"mode": str(self.mode), "role": self.role})
+        atomicfile.write_json(self.home.state_file, {"mode": str(self.mode), "side": self.side})
 
     # -- commands ---------------------------------------------------------------
     def handle(self, command: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        handlers = {
+        handlers: dict[str, Callable[..., tuple[str, dict[str, Any]]]] = {
             "status": self.status,
             "start_ha": self.start_ha,
             "stop_ha": self.stop_ha,
             "configure_ha": self.configure_ha,
             "fail_over": self.fail_over,
+            "trace": self.trace,
             "shutdown": self.shutdown,
             "debug_corrupt_next": self.debug_corrupt_next,
         }
@@ -137,80 +417,151 @@ class Daemon:
             disk_state = str(self.meta.disk_state) if self.meta else "UpToDate"
             replication: dict[str, Any] = {}
             peer_error = ""
+            serving = False
             if self.primary is not None:
                 peer_connected = self.primary.peer.connected
                 sync_percent = self.primary.peer.sync_percent if peer_connected else 0.0
                 peer_error = self.primary.peer.last_error
                 if self.primary.server is not None:
-                    replication = self.primary.server.stats().as_dict()
+                    stats = self.primary.server.stats()
+                    replication = stats.as_dict()
+                    serving = self.mode is Mode.PRIMARY and not stats.failed_io and not stats.suspended and (
+                        settings is None or settings.mount is None or volume.is_mounted(settings.mount))
             elif self.secondary is not None:
                 peer_connected = self.secondary.primary.connected
                 sync_percent = self.secondary.primary.sync_percent
                 disk_state = str(self.secondary.meta.disk_state)
                 peer_error = self.secondary.primary.last_error
                 replication = self.secondary.receiver_stats()
-            held = False
-            if settings is not None:
-                held = floatip.held(settings.floating_ip)
+            held = floatip.held(settings.floating_ip) if settings is not None else False
             data = {
                 "mode": str(self.mode),
-                "role": self.role,
+                "role": self.side and (str(self.mode) if self.mode in (Mode.PRIMARY, Mode.SECONDARY) else None),
+                "side": self.side,
                 "version": __version__,
+                "serving": serving,
+                "degraded": self.mode is Mode.PRIMARY and not peer_connected,
                 "peer_connected": peer_connected,
                 "floating_ip_held": held,
                 "disk": {"state": disk_state, "sync_percent": round(sync_percent, 2),
                          "path": str(settings.disk) if settings else None},
                 "replication": replication,
+                "heartbeat": self.heartbeat.snapshot() if self.heartbeat else {},
+                "witness_ok": None if self.witness is None else self.witness.ok,
+                "settings_mismatch": self.mismatch,
                 "peer_error": peer_error,
+                "last_takeover": self.last_takeover,
+                "busy": self._busy,
                 "summary": self._last_sentence,
                 "settings": settings.to_json() if settings else None,
             }
         return self._last_sentence or f"Mode {self.mode}.", data
 
+    def _peer_mode_now(self, settings: Settings, wait: float) -> str | None:
+        """What the peer says it is, listening to its heartbeats for at most ``wait`` seconds."""
+        assert self.heartbeat is not None
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            peer = self._peer_view()[2]
+            if peer is not None and min(self._peer_view()[:2]) < settings.ping_interval:
+                return str(peer.get("mode"))
+            time.sleep(0.02)
+        return None
+
     def start_ha(self, **options: Any) -> tuple[str, dict[str, Any]]:
         settings = config.parse(options)
         with self._lock:
-            role = config.check_local(settings, local_addresses())
-            event = Event.START_PRIMARY if role == "primary" else Event.START_SECONDARY
-            next_mode = transition(self.mode, event)
+            side = config.check_local(settings, local_addresses())
+            if self.mode in (Mode.PRIMARY, Mode.SECONDARY):
+                transition(self.mode, Event.START_SECONDARY if side == "secondary" else Event.START_PRIMARY)
             size = config.check_disk(settings.disk)
+            if self.secondary is not None:  # inconsistent: start over as a fresh secondary
+                self.secondary.stop()
+                self.secondary = None
+            self._stop_companions()
             volume.ensure_unused(settings.disk)
             meta = VolumeMeta.load(self.home, settings.volume)
-            if role == "primary":
-                if meta.disk_state is not DiskState.UP_TO_DATE:
-                    raise Refused(f"This appliance's disk is {meta.disk_state}: it cannot become primary. "
-                                  "Make it the secondary of an UpToDate primary first.")
-                side = self._sides[0](self.home, settings, self.log, size)
-                side.start()
-                try:
-                    floatip.add(settings.floating_ip, settings.primary_ip)
-                    self._run_script(settings.start_script, "start", settings, "primary")
-                except MirrordError:
-                    floatip.remove(settings.floating_ip)
-                    side.stop()
-                    raise
-                self.primary = side
-            else:
-                side = self._sides[1](self.home, settings, self.log, size, meta)
-                try:
-                    side.start()
-                except OSError as exc:
-                    raise MirrordError(f"Cannot listen on {settings.secondary_sync_ip}:{settings.sync_port}: "
-                                       f"{exc.strerror}.") from exc
-                self.secondary = side
-            self.settings, self.role, self.meta = settings, role, meta
+            ends = settings.endpoints(side)
+            self.settings, self.side, self.ends, self.meta = settings, side, ends, meta
+            try:
+                self._start_companions(settings, ends)
+                # The configured primary becomes primary only if the peer is not primary already
+                # (e.g. after a takeover, the old primary's startHA makes it the new secondary).
+                role = side
+                if side == "primary" or self.mode is Mode.IDLE:
+                    peer_mode = self._peer_mode_now(settings, wait=1.5 * settings.ping_interval)
+                    role = "secondary" if peer_mode == "primary" else "primary"
+                    if self.mode is Mode.IDLE and role == "primary":
+                        raise Refused("This appliance is idle after a failOver and the peer is not primary: it "
+                                      "cannot become primary again by itself. Run stopHA here, then startHA.")
+                event = Event.START_PRIMARY if role == "primary" else Event.START_SECONDARY
+                next_mode = transition(self.mode, event)
+                if role == "primary":
+                    if meta.disk_state is not DiskState.UP_TO_DATE:
+                        raise Refused(f"This appliance's disk is {meta.disk_state}: it cannot become primary. "
+                                      "Make it the secondary of an UpToDate primary first.")
+                    primary = PrimarySide(self.home, settings, self.log, size, ends, self._on_failover_request)
+                    primary.start()
+                    try:
+                        floatip.add(settings.floating_ip, ends.my_public)
+                        arp.announce(settings.floating_ip.ip, arp.iface_for(ends.my_public), count=1)
+                        self._run_script(settings.start_script, "start", settings, "primary")
+                    except MirrordError:
+                        floatip.remove(settings.floating_ip)
+                        primary.stop()
+                        raise
+                    self.primary = primary
+                    self._new_term()
+                else:
+                    secondary = SecondarySide(self.home, settings, self.log, size, meta, ends, self._on_promote)
+                    try:
+                        secondary.start()
+                    except OSError as exc:
+                        raise MirrordError(f"Cannot listen on {ends.my_sync}:{settings.sync_port}: "
+                                           f"{exc.strerror}.") from exc
+                    self.secondary = secondary
+            except MirrordError:
+                self._stop_companions()
+                raise
             config.save(self.home, settings)
             self._set_mode(next_mode)
-            me = settings.my_public_ip(role)
             if role == "primary":
-                message = (f"HA started: this appliance ({me}) is the primary; the floating IP {settings.floating_ip} "
-                           f"is here and writes to {settings.disk} are mirrored to {settings.secondary_sync_ip} "
-                           "once the secondary connects.")
+                message = (f"HA started: this appliance ({ends.my_public}) is the primary; the floating IP "
+                           f"{settings.floating_ip} is here and writes to {settings.disk} are mirrored to "
+                           f"{ends.peer_sync} once the secondary connects.")
             else:
-                message = (f"HA started: this appliance ({me}) is the secondary; waiting for the primary "
-                           f"{settings.primary_sync_ip} to sync {settings.disk}.")
+                message = (f"HA started: this appliance ({ends.my_public}) is the secondary; waiting for the "
+                           f"primary {ends.peer_sync} to sync {settings.disk}.")
             self.log.log(message)
             return message, self.status()[1]
+
+    def _start_companions(self, settings: Settings, ends: Endpoints) -> None:
+        """Heartbeats, log shipping and the witness: what runs whatever the role."""
+        self.secret = settings.secret_file.read_bytes().strip() if settings.secret_file else None
+        if self.secret is None:
+            self.log.log("No --secret-file: heartbeats and log shipping are not authenticated.")
+        self.my_mac = arp.mac_of(arp.iface_for(ends.my_public))
+        self.heartbeat = Heartbeat({"sync": (ends.my_sync, ends.peer_sync), "public": (ends.my_public, ends.peer_public)},
+                                   config.HEARTBEAT_PORT, interval=tick_period(settings.ping_interval),
+                                   secret=self.secret, describe=self._describe)
+        self.heartbeat.start()
+        self.log_receiver = LogReceiver(self.home, (str(ends.my_public), config.LOGSHIP_PORT), str(ends.peer_public),
+                                        self.secret)
+        self.log_receiver.start()
+        self.shipper = LogShipper(self.home, (str(ends.peer_public), config.LOGSHIP_PORT), str(ends.my_public),
+                                  self.secret)
+        self.shipper.start()
+        if settings.witness_ip is not None:
+            self.witness = Witness(settings.witness_ip, interval=settings.ping_interval / 2,
+                                   max_age=settings.ping_interval)
+            self.witness.start()
+
+    def _stop_companions(self) -> None:
+        for part in (self.heartbeat, self.shipper, self.log_receiver, self.witness):
+            if part is not None:
+                part.stop()
+        self.heartbeat = self.shipper = self.log_receiver = self.witness = None
+        self.outdate_request = False
 
     def stop_ha(self) -> tuple[str, dict[str, Any]]:
         with self._lock:
@@ -225,9 +576,18 @@ class Daemon:
             return message, self.status()[1]
 
     def _teardown(self, why: str) -> None:
-        settings = self.settings
+        """Leave HA in order: tell the peer first, so it neither takes over nor waits for us."""
+        settings, was = self.settings, self.mode
+        self.mode = Mode.STANDALONE  # what our last heartbeats say: "left HA", not "died"
+        if self.secondary is not None:
+            self.secondary.outdate()  # our copy stops following the primary from now on
+        if self.heartbeat is not None:
+            self.heartbeat.send_once()
         if self.primary is not None and settings is not None:
-            self._run_script(settings.stop_script, "stop", settings, str(self.mode), check=False)
+            server = self.primary.server
+            if server is not None and server.stats().suspended:
+                server.resume(degraded=True)  # the operator ended the pair; the peer was told
+            self._run_script(settings.stop_script, "stop", settings, str(was), check=False)
             if floatip.remove(settings.floating_ip):
                 self.log.log(f"Released floating IP {settings.floating_ip} ({why}).")
             self.primary.stop()
@@ -235,7 +595,8 @@ class Daemon:
         if self.secondary is not None:
             self.secondary.stop()
             self.secondary = None
-        self.role = None
+        self._stop_companions()
+        self.side = None
 
     def configure_ha(self, **changes: Any) -> tuple[str, dict[str, Any]]:
         with self._lock:
@@ -243,30 +604,53 @@ class Daemon:
                 raise Refused("HA is not running on this appliance; configureHA changes a running pair. "
                               "Use startHA first.")
             new = config.merge(self.settings, changes)
-            changed = sorted(k for k, v in new.to_json().items() if v != self.settings.to_json().get(k))
+            old = self.settings.to_json()
+            changed = sorted(k for k, v in new.to_json().items() if v != old.get(k))
             if not changed:
                 return "configureHA: nothing to change; the settings are already these.", self.status()[1]
             live = {"ping_interval", "start_script", "stop_script"}
             if set(changed) - live:
-                raise NotAvailable(
-                    f"Changing {', '.join(sorted(set(changed) - live))} on a running pair is not implemented yet; "
-                    "run stopHA, then startHA with the new values."
+                raise Refused(
+                    f"Changing {', '.join(sorted(set(changed) - live))} needs HA restarted on this appliance: "
+                    "run stopHA, then startHA with the new values (on both appliances)."
                 )
             for flag, script in (("--start-script", new.start_script), ("--stop-script", new.stop_script)):
                 if script is not None:
                     config.check_script(flag, script)
             self.settings = new
-            for side in (self.primary, self.secondary):
-                if side is not None:
-                    side.settings = new
+            for part in (self.primary, self.secondary):
+                if part is not None:
+                    part.settings = new
+            if self.heartbeat is not None:
+                self.heartbeat.set_interval(tick_period(new.ping_interval))
             config.save(self.home, new)
-            message = f"configureHA: changed {', '.join(changed)}."
+            message = f"configureHA: changed {', '.join(changed)}. Run the same configureHA on the other appliance."
             self.log.log(message)
             return message, self.status()[1]
 
     def fail_over(self) -> tuple[str, dict[str, Any]]:
-        raise NotAvailable("failOver is not implemented yet in this version: the graceful role switch arrives with "
-                           "automatic failover. Nothing was changed.")
+        with self._lock:
+            if self.mode is Mode.PRIMARY:
+                self._hand_over()
+                return "failOver: this appliance is idle; the secondary is taking over.", self.status()[1]
+            if self.mode is not Mode.SECONDARY or self.secondary is None:
+                transition(self.mode, Event.FAILOVER_PROMOTE)  # raises with the reason
+                raise Refused(f"failOver is not possible while {self.mode}.")
+            self.secondary.request_failover()
+            ping = self.settings.ping_interval if self.settings else 1.0
+        deadline = time.monotonic() + max(30.0, 10 * ping)
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.mode is Mode.PRIMARY and self._busy is None:
+                    return "failOver: this appliance is now the primary.", self.status()[1]
+            time.sleep(0.05)
+        raise MirrordError("failOver: the primary did not hand over in time; see ha.log on both appliances.")
+
+    def trace(self) -> tuple[str, dict[str, Any]]:
+        my_ip = str(self.ends.my_public) if self.ends else "local"
+        peer_ip = str(self.ends.peer_public) if self.ends else None
+        path = write_trace(self.home, my_ip, peer_ip, status=self.status()[1])
+        return f"Wrote {path}.", {"path": str(path)}
 
     def debug_corrupt_next(self, count: int) -> tuple[str, dict[str, Any]]:
         """Fault injection for tests: flip a bit in the payload of the next frames after their CRC."""
@@ -290,7 +674,7 @@ class Daemon:
                    MIRRORD_MOUNT=str(settings.mount or ""))
         try:
             done = subprocess.run([str(script), action], env=env, capture_output=True, text=True,
-                                  timeout=SCRIPT_TIMEOUT)
+                                  timeout=SCRIPT_TIMEOUT, start_new_session=True)
         except (OSError, subprocess.TimeoutExpired) as exc:
             done = None
             reason = str(exc)

@@ -1,58 +1,196 @@
-"""The HA loop's brain: one tick turns facts into at most one mode event and one sentence.
+"""The HA loop's brain: one tick turns facts into at most one action and one sentence.
 
-:func:`decide` is pure. The daemon gathers :class:`Facts`, calls it, applies
-the event (through :mod:`mirrord.modes`) and writes the sentence to ha.log
-whenever it differs from the previous tick's, so ha.log reads as a story of
-what changed and why, and tests assert on the same sentences.
+:func:`decide` is pure. The daemon gathers :class:`Facts`, calls it, runs the
+action (slow ones beside the loop, never inside it) and writes the sentence
+to ha.log whenever it differs from the previous tick's, so ha.log reads as a
+story of what changed and why, and tests assert on the same sentences.
+
+Why the rules are what they are
+-------------------------------
+*Takeover* needs the primary silent on **both** networks for a whole
+``pingInterval``: one silent network is a broken cable, not a dead primary.
+It needs a completed sync from that primary since startHA (a secondary that
+never received one holds someone else's data), an UpToDate disk (an Inconsistent or Outdated copy would serve
+old or half-copied data) and at least one of our own links up (a node whose
+cables are all out is the isolated one, not the survivor).
+
+*Fencing.* The C data path suspends I/O the moment it loses the secondary:
+the writes in flight are not acknowledged until this loop decides. The
+primary may continue alone (resume degraded) only when the secondary can no
+longer be promoted behind its back:
+
+* it is heard on some network and says its disk is not UpToDate (it marked
+  itself Outdated at our request, or it is Inconsistent), or
+* it has been silent on both networks for ``pingInterval`` and a witness, if
+  one is configured, still answers us. Without a witness this is the one
+  window that remains: a secondary cut off on both networks but alive will
+  take over while we continue, and writes acknowledged here after the cut
+  are not on its disk. docs/operations.md says so; configure a witness.
+
+If the other appliance says it is primary with a term (epoch) at least as
+high as ours, or our own process was stopped for longer than ``pingInterval`` (a hung machine that
+wakes up cannot know what happened meanwhile), the primary steps down at
+once: the held writes fail, nothing more is acknowledged. Terms settle who
+yields when both are primary for a moment (a hung primary wakes up and
+says "primary" once before it notices): every promotion takes a term higher
+than any it has heard of, so the newer primary never yields to the older.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 from dataclasses import dataclass
 
-from mirrord.modes import Event, Mode
+from mirrord.modes import Mode
 from mirrord.replication.meta import DiskState
+
+
+class Action(str, enum.Enum):
+    NONE = "none"
+    TAKEOVER = "take over"
+    STEP_DOWN = "step down"
+    RESUME_DEGRADED = "resume degraded"
+    REQUEST_OUTDATE = "ask the peer to outdate itself"
+    OUTDATE_SELF = "mark own disk Outdated"
+    SYNC_INTERRUPTED = "sync interrupted"
+    SYNC_DONE = "sync done"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
 class Facts:
     mode: Mode
-    peer_connected: bool
     disk_state: DiskState
-    sync_percent: float
+    peer_connected: bool = False          # replication link up
+    sync_percent: float = 0.0
     sync_started: bool = False
+    synced: bool = True                   # secondary: a sync from the primary completed this session
+    ping_interval: float = 1.0
+    silent_sync: float = math.inf         # seconds since the peer was last heard on each network
+    silent_public: float = math.inf
+    peer_mode: str | None = None          # what the peer's latest heartbeat says it is
+    peer_disk: str | None = None          # the disk state the peer's latest heartbeat reports
+    epoch: int = 0                        # primary terms: each promotion takes a higher number
+    peer_epoch: int = 0
+    peer_wants_outdate: bool = False      # the primary asks us (secondary) to mark our disk Outdated
+    clock_gap: float = 0.0                # longest stall of this process since the previous tick
+    my_links_up: bool = True
+    io_suspended: bool = False            # the C data path holds writes after losing the peer
+    witness_ok: bool | None = None        # None: no witness configured
+    busy: str | None = None               # a slow action already running beside the loop
 
 
 @dataclass(frozen=True)
 class Decision:
-    event: Event | None
+    action: Action
     sentence: str
 
 
+def _silence(f: Facts) -> float:
+    return min(f.silent_sync, f.silent_public)
+
+
+def _heard(f: Facts) -> bool:
+    return _silence(f) < f.ping_interval
+
+
+def _fmt(seconds: float) -> str:
+    return "never heard" if math.isinf(seconds) else f"{seconds:.1f} s"
+
+
 def decide(f: Facts) -> Decision:
+    if f.busy:
+        return Decision(Action.NONE, f"Busy: {f.busy}.")
     if f.mode is Mode.SECONDARY:
-        if f.disk_state is DiskState.INCONSISTENT and not f.peer_connected and f.sync_started:
-            return Decision(Event.SYNC_INTERRUPTED,
-                            f"Sync from the primary interrupted at {f.sync_percent:.1f} %: this appliance is now "
-                            "inconsistent and will not be promoted until a sync completes.")
-        if not f.peer_connected:
-            return Decision(None, "Secondary: the primary is not connected; waiting for it.")
-        if f.disk_state is DiskState.INCONSISTENT:
-            return Decision(None, "Secondary: receiving the initial sync from the primary.")
-        return Decision(None, "Secondary: in sync with the primary; every write is mirrored here.")
+        return _secondary(f)
     if f.mode is Mode.INCONSISTENT:
-        if f.peer_connected and f.disk_state is DiskState.UP_TO_DATE:
-            return Decision(Event.SYNC_DONE, "Sync from the primary completed: secondary again, UpToDate.")
-        if f.peer_connected:
-            return Decision(None, "Inconsistent: the primary is back and a sync is running.")
-        return Decision(None, "Inconsistent: waiting for the primary to finish the sync.")
+        return _inconsistent(f)
     if f.mode is Mode.PRIMARY:
-        if not f.peer_connected:
-            return Decision(None, "Primary: the secondary is not connected; serving alone, writes are NOT "
-                                  "mirrored (degraded).")
-        if f.sync_percent < 100.0:
-            return Decision(None, "Primary: the secondary is connected; initial sync running.")
-        return Decision(None, "Primary: the secondary is connected and in sync; writes are mirrored.")
+        return _primary(f)
     if f.mode is Mode.IDLE:
-        return Decision(None, "Idle: gave up the primary role; run startHA to become the new secondary.")
-    return Decision(None, "Standalone: HA is not running on this appliance.")
+        return Decision(Action.NONE, "Idle: gave up the primary role; run startHA to become the new secondary.")
+    return Decision(Action.NONE, "Standalone: HA is not running on this appliance.")
+
+
+def _secondary(f: Facts) -> Decision:
+    silence = _silence(f)
+    if silence >= f.ping_interval:
+        why = (f"The primary has been silent on both networks for {_fmt(silence)} "
+               f"(pingInterval {f.ping_interval:g} s)")
+        if f.peer_mode in ("standalone", "idle"):
+            return Decision(Action.NONE, f"{why}, but its last word was that it left HA ({f.peer_mode}): "
+                                         "not taking over.")
+        if not f.synced:
+            return Decision(Action.NONE, f"{why}, but this appliance has not completed a sync from it since "
+                                         "startHA: its disk may hold other data; not taking over.")
+        if f.disk_state is not DiskState.UP_TO_DATE:
+            if f.disk_state is DiskState.INCONSISTENT and f.sync_started and not f.peer_connected:
+                return Decision(Action.SYNC_INTERRUPTED, f"{why}; the sync was interrupted at "
+                                f"{f.sync_percent:.1f} %: this appliance is inconsistent and will not be promoted.")
+            return Decision(Action.NONE, f"{why}, but this disk is {f.disk_state}: not taking over.")
+        if not f.my_links_up:
+            return Decision(Action.NONE, f"{why}, but this appliance's own links are down: it is the isolated one; "
+                                         "not taking over.")
+        if f.witness_ok is False:
+            return Decision(Action.NONE, f"{why}, but the witness does not answer either: this appliance may be "
+                                         "the isolated one; not taking over.")
+        return Decision(Action.TAKEOVER, f"{why}: taking over as primary.")
+    if f.disk_state is DiskState.INCONSISTENT and f.sync_started and not f.peer_connected:
+        return Decision(Action.SYNC_INTERRUPTED, f"Sync from the primary interrupted at {f.sync_percent:.1f} %: "
+                        "this appliance is now inconsistent and will not be promoted until a sync completes.")
+    # The primary asks only after losing the link, so our own view of the link is stale.
+    if f.peer_wants_outdate and f.disk_state is DiskState.UP_TO_DATE:
+        return Decision(Action.OUTDATE_SELF, "The primary lost the replication link and continues alone: marking "
+                        "this disk Outdated so it is never promoted with old data.")
+    # No figures in these sentences: they describe a lasting state and are logged when it changes.
+    one_silent = ""
+    if f.silent_sync >= f.ping_interval:
+        one_silent = " The primary is silent on the sync network but heard on the public one; not acting."
+    elif f.silent_public >= f.ping_interval:
+        one_silent = " The primary is silent on the public network but heard on the sync one; not acting."
+    if not f.peer_connected:
+        return Decision(Action.NONE, f"Secondary ({f.disk_state}): the primary is not replicating to us.{one_silent}")
+    if f.disk_state is DiskState.INCONSISTENT:
+        return Decision(Action.NONE, f"Secondary: receiving the initial sync from the primary.{one_silent}")
+    return Decision(Action.NONE, f"Secondary: in sync with the primary; every write is mirrored here.{one_silent}")
+
+
+def _inconsistent(f: Facts) -> Decision:
+    if f.peer_connected and f.disk_state is DiskState.UP_TO_DATE:
+        return Decision(Action.SYNC_DONE, "Sync from the primary completed: secondary again, UpToDate.")
+    if f.peer_connected:
+        return Decision(Action.NONE, "Inconsistent: the primary is back and a sync is running.")
+    return Decision(Action.NONE, "Inconsistent: waiting for the primary to finish the sync; never promoted meanwhile.")
+
+
+def _primary(f: Facts) -> Decision:
+    if f.clock_gap >= f.ping_interval:
+        return Decision(Action.STEP_DOWN, f"This appliance was stalled for {f.clock_gap:.1f} s, longer than "
+                        f"pingInterval {f.ping_interval:g} s: the secondary may have taken over. Stepping down.")
+    if f.peer_mode == "primary" and _heard(f) and f.peer_epoch >= f.epoch:
+        return Decision(Action.STEP_DOWN, f"The other appliance says it is primary with term {f.peer_epoch} "
+                        f"(ours is {f.epoch}): stepping down at once; nothing more is acknowledged here.")
+    if f.io_suspended:
+        silence = _silence(f)
+        if _heard(f) and f.peer_disk is not None and f.peer_disk != str(DiskState.UP_TO_DATE):
+            return Decision(Action.RESUME_DEGRADED, f"The secondary's disk is {f.peer_disk}, so it cannot be "
+                            "promoted: continuing alone (degraded); writes are NOT mirrored until it reconnects.")
+        if _heard(f):
+            return Decision(Action.REQUEST_OUTDATE, "Replication link lost but the secondary is alive: writes are "
+                            "held until it confirms its disk is Outdated.")
+        if silence >= f.ping_interval:
+            if f.witness_ok is False:
+                return Decision(Action.STEP_DOWN, f"The secondary is silent on both networks ({_fmt(silence)}) and "
+                                "the witness does not answer: this appliance is isolated. Stepping down.")
+            return Decision(Action.RESUME_DEGRADED, f"The secondary is silent on both networks ({_fmt(silence)}): "
+                            "taking it for dead and continuing alone (degraded); writes are NOT mirrored.")
+        return Decision(Action.NONE, "Replication link lost: writes are held while the secondary is checked.")
+    if not f.peer_connected:
+        return Decision(Action.NONE, "Primary: the secondary is not connected; serving alone, writes are NOT "
+                                     "mirrored (degraded).")
+    if f.sync_percent < 100.0:
+        return Decision(Action.NONE, "Primary: the secondary is connected; initial sync running.")
+    return Decision(Action.NONE, "Primary: the secondary is connected and in sync; writes are mirrored.")

@@ -101,7 +101,11 @@ def gratuitous_frames(ip: str, mac: str) -> list[bytes]:
 
 
 def claims(frame: bytes, ip: str, my_mac: str) -> bool:
-    """True when ``frame`` shows another host using or wanting ``ip``.
+    return claimant(frame, ip, my_mac) is not None
+
+
+def claimant(frame: bytes, ip: str, my_mac: str) -> str | None:
+    """The MAC of the other host ``frame`` shows using or wanting ``ip``, else None.
 
     That is an ARP packet from a MAC other than ours whose sender IP is ``ip``
     (an answer to our probe, or an announcement), or another host's probe for
@@ -111,16 +115,17 @@ def claims(frame: bytes, ip: str, my_mac: str) -> bool:
     try:
         pkt = Ether(frame)
     except Exception:  # noqa: BLE001 - scapy raises many types on garbage; garbage claims nothing
-        return False
+        return None
     if ARP not in pkt:
-        return False
+        return None
     arp = pkt[ARP]
-    if str(arp.hwsrc).lower() == my_mac.lower():
-        return False
+    sender = str(arp.hwsrc).lower()
+    if sender == my_mac.lower():
+        return None
     ip = _ipv4(ip)
-    if arp.psrc == ip:
-        return True
-    return arp.op == 1 and arp.psrc == "0.0.0.0" and arp.pdst == ip
+    if arp.psrc == ip or (arp.op == 1 and arp.psrc == "0.0.0.0" and arp.pdst == ip):
+        return sender
+    return None
 
 
 # -- the wire ---------------------------------------------------------------------
@@ -143,12 +148,12 @@ def _open(iface: str) -> tuple[socket.socket, str]:
     return sock, mac
 
 
-def address_in_use(ip: ipaddress.IPv4Address | str, iface: str, timeout: float = 1.0) -> bool:
-    """Duplicate-address detection: True if any other host on ``iface`` answers for ``ip``.
+def address_in_use(ip: ipaddress.IPv4Address | str, iface: str, timeout: float = 1.0) -> str | None:
+    """Duplicate-address detection: the MAC of another host on ``iface`` answering for ``ip``, or None.
 
     Sends an ARP probe at once and again half way through ``timeout`` (one lost
-    frame must not make a held address look free), and returns True at the
-    first claim, otherwise False after ``timeout`` seconds.
+    frame must not make a held address look free), and returns at the
+    first claim, otherwise None after ``timeout`` seconds.
     """
     if not timeout > 0:
         raise BadInput(f"DAD timeout must be positive, not {timeout!r}.")
@@ -163,7 +168,7 @@ def address_in_use(ip: ipaddress.IPv4Address | str, iface: str, timeout: float =
         while True:
             now = time.monotonic()
             if now >= deadline:
-                return False
+                return None
             if resend_at is not None and now >= resend_at:
                 _send(sock, probe, iface)
                 resend_at = None
@@ -177,8 +182,9 @@ def address_in_use(ip: ipaddress.IPv4Address | str, iface: str, timeout: float =
                 raise MirrordError(f"Reading ARP on {iface} failed: {exc.strerror or exc}.") from exc
             if addr[2] == PACKET_OUTGOING:
                 continue  # our own probe, seen on the way out
-            if claims(frame, ip, mac):
-                return True
+            sender = claimant(frame, ip, mac)
+            if sender is not None:
+                return sender
 
 
 def _send(sock: socket.socket, frame: bytes, iface: str) -> None:
@@ -237,3 +243,10 @@ def iface_for(ip: ipaddress.IPv4Address | str) -> str:
     except NetlinkError as exc:
         raise MirrordError(f"Cannot list addresses over netlink: {exc}.") from exc
     raise MirrordError(f"No interface carries {address}.")
+
+
+def mac_of(iface: str) -> str:
+    """The hardware address of ``iface`` (told to the peer, so it can recognise us in DAD)."""
+    sock, mac = _open(iface)
+    sock.close()
+    return mac

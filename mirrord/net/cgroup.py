@@ -65,11 +65,22 @@ class Freezer:
         deadline = time.monotonic() + timeout
         while True:
             (self.path / "freezer.state").write_text("FROZEN\n")
-            if self.state() == "FROZEN":
+            if self.state() == "FROZEN" or self._all_stopped():
                 return True
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.01)
+
+    def _all_stopped(self) -> bool:
+        """Every task is frozen or asleep in the kernel: the group cannot run, FREEZING or not.
+
+        An application blocked in a FUSE request whose server is already frozen
+        sleeps killably, not freezably, so the group stays FREEZING for ever;
+        a hung machine looks exactly like this, so it counts as frozen.
+        """
+        pids = self.pids()
+        return bool(pids) and all(_sched_state(pid) in ("D", "") for pid in pids)
+
 
     def thaw(self, timeout: float = 5.0) -> bool:
         if not self.exists():
@@ -105,3 +116,12 @@ def remove_if_empty(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass
+
+
+def _sched_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("" if the task is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[0]

@@ -7,6 +7,8 @@ What a node must remember across crashes about its copy of the volume:
   ``Outdated`` (complete but known to be behind the peer);
 * ``sync_offset``: how far an unfinished sync into this disk got, so it can
   resume there;
+* ``epoch``: the highest primary term this copy has served or followed;
+  each promotion takes a higher one, so two primaries can tell which is newer;
 * ``node_id``: a random identity for this copy of the data, chosen on first use.
 
 The file is replaced atomically (temp + fsync + rename + directory fsync), so
@@ -38,6 +40,7 @@ class DiskState(str, enum.Enum):
 class VolumeMeta:
     disk_state: DiskState = DiskState.UP_TO_DATE
     sync_offset: int = 0
+    epoch: int = 0
     node_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
@@ -48,7 +51,7 @@ class VolumeMeta:
             meta.save(home, volume)
             return meta
         return cls(disk_state=DiskState(data["disk_state"]), sync_offset=int(data.get("sync_offset", 0)),
-                   node_id=str(data["node_id"]))
+                   epoch=int(data.get("epoch", 0)), node_id=str(data["node_id"]))
 
     def save(self, home: Home, volume: str) -> None:
         data = asdict(self)

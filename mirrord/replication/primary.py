@@ -9,6 +9,7 @@ control connection. Nothing here runs per write.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
@@ -17,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mirrord import __version__
-from mirrord.config import Settings
-from mirrord.errors import HandshakeRefused, MirrordError, PeerError
+from typing import Callable
+
+from mirrord.config import Endpoints, Settings
+from mirrord.errors import HandshakeRefused, MirrordError, PeerError, Refused
 from mirrord.halog import HALog
 from mirrord.paths import Home
 from mirrord.replication import link, volume
@@ -37,11 +40,16 @@ class PeerView:
 
 
 class PrimarySide:
-    def __init__(self, home: Home, settings: Settings, log: HALog, disk_size: int) -> None:
+    def __init__(self, home: Home, settings: Settings, log: HALog, disk_size: int, ends: Endpoints,
+                 on_failover_request: Callable[[], None]) -> None:
         self.home = home
         self.settings = settings
         self.log = log
         self.disk_size = disk_size
+        self.ends = ends
+        self.on_failover_request = on_failover_request
+        self._control: socket.socket | None = None
+        self._send_lock = threading.Lock()
         self.device_file: Path = home.device(settings.volume)
         self.server: PrimaryServer | None = None
         self.loop_device: str | None = None
@@ -54,7 +62,10 @@ class PrimarySide:
         volume.ensure_unused(self.settings.disk)
         self.home.dev_dir.mkdir(parents=True, exist_ok=True)
         self.device_file.touch(exist_ok=True)
-        self.server = PrimaryServer(str(self.settings.disk), str(self.device_file), self.disk_size)
+        self.server = PrimaryServer(str(self.settings.disk), str(self.device_file), self.disk_size,
+                                    peer_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000))
+        # Fencing: losing the secondary holds writes until the supervisor decides (see supervisor.py).
+        self.server.set_fencing(True)
         self.server.start()
         self.log.log(f"Exposed {self.settings.disk} ({self.disk_size} bytes) as {self.device_file}.")
         try:
@@ -66,9 +77,15 @@ class PrimarySide:
         self._connector = threading.Thread(target=self._connect_forever, name="connector", daemon=True)
         self._connector.start()
 
+    def remount(self) -> None:
+        """Undo a partial release (a failOver that could not finish)."""
+        if self.settings.mount is not None and not volume.is_mounted(self.settings.mount):
+            self._mount()
+
     def _mount(self) -> None:
         assert self.settings.mount is not None
-        self.loop_device = volume.attach_loop(self.device_file)
+        if self.loop_device is None:
+            self.loop_device = volume.attach_loop(self.device_file)
         if self.settings.mkfs:
             if volume.has_filesystem(self.loop_device):
                 self.log.log(f"Kept the existing filesystem on {self.settings.disk}: --mkfs only formats an empty disk.")
@@ -78,15 +95,42 @@ class PrimarySide:
         volume.mount(self.loop_device, self.settings.mount)
         self.log.log(f"Mounted {self.loop_device} on {self.settings.mount}.")
 
-    def stop(self) -> None:
-        # Unmount while the peer is still attached: the filesystem's last writes
-        # (journal, superblock) must be mirrored like any other.
+    def release_filesystem(self, force: bool = False) -> None:
+        """Unmount and detach the loop device: every write the filesystem had is on the disk(s) after it.
+
+        ``force`` (stepping down): if the filesystem is busy or broken, detach it lazily
+        rather than keep it; its I/O already fails, so nothing more can be acknowledged.
+        """
         if self.settings.mount is not None and volume.is_mounted(self.settings.mount):
-            volume.unmount(self.settings.mount)
+            try:
+                volume.unmount(self.settings.mount)
+            except MirrordError:
+                if not force:
+                    raise
+                volume.unmount(self.settings.mount, lazy=True)
             self.log.log(f"Unmounted {self.settings.mount}.")
         if self.loop_device is not None:
             volume.detach_loop(self.loop_device)
             self.loop_device = None
+
+    def hand_over(self) -> None:
+        """failOver, primary's part: flush everything through the mirror, then tell the secondary to promote."""
+        assert self.server is not None
+        if not (self.peer.connected and self.peer.sync_done):
+            raise Refused("The secondary is not connected and in sync: a failOver now would lose data. "
+                          "Wait until HAstatus shows it UpToDate.")
+        self.release_filesystem()
+        with self._send_lock:
+            if self._control is None:
+                raise MirrordError("The control connection to the secondary broke during failOver; this "
+                                   "appliance stays primary without its filesystem mounted: run stopHA, then startHA.")
+            link.send(self._control, {"type": "promote"})
+        self.log.log(f"Asked {self.ends.peer_sync} to take over: every write is on its disk.")
+
+    def stop(self) -> None:
+        # Unmount while the peer is still attached: the filesystem's last writes
+        # (journal, superblock) must be mirrored like any other.
+        self.release_filesystem()
         self._stop.set()
         if self._connector is not None:
             self._connector.join(timeout=10)
@@ -97,26 +141,25 @@ class PrimarySide:
 
     # -- the replication link ----------------------------------------------
     def _connect_forever(self) -> None:
-        reported = ""
+        reported = False  # one line per outage in ha.log, not one per retry
         while not self._stop.is_set():
             try:
                 self._session()
-                reported = ""
+                reported = False
             except (PeerError, OSError) as exc:
                 reason = str(exc)
+                was_connected = self.peer.connected
                 self.peer.last_error = reason
-                if reason != reported:
-                    self.log.log(f"Secondary {self.settings.secondary_sync_ip} not replicating: {reason}")
-                    reported = reason
+                if was_connected or not reported:
+                    self.log.log(f"Secondary {self.ends.peer_sync} not replicating: {reason}")
+                    reported = True
             self.peer.connected = False
-            if self.server is not None and self.server.stats().peer_connected:
-                self.server.detach_peer()
             self._stop.wait(RETRY_SECONDS)
 
     def _dial(self) -> socket.socket:
-        s = socket.create_connection((str(self.settings.secondary_sync_ip), self.settings.sync_port),
+        s = socket.create_connection((str(self.ends.peer_sync), self.settings.sync_port),
                                      timeout=max(1.0, self.settings.ping_interval),
-                                     source_address=(str(self.settings.primary_sync_ip), 0))
+                                     source_address=(str(self.ends.my_sync), 0))
         link.tune(s, user_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000))
         return s
 
@@ -124,7 +167,7 @@ class PrimarySide:
         assert self.server is not None
         control = self._dial()
         try:
-            link.send(control, link.hello(node=str(self.settings.primary_sync_ip), role="primary",
+            link.send(control, link.hello(node=str(self.ends.my_sync), role="primary",
                                           volume=self.settings.volume, disk_size=self.disk_size,
                                           version=__version__, settings=self.settings.to_json()))
             reply = link.recv(control)
@@ -138,13 +181,24 @@ class PrimarySide:
                 data.close()
                 raise PeerError("the secondary did not accept the data connection")
             data.setblocking(True)
+            # Keep a handle on the data socket: if the control connection fails, shutting
+            # the data socket down makes the C side lose its peer the ordinary way, with
+            # fencing (held writes), never a silent switch to local-only writes.
+            guard = socket.socket(fileno=os.dup(data.fileno()))
             self.server.attach_peer(data.detach())
             self.server.start_sync(0)
             self.peer = PeerView(connected=True)
-            self.log.log(f"Connected to secondary {self.settings.secondary_sync_ip}; full sync of "
+            self._control = control
+            self.log.log(f"Connected to secondary {self.ends.peer_sync}; full sync of "
                          f"{self.disk_size} bytes started while serving.")
-            self._watch(control)
+            try:
+                self._watch(control)
+            finally:
+                guard.shutdown(socket.SHUT_RDWR)
+                guard.close()
         finally:
+            with self._send_lock:
+                self._control = None
             control.close()
 
     def _watch(self, control: socket.socket) -> None:
@@ -159,12 +213,14 @@ class PrimarySide:
             percent = 100.0 * stats.sync_offset / total if total else 100.0
             done = not stats.sync_active and stats.sync_offset >= total
             self.peer.sync_percent = 100.0 if done else percent
-            link.send(control, {"type": "progress", "percent": self.peer.sync_percent})
+            with self._send_lock:
+                link.send(control, {"type": "progress", "percent": self.peer.sync_percent})
+                if done and not self.peer.sync_done:
+                    link.send(control, {"type": "sync_done"})
             if done and not self.peer.sync_done:
-                link.send(control, {"type": "sync_done"})
                 self.peer.sync_done = True
-                self.log.log(f"Initial sync to {self.settings.secondary_sync_ip} complete "
+                self.log.log(f"Initial sync to {self.ends.peer_sync} complete "
                              f"({total} bytes in {time.monotonic() - started:.1f} s); the secondary is UpToDate.")
             readable, _, _ = select.select([control], [], [], PROGRESS_SECONDS)
-            if readable:
-                link.recv(control)  # the secondary only speaks to say goodbye; EOF raises PeerError
+            if readable and link.recv(control)["type"] == "failover_request":  # EOF raises PeerError
+                self.on_failover_request()

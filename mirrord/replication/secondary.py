@@ -18,8 +18,10 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from mirrord.config import Settings
-from mirrord.errors import HandshakeRefused, PeerError
+from typing import Callable
+
+from mirrord.config import Endpoints, Settings
+from mirrord.errors import HandshakeRefused, PeerError, Refused
 from mirrord.halog import HALog
 from mirrord.paths import Home
 from mirrord.replication import link
@@ -35,13 +37,17 @@ class PrimaryView:
     connected: bool = False
     sync_percent: float = 0.0
     sync_started: bool = False
+    synced: bool = False  # a sync from this primary completed in this HA session
     last_error: str = ""
 
 
 class SecondarySide:
-    def __init__(self, home: Home, settings: Settings, log: HALog, disk_size: int, meta: VolumeMeta) -> None:
+    def __init__(self, home: Home, settings: Settings, log: HALog, disk_size: int, meta: VolumeMeta,
+                 ends: Endpoints, on_promote: Callable[[], None]) -> None:
         self.home = home
         self.settings = settings
+        self.ends = ends
+        self.on_promote = on_promote
         self.log = log
         self.disk_size = disk_size
         self.meta = meta
@@ -56,12 +62,12 @@ class SecondarySide:
 
     def start(self) -> None:
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((str(self.settings.secondary_sync_ip), self.settings.sync_port))
+        self._listener.bind((str(self.ends.my_sync), self.settings.sync_port))
         self._listener.listen(4)
         self._listener.settimeout(ACCEPT_POLL)
         self._thread = threading.Thread(target=self._accept_forever, name="listener", daemon=True)
         self._thread.start()
-        self.log.log(f"Waiting for the primary on {self.settings.secondary_sync_ip}:{self.settings.sync_port}.")
+        self.log.log(f"Waiting for the primary on {self.ends.my_sync}:{self.settings.sync_port}.")
 
     def stop(self) -> None:
         self._stop.set()
@@ -83,9 +89,9 @@ class SecondarySide:
                 continue
             except OSError:
                 return
-            if addr != str(self.settings.primary_sync_ip):
-                self.log.log(f"Refused a replication connection from {addr}: only the primary's sync address "
-                             f"{self.settings.primary_sync_ip} may connect.")
+            if addr != str(self.ends.peer_sync):
+                self.log.log(f"Refused a replication connection from {addr}: only the peer's sync address "
+                             f"{self.ends.peer_sync} may connect.")
                 conn.close()
                 continue
             threading.Thread(target=self._greet, args=(conn,), name="greet", daemon=True).start()
@@ -138,7 +144,7 @@ class SecondarySide:
         with self._lock:
             self._receiver = Receiver(str(self.settings.disk), self.disk_size, conn.detach())
         self.primary = PrimaryView(connected=True, sync_started=True)
-        self.log.log(f"Primary {self.settings.primary_sync_ip} connected; receiving a full sync "
+        self.log.log(f"Primary {self.ends.peer_sync} connected; receiving a full sync "
                      f"({self.disk_size} bytes). This disk is Inconsistent until it completes.")
         threading.Thread(target=self._follow, args=(control,), name="follow", daemon=True).start()
 
@@ -155,11 +161,33 @@ class SecondarySide:
                     self.meta.sync_offset = self.disk_size
                     self.meta.save(self.home, self.settings.volume)
                     self.primary.sync_percent = 100.0
+                    self.primary.synced = True
                     self.log.log("Sync from the primary complete: this disk is UpToDate.")
+                elif msg["type"] == "promote":
+                    reason = "the primary handed over (failOver)"
+                    self._end_session(reason)
+                    self.on_promote()
+                    return
         except PeerError as exc:
             reason = str(exc)
         if self._control is control:
             self._end_session(reason)
+
+    def request_failover(self) -> None:
+        """failOver run on the secondary: ask the primary to hand over (it unmounts, then says promote)."""
+        with self._lock:
+            control = self._control
+        if control is None or not self.primary.connected:
+            raise Refused("The primary is not connected: a graceful failOver needs it. If it is dead, the "
+                          "takeover is automatic.")
+        if self.meta.disk_state is not DiskState.UP_TO_DATE:
+            raise Refused(f"This disk is {self.meta.disk_state}: it cannot take over until the sync completes.")
+        link.send(control, {"type": "failover_request"})
+
+    def outdate(self) -> None:
+        """The primary continues without us: our copy falls behind and must never be promoted."""
+        self.meta.disk_state = DiskState.OUTDATED
+        self.meta.save(self.home, self.settings.volume)
 
     def _end_session(self, reason: str) -> None:
         with self._lock:

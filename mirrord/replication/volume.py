@@ -89,8 +89,9 @@ def mount(block: str, mountpoint: Path) -> None:
     _run(["mount", block, str(mountpoint)], f"mount {block} on {mountpoint}")
 
 
-def unmount(mountpoint: Path) -> None:
-    _run(["umount", str(mountpoint)], f"unmount {mountpoint} (is an application still using it?)")
+def unmount(mountpoint: Path, lazy: bool = False) -> None:
+    _run(["umount", *(["--lazy"] if lazy else []), str(mountpoint)],
+         f"unmount {mountpoint} (is an application still using it?)")
 
 
 def is_mounted(mountpoint: Path) -> bool:

@@ -63,3 +63,10 @@ def stop_all(lab: Any) -> None:
     for node in ("a1", "a2"):
         lab.run(node, "HAstatus >/dev/null 2>&1 && stopHA; true", timeout=120)
         lab.run(node, "mirrord shutdown >/dev/null 2>&1; true", timeout=30)
+
+
+def forget_ha_state(lab: Any) -> None:
+    """Make both appliances new machines again (their disks keep their bytes): the next test starts clean."""
+    for node in ("a1", "a2"):
+        for name in ("ha.json", "state.json", "r0.meta"):
+            (lab.home(node) / name).unlink(missing_ok=True)

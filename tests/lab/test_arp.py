@@ -120,7 +120,7 @@ from mirrord.net import arp
 arp.preload()
 t = time.monotonic()
 used = arp.address_in_use(sys.argv[2], sys.argv[3], float(sys.argv[4]))
-print(json.dumps({"used": used, "elapsed": time.monotonic() - t}))
+print(json.dumps({"used": used is not None, "mac": used, "elapsed": time.monotonic() - t}))
 """
 
 

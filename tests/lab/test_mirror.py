@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from hactl import ha_log, in_sync, start_ha, start_primary_with_fs, status, stop_all, stop_ha, wait_status
+from hactl import forget_ha_state, ha_log, in_sync, start_ha, start_primary_with_fs, status, stop_all, stop_ha, wait_status
 from writer import BLOCK, block_bytes
 
 WRITER = str(Path(__file__).with_name("writer.py"))
@@ -36,6 +36,7 @@ def pair(lab256: Any) -> Iterator[Any]:
         if state.returncode != 0:  # a crashed node: power it back
             lab256.boot(node)
     stop_all(lab256)
+    forget_ha_state(lab256)
 
 
 def images_identical(lab: Any) -> bool:

@@ -28,7 +28,7 @@ def block_bytes(tag: str, block: int, counter: int) -> bytes:
 def main() -> None:
     device, start, count, tag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     randomly = len(sys.argv) > 5 and sys.argv[5] == "random"
-    fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
+    fd = os.open(device, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_DSYNC, 0o644)
     buf = mmap.mmap(-1, BLOCK)
     rng = random.Random(tag)
     counter = 0

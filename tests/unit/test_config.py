@@ -77,6 +77,8 @@ def test_role_from_addresses(disk: Path) -> None:
     s = config.parse(options(disk=str(disk)))
     assert config.check_local(s, {A1, A1_SYNC}) == "primary"
     assert config.check_local(s, {A2, A2_SYNC}) == "secondary"
+    assert s.endpoints("secondary") == config.Endpoints(A2, A2_SYNC, A1, A1_SYNC)
+    assert s.endpoints("primary") == config.Endpoints(A1, A1_SYNC, A2, A2_SYNC)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,183 @@
+"""Automatic failover and failOver in the namespace lab (issue 4's acceptance tests)."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from hactl import forget_ha_state, ha_log, in_sync, start_ha, status, stop_all, wait_status
+from writer import BLOCK, block_bytes
+
+pytestmark = pytest.mark.lab
+WRITER = str(Path(__file__).with_name("writer.py"))
+
+APP = """#!/bin/sh
+# A tiny application: serves the mirrored filesystem on the floating IP.
+case "$1" in
+start) python3 -m http.server --bind "$MIRRORD_FLOATING_IP" 8080 --directory "$MIRRORD_MOUNT" \\
+           >/dev/null 2>&1 </dev/null &
+       echo $! > "$MIRRORD_HOME/app.pid" ;;
+stop)  [ -f "$MIRRORD_HOME/app.pid" ] && kill "$(cat "$MIRRORD_HOME/app.pid")"; rm -f "$MIRRORD_HOME/app.pid"
+       # like Pacemaker's Filesystem agent: nothing may keep the mount busy
+       fuser -k -m "$MIRRORD_MOUNT" >/dev/null 2>&1 ;;
+esac
+exit 0
+"""
+
+POLL = r"""
+import sys, time, urllib.request
+want, deadline = sys.argv[1], time.time() + float(sys.argv[2])
+while time.time() < deadline:
+    try:
+        body = urllib.request.urlopen("http://198.18.0.10:8080/data.txt", timeout=0.3).read().decode()
+        if body == want:
+            print(time.time()); sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.02)
+sys.exit(1)
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(make_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with make_lab(tmp_path_factory.mktemp("failover"), "128M") as handle:
+        for node in ("a1", "a2"):
+            script = handle.home(node) / "app.sh"
+            script.write_text(APP)
+            script.chmod(0o755)
+        yield handle
+
+
+@pytest.fixture
+def pair(lab: Any) -> Iterator[Any]:
+    yield lab
+    for node in ("a1", "a2"):
+        lab.thaw(node)
+        if lab.run(node, "true").returncode != 0:
+            lab.boot(node)
+        lab.heal(node, "all")
+    stop_all(lab)
+    forget_ha_state(lab)
+
+
+APP_ARGS = "--mount $MIRRORD_HOME/mnt --start-script $MIRRORD_HOME/app.sh --stop-script $MIRRORD_HOME/app.sh"
+
+
+def start_pair(lab: Any) -> None:
+    for node in ("a2", "a1"):
+        lab.run(node, "mkdir -p $MIRRORD_HOME/mnt", check=True)
+    start_ha(lab, "a2", APP_ARGS)
+    start_ha(lab, "a1", APP_ARGS + " --mkfs ext4")
+    wait_status(lab, "a1", in_sync)
+    wait_status(lab, "a2", lambda s: s["disk"]["state"] == "UpToDate")
+
+
+def test_crash_of_the_primary_moves_the_service(pair: Any) -> None:
+    start_pair(pair)
+    pair.run("a1", "echo acknowledged-data > $MIRRORD_HOME/mnt/data.txt && sync", check=True)
+    assert pair.run("client", [sys.executable, "-c", POLL, "acknowledged-data\n", "10"]).returncode == 0
+    crashed = time.time()
+    pair.crash("a1")
+    done = pair.run("client", [sys.executable, "-c", POLL, "acknowledged-data\n", "30"], timeout=60)
+    assert done.returncode == 0, "a2 never served the data after the crash of a1"
+    elapsed = float(done.stdout) - crashed
+    print(f"crash of a1 -> first good reply from a2: {elapsed:.2f} s")
+    s2 = status(pair, "a2")
+    assert s2["mode"] == "primary" and s2["floating_ip_held"] and s2["serving"]
+    assert "taking over as primary" in ha_log(pair, "a2")
+    with zipfile.ZipFile(pair.home("a2") / "log" / "trace.zip") as z:
+        names = set(z.namelist())
+    assert {"198.18.0.12_ha.log", "198.18.0.12_ha.out", "198.18.0.12_ha.result", "198.18.0.11_ha.log"} <= names
+    with zipfile.ZipFile(pair.home("a2") / "log" / "trace.zip") as z:
+        a1_log = z.read("198.18.0.11_ha.log").decode()
+    assert "HA started: this appliance (198.18.0.11) is the primary" in a1_log
+    # The old primary comes back standalone and never claims anything by itself.
+    pair.boot("a1")
+    assert pair.run("a1", "HAstatus --json").returncode == 3  # no daemon until an operator starts HA
+    start_ha(pair, "a1", APP_ARGS)
+    s1 = wait_status(pair, "a1", lambda s: s["mode"] == "secondary" and s["disk"]["state"] == "UpToDate")
+    assert not s1["floating_ip_held"]
+
+
+def test_one_network_down_is_not_a_takeover(pair: Any) -> None:
+    start_pair(pair)
+    pair.cut("a1", "sync")
+    pair.run("a1", "echo during-cut > $MIRRORD_HOME/mnt/cut.txt && sync", check=True, timeout=60)
+    s1 = wait_status(pair, "a1", lambda s: s["degraded"] and s["serving"], timeout=30)
+    assert s1["mode"] == "primary"
+    time.sleep(2.5)
+    s2 = status(pair, "a2")
+    assert s2["mode"] == "secondary" and s2["disk"]["state"] == "Outdated", ha_log(pair, "a2")[-3000:] + ha_log(pair, "a1")[-3000:]
+    assert "silent on the sync network" in ha_log(pair, "a2")
+    pair.heal("a1", "sync")
+    wait_status(pair, "a1", in_sync, timeout=60)
+    wait_status(pair, "a2", lambda s: s["disk"]["state"] == "UpToDate")
+    pair.cut("a1", "public")
+    time.sleep(2.5)
+    assert status(pair, "a2")["mode"] == "secondary"
+    assert status(pair, "a1")["mode"] == "primary"
+    pair.heal("a1", "public")
+    time.sleep(0.5)
+    pair.cut("a1", "all")
+    s2 = wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=30)
+    assert s2["floating_ip_held"]
+
+
+def test_hung_primary_is_replaced_and_steps_down(pair: Any) -> None:
+    start_pair(pair)
+    writer = pair.popen("a1", [sys.executable, WRITER, f"{pair.home('a1')}/mnt/blocks", "0", "4000", "freeze"],
+                        stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    pair.freeze("a1")
+    wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=30)
+    thawed = time.monotonic()
+    pair.thaw("a1")
+    s1 = wait_status(pair, "a1", lambda s: s["mode"] == "standalone", timeout=10)
+    print(f"a1 stepped down {time.monotonic() - thawed:.2f} s after the thaw")
+    assert not s1["floating_ip_held"]
+    writer.kill()
+    out, _ = writer.communicate(timeout=10)
+    acked = [tuple(map(int, line.split()[1:])) for line in out.splitlines() if line.startswith("ACK ")]
+    assert acked, "the writer acknowledged nothing before the freeze"
+    # Every write a1 acknowledged is in the file on a2's (now mounted) filesystem.
+    data = pair.run("a2", "cat $MIRRORD_HOME/mnt/blocks | base64 -w0", check=True, timeout=60).stdout
+    blob = base64.b64decode(data)
+    missing = [(b, n) for b, n in acked if blob[b * BLOCK:(b + 1) * BLOCK] != block_bytes("freeze", b, n)]
+    assert not missing, f"{len(missing)} acknowledged writes missing on a2, e.g. {missing[:3]} ({len(blob)} bytes)"
+    assert "stalled" in ha_log(pair, "a1") or "says it is primary" in ha_log(pair, "a1")
+
+
+def test_failover_round_trip_under_a_writer(pair: Any) -> None:
+    start_pair(pair)
+    acked_all: list[tuple[int, int, str]] = []
+    for rnd, (old, new) in enumerate((("a1", "a2"), ("a2", "a1"))):
+        tag = f"fo{rnd}"
+        writer = pair.popen(old, [sys.executable, WRITER, f"{pair.home(old)}/mnt/w{rnd}", "0", "2000", tag],
+                            stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        done = pair.run(old, "failOver", timeout=120)
+        writer.kill()
+        out, _ = writer.communicate(timeout=10)
+        assert done.returncode == 0, done.stderr
+        acked_all += [(int(l.split()[1]), int(l.split()[2]), tag) for l in out.splitlines() if l.startswith("ACK ")]
+        s_new = wait_status(pair, new, lambda s: s["mode"] == "primary" and s["serving"], timeout=30)
+        s_old = status(pair, old)
+        assert s_old["mode"] == "idle" and not s_old["floating_ip_held"] and s_new["floating_ip_held"]
+        start_ha(pair, old, APP_ARGS)
+        wait_status(pair, old, lambda s: s["mode"] == "secondary" and s["disk"]["state"] == "UpToDate", timeout=60)
+    s1 = status(pair, "a1")
+    assert s1["mode"] == "primary"
+    for rnd in range(2):
+        tag = f"fo{rnd}"
+        blob = pair.run("a1", f"base64 -w0 $MIRRORD_HOME/mnt/w{rnd}", check=True, timeout=60).stdout
+        data = base64.b64decode(blob)
+        missing = [(b, n) for b, n, t in acked_all if t == tag and data[b * BLOCK:(b + 1) * BLOCK] != block_bytes(t, b, n)]
+        assert not missing, f"round {rnd}: {len(missing)} acknowledged writes lost"
