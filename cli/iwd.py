@@ -31,6 +31,7 @@ _HA_OPTIONS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--stop-script", "-stopScript", "Run with 'stop' before this appliance gives up the primary role.", {}),
     ("--secret-file", "-secretFile", "File holding the shared secret of the sync link.", {}),
     ("--witness-ip", "-witnessIP", "A third host (e.g. the gateway) an isolated appliance fails to reach.", {}),
+    ("--restart-limit", "-restartLimit", "Restarts of a failing OCF application before failing over (default 3).", {}),
 ]
 
 

@@ -26,6 +26,8 @@ from mirrord.paths import Home
 MIN_PING_INTERVAL = 0.05
 MAX_PING_INTERVAL = 600.0
 SUPPORTED_MKFS = ("ext4",)
+#: How often a failing application (OCF monitor) is restarted before the pair fails over (SafeKit's errd).
+DEFAULT_RESTART_LIMIT = 3
 DEFAULT_VOLUME = "r0"
 #: TCP port of the replication link on the sync network (DRBD's customary one).
 DEFAULT_SYNC_PORT = 7788
@@ -50,6 +52,7 @@ FIELDS = (
     "stop_script",
     "secret_file",
     "witness_ip",
+    "restart_limit",
 )
 REQUIRED = ("primary_ip", "secondary_ip", "primary_sync_ip", "secondary_sync_ip", "floating_ip", "ping_interval", "disk")
 
@@ -69,6 +72,7 @@ class Settings:
     stop_script: Path | None = None
     secret_file: Path | None = None
     witness_ip: ipaddress.IPv4Address | None = None
+    restart_limit: int = DEFAULT_RESTART_LIMIT
     volume: str = DEFAULT_VOLUME
     sync_port: int = DEFAULT_SYNC_PORT
 
@@ -153,6 +157,18 @@ def _interval(value: Any) -> float:
     return seconds
 
 
+def _restart_limit(value: Any) -> int:
+    if value in (None, ""):
+        return DEFAULT_RESTART_LIMIT
+    try:
+        limit = int(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"--restart-limit {value!r} is not a whole number; expected 0 to 100.") from None
+    if not 0 <= limit <= 100:
+        raise BadInput(f"--restart-limit {value!r} is out of range; expected 0 to 100.")
+    return limit
+
+
 def parse(options: Mapping[str, Any]) -> Settings:
     """Typed, self-consistent settings from option strings, or :class:`BadInput`."""
     missing = [k for k in REQUIRED if options.get(k) in (None, "")]
@@ -215,6 +231,7 @@ def parse(options: Mapping[str, Any]) -> Settings:
         stop_script=path("stop_script"),
         secret_file=path("secret_file"),
         witness_ip=_address("witness_ip", options["witness_ip"]) if options.get("witness_ip") else None,
+        restart_limit=_restart_limit(options.get("restart_limit")),
     )
 
 

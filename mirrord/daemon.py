@@ -17,13 +17,12 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-from mirrord import __version__, atomicfile, config
+from mirrord import __version__, app, atomicfile, config
+from mirrord.app import AppEnv, Monitor
 from mirrord.config import Endpoints, Settings
 from mirrord.control import ControlServer
 from mirrord.errors import BadInput, MirrordError, Refused
@@ -44,7 +43,6 @@ from mirrord.replication.secondary import SecondarySide
 from mirrord.supervisor import Action, Facts, decide
 from mirrord.trace import write_trace
 
-SCRIPT_TIMEOUT = 120.0
 WATCHDOG_PERIOD = 0.02
 #: Settings both appliances must agree on (compared over the heartbeats).
 SHARED_SETTINGS = ("primary_ip", "secondary_ip", "primary_sync_ip", "secondary_sync_ip", "floating_ip",
@@ -112,6 +110,8 @@ class Daemon:
         self.outdate_request = False
         self.mismatch: list[str] = []
         self.last_takeover: dict[str, Any] = {}
+        self.app_monitor: Monitor | None = None
+        self.app_restarts = 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._busy: str | None = None
@@ -187,7 +187,10 @@ class Daemon:
             stats = self.primary.server.stats() if self.primary.server is not None else None
             return Facts(disk_state=DiskState.UP_TO_DATE, peer_connected=self.primary.peer.connected,
                          sync_percent=self.primary.peer.sync_percent,
-                         io_suspended=bool(stats and stats.suspended), **common)
+                         io_suspended=bool(stats and stats.suspended),
+                         app_healthy=self.app_monitor.healthy if self.app_monitor else None,
+                         app_restarts=self.app_restarts,
+                         restart_limit=self.settings.restart_limit if self.settings else 3, **common)
         if self.secondary is not None:
             view = self.secondary.primary
             return Facts(disk_state=self.secondary.meta.disk_state, peer_connected=view.connected,
@@ -240,6 +243,10 @@ class Daemon:
             self._start_worker("taking over", lambda: self._promote(Event.TAKEOVER, sentence))
         elif action is Action.STEP_DOWN:
             self._start_worker("stepping down", lambda: self._step_down(sentence))
+        elif action is Action.RESTART_APP:
+            self._start_worker("restarting the application", self._restart_app)
+        elif action is Action.HAND_OVER:
+            self._start_worker("failing over to the peer", lambda: self._hand_over(app_failed=True))
 
     def _start_worker(self, what: str, job: Callable[[], None]) -> None:
         if self._busy is not None:
@@ -290,7 +297,7 @@ class Daemon:
             self.primary = side
             self._new_term()
             self._set_mode(transition(self.mode, event))
-            self._run_script(settings.start_script, "start", settings, "primary", check=False)
+            self._start_app(settings, check=False)
             self.last_takeover = {"reason": why, "ip_seconds": round(ip_at - started, 3),
                                   "serving_seconds": round(time.monotonic() - started, 3)}
             self.log.log(f"Now primary ({event}): floating IP {settings.floating_ip} held after "
@@ -304,7 +311,7 @@ class Daemon:
             assert settings is not None
             if self.primary is not None and self.primary.server is not None:
                 self.primary.server.resume(degraded=False)  # nothing more is acknowledged here
-            self._run_script(settings.stop_script, "stop", settings, str(self.mode), check=False)
+            self._stop_app(settings, str(self.mode))
             if floatip.remove(settings.floating_ip):
                 self.log.log(f"Released floating IP {settings.floating_ip}.")
             if self.primary is not None:
@@ -339,7 +346,7 @@ class Daemon:
             self._start_worker("taking over (failOver)", lambda: self._promote(
                 Event.FAILOVER_PROMOTE, "the primary handed over (failOver)"))
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, app_failed: bool = False) -> None:
         """failOver, primary's part: stop the app, release the IP, flush through the mirror, go idle."""
         with self._lock:
             settings, primary = self.settings, self.primary
@@ -349,7 +356,7 @@ class Daemon:
             if not (primary.peer.connected and primary.peer.sync_done):
                 raise Refused("The secondary is not connected and in sync: a failOver now would lose data. "
                               "Wait until HAstatus shows it UpToDate.")
-            self._run_script(settings.stop_script, "stop", settings, "primary")
+            self._stop_app(settings, "primary", check=not app_failed)
             floatip.remove(settings.floating_ip)
             try:
                 primary.hand_over()
@@ -357,8 +364,7 @@ class Daemon:
                 # Stay the primary we were: address back, application back, then say why.
                 primary.remount()
                 floatip.add(settings.floating_ip, primary.ends.my_public)
-                self._run_script(settings.start_script, "start", settings, "primary",
-                                 check=False)
+                self._start_app(settings, check=False)
                 raise Refused(f"failOver refused, this appliance stays primary: {exc}") from exc
             primary.stop()
             self.primary = None
@@ -451,6 +457,9 @@ class Daemon:
                 "settings_mismatch": self.mismatch,
                 "peer_error": peer_error,
                 "last_takeover": self.last_takeover,
+                "app": {"monitored": self.app_monitor is not None,
+                        "healthy": self.app_monitor.healthy if self.app_monitor else None,
+                        "restarts": self.app_restarts},
                 "busy": self._busy,
                 "summary": self._last_sentence,
                 "settings": settings.to_json() if settings else None,
@@ -505,7 +514,7 @@ class Daemon:
                     try:
                         floatip.add(settings.floating_ip, ends.my_public)
                         arp.announce(settings.floating_ip.ip, arp.iface_for(ends.my_public), count=1)
-                        self._run_script(settings.start_script, "start", settings, "primary")
+                        self._start_app(settings)
                     except MirrordError:
                         floatip.remove(settings.floating_ip)
                         primary.stop()
@@ -587,7 +596,7 @@ class Daemon:
             server = self.primary.server
             if server is not None and server.stats().suspended:
                 server.resume(degraded=True)  # the operator ended the pair; the peer was told
-            self._run_script(settings.stop_script, "stop", settings, str(was), check=False)
+            self._stop_app(settings, str(was))
             if floatip.remove(settings.floating_ip):
                 self.log.log(f"Released floating IP {settings.floating_ip} ({why}).")
             self.primary.stop()
@@ -666,26 +675,47 @@ class Daemon:
         self._stop.set()
         return "Daemon stopping.", {}
 
-    def _run_script(self, script: Path | None, action: str, settings: Settings, mode: str,
-                    check: bool = True) -> None:
+    def _app_env(self, settings: Settings, mode: str) -> AppEnv:
+        return AppEnv(mode, str(settings.mount or ""), str(settings.floating_ip.ip))
+
+    def _start_app(self, settings: Settings, check: bool = True) -> None:
+        """Start the application; an OCF agent also gets a monitor whose answer is the app-health fact."""
+        script = settings.start_script
         if script is None:
             return
-        env = dict(os.environ, MIRRORD_MODE=mode, MIRRORD_FLOATING_IP=str(settings.floating_ip.ip),
-                   MIRRORD_MOUNT=str(settings.mount or ""))
-        try:
-            done = subprocess.run([str(script), action], env=env, capture_output=True, text=True,
-                                  timeout=SCRIPT_TIMEOUT, start_new_session=True)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            done = None
-            reason = str(exc)
-        else:
-            reason = f"exit code {done.returncode}: {(done.stderr or done.stdout).strip()[-500:]}"
-        if done is not None and done.returncode == 0:
-            self.log.log(f"Ran {script} {action}.")
-            return
-        self.log.log(f"{script} {action} failed ({reason}).")
+        code, output = app.run(script, "start", self._app_env(settings, "primary"))
+        self.log.log(f"Ran {script} start: {app.describe(code)}{': ' + output if code else ''}.")
         if check:
-            raise MirrordError(f"The {action} script {script} failed ({reason}); see ha.log.")
+            app.check(code, script, "start", output)
+        if self.app_monitor is None and app.is_ocf_agent(script):
+            self.app_monitor = Monitor(script, self._app_env(settings, "primary"),
+                                       interval=max(1.0, 2 * settings.ping_interval))
+            self.app_monitor.start()
+
+    def _stop_app(self, settings: Settings, mode: str, check: bool = False) -> None:
+        if self.app_monitor is not None:
+            self.app_monitor.stop()
+            self.app_monitor = None
+        self.app_restarts = 0
+        script = settings.stop_script
+        if script is None:
+            return
+        code, output = app.run(script, "stop", self._app_env(settings, mode))
+        self.log.log(f"Ran {script} stop: {app.describe(code)}{': ' + output if code else ''}.")
+        if check:
+            app.check(code, script, "stop", output)
+
+    def _restart_app(self) -> None:
+        with self._lock:
+            settings, monitor = self.settings, self.app_monitor
+            assert settings is not None and monitor is not None and settings.start_script is not None
+            self.app_restarts += 1
+            if settings.stop_script is not None:
+                app.run(settings.stop_script, "stop", self._app_env(settings, "primary"))
+            code, output = app.run(settings.start_script, "start", self._app_env(settings, "primary"))
+            monitor.reset()
+            self.log.log(f"Restarted the application ({self.app_restarts} of {settings.restart_limit}): "
+                         f"{app.describe(code)}{': ' + output if code else ''}.")
 
 
 def main(home: Home | None = None) -> None:

@@ -55,6 +55,8 @@ class Action(str, enum.Enum):
     OUTDATE_SELF = "mark own disk Outdated"
     SYNC_INTERRUPTED = "sync interrupted"
     SYNC_DONE = "sync done"
+    RESTART_APP = "restart the application"
+    HAND_OVER = "hand over to the secondary"
 
     def __str__(self) -> str:
         return self.value
@@ -81,6 +83,9 @@ class Facts:
     io_suspended: bool = False            # the C data path holds writes after losing the peer
     witness_ok: bool | None = None        # None: no witness configured
     busy: str | None = None               # a slow action already running beside the loop
+    app_healthy: bool | None = None       # the OCF monitor's last answer (None: no monitor or not yet)
+    app_restarts: int = 0
+    restart_limit: int = 3
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,15 @@ def _primary(f: Facts) -> Decision:
             return Decision(Action.RESUME_DEGRADED, f"The secondary is silent on both networks ({_fmt(silence)}): "
                             "taking it for dead and continuing alone (degraded); writes are NOT mirrored.")
         return Decision(Action.NONE, "Replication link lost: writes are held while the secondary is checked.")
+    if f.app_healthy is False:
+        if f.app_restarts < f.restart_limit:
+            return Decision(Action.RESTART_APP, f"The application failed its monitor: restarting it "
+                            f"({f.app_restarts + 1} of {f.restart_limit}).")
+        if f.peer_connected and f.sync_percent >= 100.0:
+            return Decision(Action.HAND_OVER, f"The application failed again after {f.restart_limit} restarts: "
+                            "handing over to the secondary.")
+        return Decision(Action.NONE, f"The application failed again after {f.restart_limit} restarts and no "
+                        "secondary is in sync to take over: it stays down here; repair it and run stopHA/startHA.")
     if not f.peer_connected:
         return Decision(Action.NONE, "Primary: the secondary is not connected; serving alone, writes are NOT "
                                      "mirrored (degraded).")

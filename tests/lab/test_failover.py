@@ -31,6 +31,18 @@ esac
 exit 0
 """
 
+OCF_AGENT = """#!/bin/sh
+# A minimal OCF resource agent: a marker file stands for the running application.
+M="$MIRRORD_HOME/ocf-app.running"
+case "$1" in
+meta-data) echo '<?xml version="1.0"?><resource-agent name="marker"><version>1.0</version></resource-agent>'; exit 0 ;;
+start)     touch "$M"; echo start >> "$MIRRORD_HOME/ocf.calls"; exit 0 ;;
+stop)      rm -f "$M"; exit 0 ;;
+monitor)   [ -f "$M" ] && exit 0; exit 7 ;;
+esac
+exit 3
+"""
+
 POLL = r"""
 import sys, time, urllib.request
 want, deadline = sys.argv[1], time.time() + float(sys.argv[2])
@@ -50,9 +62,10 @@ sys.exit(1)
 def lab(make_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     with make_lab(tmp_path_factory.mktemp("failover"), "128M") as handle:
         for node in ("a1", "a2"):
-            script = handle.home(node) / "app.sh"
-            script.write_text(APP)
-            script.chmod(0o755)
+            for name, text in (("app.sh", APP), ("ocf.sh", OCF_AGENT)):
+                script = handle.home(node) / name
+                script.write_text(text)
+                script.chmod(0o755)
         yield handle
 
 
@@ -181,3 +194,23 @@ def test_failover_round_trip_under_a_writer(pair: Any) -> None:
         data = base64.b64decode(blob)
         missing = [(b, n) for b, n, t in acked_all if t == tag and data[b * BLOCK:(b + 1) * BLOCK] != block_bytes(t, b, n)]
         assert not missing, f"round {rnd}: {len(missing)} acknowledged writes lost"
+
+
+def test_failing_ocf_application_is_restarted_then_failed_over(pair: Any) -> None:
+    ocf = "--mount $MIRRORD_HOME/mnt --start-script $MIRRORD_HOME/ocf.sh --stop-script $MIRRORD_HOME/ocf.sh " \
+          "--restart-limit 1"
+    for node in ("a2", "a1"):
+        pair.run(node, "mkdir -p $MIRRORD_HOME/mnt", check=True)
+    start_ha(pair, "a2", ocf)
+    start_ha(pair, "a1", ocf + " --mkfs ext4")
+    wait_status(pair, "a1", lambda s: in_sync(s) and s["app"]["healthy"] is True, timeout=30)
+    pair.run("a1", "rm $MIRRORD_HOME/ocf-app.running", check=True)
+    wait_status(pair, "a1", lambda s: s["app"]["restarts"] == 1 and s["app"]["healthy"] is True, timeout=30)
+    assert (pair.home("a1") / "ocf.calls").read_text().count("start") == 2
+    assert "The application failed its monitor: restarting it (1 of 1)." in ha_log(pair, "a1")
+    pair.run("a1", "rm $MIRRORD_HOME/ocf-app.running", check=True)
+    s2 = wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=30)
+    assert s2["floating_ip_held"]
+    assert status(pair, "a1")["mode"] == "idle"
+    assert "handing over to the secondary" in ha_log(pair, "a1")
+    assert (pair.home("a2") / "ocf-app.running").exists()

@@ -173,3 +173,19 @@ def test_never_synced_secondary_does_not_take_over() -> None:
 def test_primary_that_left_ha_is_not_replaced(last: str) -> None:
     d = decide(facts(Mode.SECONDARY, silent_sync=5, silent_public=5, peer_connected=False, peer_mode=last))
     assert d.action is Action.NONE and "left HA" in d.sentence
+
+
+@pytest.mark.parametrize(("healthy", "restarts", "connected", "sync", "expected"), [
+    (None, 0, True, 100.0, Action.NONE),
+    (True, 0, True, 100.0, Action.NONE),
+    (False, 0, True, 100.0, Action.RESTART_APP),
+    (False, 2, True, 100.0, Action.RESTART_APP),
+    (False, 3, True, 100.0, Action.HAND_OVER),
+    (False, 3, True, 50.0, Action.NONE),
+    (False, 3, False, 100.0, Action.NONE),
+])
+def test_failing_application(healthy: bool | None, restarts: int, connected: bool, sync: float,
+                             expected: Action) -> None:
+    d = decide(facts(Mode.PRIMARY, peer_mode="secondary", app_healthy=healthy, app_restarts=restarts,
+                     restart_limit=3, peer_connected=connected, sync_percent=sync))
+    assert d.action is expected
