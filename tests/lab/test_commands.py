@@ -1,0 +1,93 @@
+"""The IWD commands' refusals, run by an operator inside the lab (issue 2's bad-input list).
+
+Each bad input: a non-zero exit code (2 bad input, 3 wrong state), one
+sentence naming the bad value, a line in ha.log and ha.result, and nothing
+changed on the appliance.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import pytest
+
+from hactl import HA_ARGS, forget_ha_state, start_ha, stop_all
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def lab(make_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with make_lab(tmp_path_factory.mktemp("commands"), "64M") as handle:
+        yield handle
+        stop_all(handle)
+        forget_ha_state(handle)
+
+
+def result(lab: Any, node: str) -> dict[str, Any]:
+    return json.loads((lab.home(node) / "log" / "ha.result").read_text())
+
+
+def refused(lab: Any, node: str, command: str, code: int, fragment: str) -> None:
+    before = sorted(p.name for p in lab.home(node).iterdir() if p.name != "log")
+    done = lab.run(node, command, timeout=60)
+    assert done.returncode == code, (command, done.returncode, done.stderr)
+    assert fragment in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1, "one sentence on one line"
+    r = result(lab, node)
+    assert r["exit_code"] == code and fragment in r["message"]
+    assert fragment in (lab.home(node) / "log" / "ha.log").read_text()
+    after = sorted(p.name for p in lab.home(node).iterdir() if p.name != "log")  # log/ holds the refusal
+    assert after == before, "a refused command changed files in MIRRORD_HOME"
+    assert not (lab.home(node) / "ha.json").exists()
+
+
+@pytest.mark.parametrize(("extra", "code", "fragment"), [
+    ("--floating-ip 198.18.9.10/24", 2, "outside the public subnet"),
+    ("--secondary-ip 198.18.0.11", 2, "both 198.18.0.11"),
+    ("--primary-sync-ip 198.18.0.21", 2, "on the public subnet"),
+    ("--ping-interval 0", 2, "out of range"),
+    ("--ping-interval 99999", 2, "out of range"),
+    ("--disk /nonexistent/disk.img", 2, "does not exist"),
+    ("--mount /etc", 2, "is not empty"),
+    ("--primary-ip 198.18.0.77", 2, "Neither --primary-ip 198.18.0.77"),
+])
+def test_start_ha_bad_input(lab: Any, extra: str, code: int, fragment: str) -> None:
+    refused(lab, "a1", f"startHA {HA_ARGS} {extra}", code, fragment)
+
+
+def test_start_ha_on_a_machine_that_is_neither_appliance(lab: Any) -> None:
+    # The client holds neither appliance's address.
+    done = lab.run("client", f"MIRRORD_HOME=$(mktemp -d) startHA {HA_ARGS.replace('$MIRRORD_HOME', '/tmp')}")
+    assert done.returncode == 2 and "Neither --primary-ip 198.18.0.11 nor --secondary-ip 198.18.0.12" in done.stderr
+
+
+def test_hastatus_without_daemon(lab: Any) -> None:
+    refused(lab, "a2", "HAstatus", 3, "no mirrord daemon answers")
+
+
+def test_second_start_ha_is_refused(lab: Any) -> None:
+    start_ha(lab, "a2")
+    settings = (lab.home("a2") / "ha.json").read_text()
+    done = lab.run("a2", f"startHA {HA_ARGS} --ping-interval 2", timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert "HA is already running here as secondary" in done.stderr
+    assert result(lab, "a2")["exit_code"] == 3
+    assert (lab.home("a2") / "ha.json").read_text() == settings, "the refused startHA changed the settings"
+    stop_all(lab)
+    forget_ha_state(lab)
+
+
+def test_commands_in_the_wrong_mode(lab: Any) -> None:
+    start_ha(lab, "a2")
+    try:
+        done = lab.run("a2", "failOver", timeout=60)
+        assert done.returncode == 3 and "primary is not connected" in done.stderr
+        done = lab.run("a2", "configureHA --floating-ip 198.18.0.20/24", timeout=60)
+        assert done.returncode == 3 and "needs HA restarted" in done.stderr
+        done = lab.run("a2", "configureHA --ping-interval 2", timeout=60)
+        assert done.returncode == 0 and "changed ping_interval" in done.stdout
+    finally:
+        stop_all(lab)
+        forget_ha_state(lab)
