@@ -286,7 +286,7 @@ class Daemon:
             threading.Thread(target=arp.announce, args=(settings.floating_ip.ip, iface), daemon=True).start()
             ip_at = time.monotonic()
             side = PrimarySide(self.home, settings, self.log, config.check_disk(settings.disk), ends,
-                               self._on_failover_request)
+                               self._on_failover_request, self.secret)
             try:
                 side.start()
             except MirrordError:
@@ -509,7 +509,8 @@ class Daemon:
                     if meta.disk_state is not DiskState.UP_TO_DATE:
                         raise Refused(f"This appliance's disk is {meta.disk_state}: it cannot become primary. "
                                       "Make it the secondary of an UpToDate primary first.")
-                    primary = PrimarySide(self.home, settings, self.log, size, ends, self._on_failover_request)
+                    primary = PrimarySide(self.home, settings, self.log, size, ends, self._on_failover_request,
+                                          self.secret)
                     primary.start()
                     try:
                         floatip.add(settings.floating_ip, ends.my_public)
@@ -522,7 +523,8 @@ class Daemon:
                     self.primary = primary
                     self._new_term()
                 else:
-                    secondary = SecondarySide(self.home, settings, self.log, size, meta, ends, self._on_promote)
+                    secondary = SecondarySide(self.home, settings, self.log, size, meta, ends, self._on_promote,
+                                              self.secret)
                     try:
                         secondary.start()
                     except OSError as exc:

@@ -8,6 +8,15 @@ ACK frames, see docs/protocol.md). Keeping them apart means a large burst of
 writes never delays a control message, and the C side can own its socket
 without sharing a byte stream with Python.
 
+Both ends prove they hold the shared secret (``--secret-file``) before a
+byte of data may flow: the primary's hello carries a nonce, the secondary
+answers with its own nonce and an HMAC-SHA256 over both, the primary
+answers with its HMAC, and only then does the secondary hand out the
+session token that the data connection must present (with an HMAC of it).
+Proofs are compared in constant time. Without a secret on either side the
+same exchange runs with an empty key (no protection, but one code path);
+a secret on one side only fails the exchange, as a wrong secret does.
+
 Messages on the control connection, and the greeting on the data connection,
 are a 4-byte big-endian length followed by that many bytes of JSON. Python
 reads exactly the greeting's bytes, so nothing of the C side's stream is ever
@@ -16,6 +25,8 @@ consumed here.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import socket
 import struct
@@ -101,3 +112,13 @@ def check_hello(msg: dict[str, Any], *, my_disk_size: int, volume: str) -> None:
             f"This appliance's disk ({my_disk_size} bytes) is smaller than the primary's ({size} bytes); "
             "the secondary's disk must be at least as large."
         )
+
+
+def proof(secret: bytes | None, role: str, *parts: str) -> str:
+    """HMAC-SHA256 by ``role`` over the nonces (or token) of this exchange."""
+    text = "|".join(("mirrord-link/1", role, *parts)).encode()
+    return hmac.new(secret or b"", text, hashlib.sha256).hexdigest()
+
+
+def proof_ok(secret: bytes | None, role: str, given: object, *parts: str) -> bool:
+    return isinstance(given, str) and hmac.compare_digest(proof(secret, role, *parts), given)

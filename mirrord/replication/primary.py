@@ -10,6 +10,7 @@ control connection. Nothing here runs per write.
 from __future__ import annotations
 
 import os
+import secrets
 import select
 import socket
 import threading
@@ -41,7 +42,8 @@ class PeerView:
 
 class PrimarySide:
     def __init__(self, home: Home, settings: Settings, log: HALog, disk_size: int, ends: Endpoints,
-                 on_failover_request: Callable[[], None]) -> None:
+                 on_failover_request: Callable[[], None], secret: bytes | None) -> None:
+        self.secret = secret
         self.home = home
         self.settings = settings
         self.log = log
@@ -167,16 +169,21 @@ class PrimarySide:
         assert self.server is not None
         control = self._dial()
         try:
-            link.send(control, link.hello(node=str(self.ends.my_sync), role="primary",
-                                          volume=self.settings.volume, disk_size=self.disk_size,
-                                          version=__version__, settings=self.settings.to_json()))
-            reply = link.recv(control)
-            if reply["type"] == "refuse":
-                raise HandshakeRefused(f"the secondary refused: {reply.get('reason')}")
-            if reply["type"] != "welcome":
-                raise PeerError(f"unexpected reply {reply['type']!r} to hello")
+            mine = secrets.token_hex(16)
+            hello = link.hello(node=str(self.ends.my_sync), role="primary", volume=self.settings.volume,
+                               disk_size=self.disk_size, version=__version__, settings=self.settings.to_json())
+            link.send(control, {**hello, "nonce": mine})
+            reply = self._expect(control, "challenge")
+            theirs = str(reply.get("nonce"))
+            if not link.proof_ok(self.secret, "secondary", reply.get("proof"), mine, theirs):
+                reason = "the secondary does not know the shared secret (check --secret-file on both appliances)"
+                link.send(control, {"type": "refuse", "reason": reason})
+                raise HandshakeRefused(reason)
+            link.send(control, {"type": "auth", "proof": link.proof(self.secret, "primary", theirs, mine)})
+            reply = self._expect(control, "welcome")
             data = self._dial()
-            link.send(data, {"type": "data", "session": reply["session"]})
+            token = str(reply["session"])
+            link.send(data, {"type": "data", "session": token, "proof": link.proof(self.secret, "data", token)})
             if link.recv(data)["type"] != "ok":
                 data.close()
                 raise PeerError("the secondary did not accept the data connection")
@@ -200,6 +207,15 @@ class PrimarySide:
             with self._send_lock:
                 self._control = None
             control.close()
+
+    @staticmethod
+    def _expect(control: socket.socket, kind: str) -> dict[str, object]:
+        reply = link.recv(control)
+        if reply["type"] == "refuse":
+            raise HandshakeRefused(f"the secondary refused: {reply.get('reason')}")
+        if reply["type"] != kind:
+            raise PeerError(f"expected {kind!r} from the secondary, got {reply['type']!r}")
+        return reply
 
     def _watch(self, control: socket.socket) -> None:
         """Report progress until the link breaks or we are stopped."""

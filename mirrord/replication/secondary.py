@@ -43,7 +43,8 @@ class PrimaryView:
 
 class SecondarySide:
     def __init__(self, home: Home, settings: Settings, log: HALog, disk_size: int, meta: VolumeMeta,
-                 ends: Endpoints, on_promote: Callable[[], None]) -> None:
+                 ends: Endpoints, on_promote: Callable[[], None], secret: bytes | None) -> None:
+        self.secret = secret
         self.home = home
         self.settings = settings
         self.ends = ends
@@ -119,6 +120,21 @@ class SecondarySide:
             link.send(conn, {"type": "refuse", "reason": str(exc)})
             conn.close()
             return
+        mine = secrets.token_hex(16)
+        theirs = str(msg.get("nonce"))
+        link.send(conn, {"type": "challenge", "nonce": mine,
+                         "proof": link.proof(self.secret, "secondary", theirs, mine)})
+        answer = link.recv(conn)
+        if answer.get("type") == "refuse":
+            self.log.log(f"The primary {self.ends.peer_sync} refused this appliance: {answer.get('reason')}.")
+            conn.close()
+            return
+        if answer.get("type") != "auth" or not link.proof_ok(self.secret, "primary", answer.get("proof"), mine, theirs):
+            reason = "it does not know the shared secret (check --secret-file on both appliances)"
+            self.log.log(f"Refused a replication connection from {self.ends.peer_sync}: {reason}.")
+            link.send(conn, {"type": "refuse", "reason": reason})
+            conn.close()
+            return
         self._end_session("the primary reconnected")
         token = secrets.token_hex(16)
         with self._lock:
@@ -129,8 +145,10 @@ class SecondarySide:
 
     def _on_data(self, conn: socket.socket, msg: dict[str, object]) -> None:
         with self._lock:
-            if self._pending is None or msg.get("session") != self._pending:
-                raise PeerError("a data connection presented an unknown session")
+            token = self._pending
+            if token is None or not link.proof_ok(self.secret, "data", msg.get("proof"), token) \
+                    or msg.get("session") != token:
+                raise PeerError("a data connection presented an unknown or unauthenticated session")
             self._pending = None
             control = self._control
         assert control is not None

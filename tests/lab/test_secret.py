@@ -1,0 +1,87 @@
+"""The shared secret: a peer (or any process) without it cannot replicate a byte."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from typing import Any, Iterator
+
+import pytest
+
+from hactl import forget_ha_state, ha_log, in_sync, start_ha, status, stop_all, wait_status
+
+pytestmark = pytest.mark.lab
+
+STRANGER = r"""
+import json, socket, struct
+def send(s, m):
+    b = json.dumps(m).encode(); s.sendall(struct.pack(">I", len(b)) + b)
+def recv(s):
+    n, = struct.unpack(">I", s.recv(4)); return json.loads(s.recv(n))
+s = socket.create_connection(("198.19.0.2", 7788), 5, source_address=("198.19.0.1", 0))
+send(s, {"type": "hello", "protocol": 1, "version": "x", "node": "x", "role": "primary", "volume": "r0",
+         "disk_size": 1 << 20, "settings": {}, "nonce": "00"})
+print(recv(s)["type"])
+send(s, {"type": "auth", "proof": "0" * 64})
+print(recv(s))
+d = socket.create_connection(("198.19.0.2", 7788), 5, source_address=("198.19.0.1", 0))
+send(d, {"type": "data", "session": "guess", "proof": "0" * 64})
+try:
+    print(recv(d))
+except Exception as exc:
+    print("data connection closed:", type(exc).__name__)
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(make_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with make_lab(tmp_path_factory.mktemp("secret"), "64M") as handle:
+        yield handle
+
+
+@pytest.fixture
+def pair(lab: Any) -> Iterator[Any]:
+    yield lab
+    stop_all(lab)
+    forget_ha_state(lab)
+
+
+def secret(lab: Any, node: str, text: str) -> str:
+    path = lab.home(node) / "secret"
+    path.write_text(text)
+    path.chmod(0o600)
+    return f"--secret-file {path}"
+
+
+def digest(lab: Any, node: str) -> str:
+    return hashlib.sha256((lab.home(node) / "disk.img").read_bytes()).hexdigest()
+
+
+def test_wrong_secret_replicates_nothing(pair: Any) -> None:
+    pair.run("a1", "head -c 1M /dev/urandom > $MIRRORD_HOME/disk.img.head && "
+                   "dd if=$MIRRORD_HOME/disk.img.head of=$MIRRORD_HOME/disk.img conv=notrunc status=none", check=True)
+    before = digest(pair, "a2")
+    start_ha(pair, "a2", secret(pair, "a2", "one secret"))
+    start_ha(pair, "a1", secret(pair, "a1", "another secret"))
+    s1 = wait_status(pair, "a1", lambda s: "shared secret" in s["peer_error"], timeout=20)
+    assert not s1["peer_connected"]
+    assert "refused this appliance: the secondary does not know the shared secret" in ha_log(pair, "a2")
+    assert digest(pair, "a2") == before
+    assert status(pair, "a2")["disk"]["state"] == "UpToDate"
+    for node, text in (("a1", "one secret"), ("a1", "another secret")):
+        assert text not in ha_log(pair, node)
+        assert text not in pair.run(node, "HAstatus --json").stdout
+
+
+def test_same_secret_replicates_and_a_stranger_cannot(pair: Any) -> None:
+    start_ha(pair, "a2", secret(pair, "a2", "shared"))
+    before = digest(pair, "a2")
+    done = pair.run("a1", [sys.executable, "-c", STRANGER], check=True)
+    lines = done.stdout.splitlines()
+    assert lines[0] == "challenge"
+    assert "'type': 'refuse'" in lines[1] and "shared secret" in lines[1]
+    assert lines[2].startswith("data connection closed")
+    assert digest(pair, "a2") == before
+    start_ha(pair, "a1", secret(pair, "a1", "shared"))
+    wait_status(pair, "a1", in_sync, timeout=30)
+    assert "shared" not in ha_log(pair, "a1").replace("shared secret", "")
