@@ -285,8 +285,9 @@ class Daemon:
             floatip.add(settings.floating_ip, ends.my_public)
             threading.Thread(target=arp.announce, args=(settings.floating_ip.ip, iface), daemon=True).start()
             ip_at = time.monotonic()
+            self._new_term()
             side = PrimarySide(self.home, settings, self.log, config.check_disk(settings.disk), ends,
-                               self._on_failover_request, self.secret)
+                               self._on_failover_request, self.secret, self._lineage())
             try:
                 side.start()
             except MirrordError:
@@ -295,7 +296,6 @@ class Daemon:
                 self._set_mode(transition(self.mode, Event.STEP_DOWN))
                 raise
             self.primary = side
-            self._new_term()
             self._set_mode(transition(self.mode, event))
             self._start_app(settings, check=False)
             self.last_takeover = {"reason": why, "ip_seconds": round(ip_at - started, 3),
@@ -331,6 +331,10 @@ class Daemon:
         peer = self._peer_view()[2] or {}
         self.meta.epoch = max(self.meta.epoch, int(peer.get("epoch") or 0)) + 1
         self.meta.save(self.home, self.settings.volume)
+
+    def _lineage(self) -> str:
+        assert self.meta is not None
+        return f"{self.meta.node_id}:{self.meta.epoch}"
 
     def _mark_outdated(self) -> None:
         if self.meta is not None and self.settings is not None:
@@ -509,8 +513,9 @@ class Daemon:
                     if meta.disk_state is not DiskState.UP_TO_DATE:
                         raise Refused(f"This appliance's disk is {meta.disk_state}: it cannot become primary. "
                                       "Make it the secondary of an UpToDate primary first.")
+                    self._new_term()
                     primary = PrimarySide(self.home, settings, self.log, size, ends, self._on_failover_request,
-                                          self.secret)
+                                          self.secret, self._lineage())
                     primary.start()
                     try:
                         floatip.add(settings.floating_ip, ends.my_public)
@@ -521,7 +526,6 @@ class Daemon:
                         primary.stop()
                         raise
                     self.primary = primary
-                    self._new_term()
                 else:
                     secondary = SecondarySide(self.home, settings, self.log, size, meta, ends, self._on_promote,
                                               self.secret)

@@ -9,6 +9,10 @@ What a node must remember across crashes about its copy of the volume:
   resume there;
 * ``epoch``: the highest primary term this copy has served or followed;
   each promotion takes a higher one, so two primaries can tell which is newer;
+* ``source``: on a secondary, the lineage (primary's node id and term) of
+  the last sync that completed into this disk; a primary with the same
+  lineage still holds the bitmap of everything written since, so a
+  reconnect needs only those blocks;
 * ``node_id``: a random identity for this copy of the data, chosen on first use.
 
 The file is replaced atomically (temp + fsync + rename + directory fsync), so
@@ -41,6 +45,7 @@ class VolumeMeta:
     disk_state: DiskState = DiskState.UP_TO_DATE
     sync_offset: int = 0
     epoch: int = 0
+    source: str = ""
     node_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
@@ -51,7 +56,8 @@ class VolumeMeta:
             meta.save(home, volume)
             return meta
         return cls(disk_state=DiskState(data["disk_state"]), sync_offset=int(data.get("sync_offset", 0)),
-                   epoch=int(data.get("epoch", 0)), node_id=str(data["node_id"]))
+                   epoch=int(data.get("epoch", 0)), source=str(data.get("source", "")),
+                   node_id=str(data["node_id"]))
 
     def save(self, home: Home, volume: str) -> None:
         data = asdict(self)

@@ -42,8 +42,9 @@ class PeerView:
 
 class PrimarySide:
     def __init__(self, home: Home, settings: Settings, log: HALog, disk_size: int, ends: Endpoints,
-                 on_failover_request: Callable[[], None], secret: bytes | None) -> None:
+                 on_failover_request: Callable[[], None], secret: bytes | None, lineage: str) -> None:
         self.secret = secret
+        self.lineage = lineage
         self.home = home
         self.settings = settings
         self.log = log
@@ -193,11 +194,15 @@ class PrimarySide:
             # fencing (held writes), never a silent switch to local-only writes.
             guard = socket.socket(fileno=os.dup(data.fileno()))
             self.server.attach_peer(data.detach())
-            self.server.start_sync(0)
+            # Same lineage: the secondary holds everything up to the moment our dirty
+            # bitmap started, so only the dirty blocks are sent (DRBD's quick resync).
+            bitmap = reply.get("source") == self.lineage and reply.get("disk_state") in ("UpToDate", "Outdated")
+            self.server.start_sync(0, dirty_only=bitmap)
             self.peer = PeerView(connected=True)
             self._control = control
-            self.log.log(f"Connected to secondary {self.ends.peer_sync}; full sync of "
-                         f"{self.disk_size} bytes started while serving.")
+            kind = (f"bitmap resync of {self.server.stats().sync_total} changed bytes" if bitmap
+                    else f"full sync of {self.disk_size} bytes")
+            self.log.log(f"Connected to secondary {self.ends.peer_sync}; {kind} started while serving.")
             try:
                 self._watch(control)
             finally:
@@ -225,18 +230,18 @@ class PrimarySide:
             stats = self.server.stats()
             if not stats.peer_connected:
                 raise PeerError(f"data connection lost ({stats.last_error or 'no reason given'})")
-            total = stats.sync_total or self.disk_size
-            percent = 100.0 * stats.sync_offset / total if total else 100.0
-            done = not stats.sync_active and stats.sync_offset >= total
+            total = stats.sync_total
+            percent = 100.0 * min(stats.bytes_synced, total) / total if total else 100.0
+            done = stats.sync_done and not stats.sync_active
             self.peer.sync_percent = 100.0 if done else percent
             with self._send_lock:
                 link.send(control, {"type": "progress", "percent": self.peer.sync_percent})
                 if done and not self.peer.sync_done:
-                    link.send(control, {"type": "sync_done"})
+                    link.send(control, {"type": "sync_done", "source": self.lineage})
             if done and not self.peer.sync_done:
                 self.peer.sync_done = True
-                self.log.log(f"Initial sync to {self.ends.peer_sync} complete "
-                             f"({total} bytes in {time.monotonic() - started:.1f} s); the secondary is UpToDate.")
+                self.log.log(f"Sync to {self.ends.peer_sync} complete ({stats.bytes_synced} bytes sent in "
+                             f"{time.monotonic() - started:.1f} s); the secondary is UpToDate.")
             readable, _, _ = select.select([control], [], [], PROGRESS_SECONDS)
             if readable and link.recv(control)["type"] == "failover_request":  # EOF raises PeerError
                 self.on_failover_request()

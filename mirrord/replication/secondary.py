@@ -141,7 +141,8 @@ class SecondarySide:
             self._pending = token
             self._control = conn
         link.send(conn, {"type": "welcome", "session": token, "disk_size": self.disk_size,
-                         "disk_state": str(self.meta.disk_state), "node": self.meta.node_id})
+                         "disk_state": str(self.meta.disk_state), "node": self.meta.node_id,
+                         "source": self.meta.source})
 
     def _on_data(self, conn: socket.socket, msg: dict[str, object]) -> None:
         with self._lock:
@@ -162,8 +163,8 @@ class SecondarySide:
         with self._lock:
             self._receiver = Receiver(str(self.settings.disk), self.disk_size, conn.detach())
         self.primary = PrimaryView(connected=True, sync_started=True)
-        self.log.log(f"Primary {self.ends.peer_sync} connected; receiving a full sync "
-                     f"({self.disk_size} bytes). This disk is Inconsistent until it completes.")
+        self.log.log(f"Primary {self.ends.peer_sync} connected; receiving a sync. This disk is Inconsistent "
+                     "until it completes.")
         threading.Thread(target=self._follow, args=(control,), name="follow", daemon=True).start()
 
     def _follow(self, control: socket.socket) -> None:
@@ -177,6 +178,7 @@ class SecondarySide:
                 elif msg["type"] == "sync_done":
                     self.meta.disk_state = DiskState.UP_TO_DATE
                     self.meta.sync_offset = self.disk_size
+                    self.meta.source = str(msg.get("source", ""))
                     self.meta.save(self.home, self.settings.volume)
                     self.primary.sync_percent = 100.0
                     self.primary.synced = True

@@ -160,3 +160,27 @@ def test_corrupt_frame_is_dropped_and_link_recovers(pair: Any) -> None:
     assert image[100 * BLOCK:101 * BLOCK] == good
     stop_ha(pair, "a1")
     assert images_identical(pair), first_difference(pair)
+
+
+def test_returning_secondary_gets_only_what_changed(pair: Any) -> None:
+    start_ha(pair, "a2")
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", in_sync)
+    pair.crash("a2")
+    # 4 MiB of 4 KiB writes at random offsets while the secondary is away.
+    writer = pair.popen("a1", [sys.executable, WRITER, f"{pair.home('a1')}/dev/r0", "0", "65536", "away", "random"],
+                        stdout=subprocess.PIPE, text=True)
+    s1 = wait_status(pair, "a1", lambda s: s["replication"].get("dirty_blocks", 0) >= 1024, timeout=60)
+    writer.kill()
+    writer.wait(timeout=10)
+    s1 = status(pair, "a1")
+    dirty = s1["replication"]["dirty_blocks"] * s1["replication"]["dirty_granularity"]
+    assert s1["mode"] == "primary" and not s1["peer_connected"]
+    pair.boot("a2")
+    start_ha(pair, "a2")
+    s1 = wait_status(pair, "a1", in_sync, timeout=60)
+    sent = s1["replication"]["bytes_synced"]
+    print(f"dirty {dirty} bytes, resync sent {sent} bytes")
+    assert sent <= 1.05 * dirty, f"the resync sent {sent} bytes for {dirty} dirty bytes"
+    assert "bitmap resync" in ha_log(pair, "a1")
+    assert images_identical(pair), first_difference(pair)
