@@ -26,7 +26,7 @@ from mirrord.app import AppEnv, Monitor
 from mirrord.config import Endpoints, Settings
 from mirrord.control import ControlServer
 from mirrord.errors import BadInput, MirrordError, Refused
-from mirrord.halog import HALog
+from mirrord.halog import HALog, offset_of_last
 from mirrord.httpstatus import StatusServer
 from mirrord.logship import LogReceiver, LogShipper
 from mirrord.modes import Event, Mode, transition
@@ -563,8 +563,10 @@ class Daemon:
         self.log_receiver = LogReceiver(self.home, (str(ends.my_public), config.LOGSHIP_PORT), str(ends.peer_public),
                                         self.secret)
         self.log_receiver.start()
+        # Ship this HA session's log from the startHA command that began it, so the peer's
+        # trace.zip holds all of it (the command line is written before the daemon runs).
         self.shipper = LogShipper(self.home, (str(ends.peer_public), config.LOGSHIP_PORT), str(ends.my_public),
-                                  self.secret)
+                                  self.secret, start_at=offset_of_last(self.home, b": Command: startHA"))
         self.shipper.start()
         if settings.witness_ip is not None:
             self.witness = Witness(settings.witness_ip, interval=settings.ping_interval / 2,

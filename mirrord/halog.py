@@ -47,3 +47,20 @@ class HALog:
         outcome = {0: "succeeded", 2: "bad input", 3: "refused"}.get(exit_code, "failed")
         result = {"command": command, "outcome": outcome, "exit_code": exit_code, "message": message, "time": timestamp()}
         atomicfile.write_bytes(self.home.log_dir / "ha.result", (json.dumps(result) + "\n").encode())
+
+
+def offset_of_last(home: Home, marker: bytes, window: int = 1 << 20) -> int | None:
+    """Byte offset in ha.log of the start of the last line containing ``marker`` (within the last ``window``)."""
+    path = home.log_dir / "ha.log"
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            base = max(0, size - window)
+            f.seek(base)
+            data = f.read(window)
+    except FileNotFoundError:
+        return None
+    hit = data.rfind(marker)
+    if hit < 0:
+        return None
+    return base + data.rfind(b"\n", 0, hit) + 1

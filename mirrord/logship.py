@@ -250,7 +250,7 @@ class LogShipper:
     """Ships this appliance's logs to the peer's LogReceiver at ``peer`` = (ip, port)."""
 
     def __init__(self, home: Home, peer: tuple[str, int], my_ip: str, secret: bytes | None,
-                 *, poll: float = POLL) -> None:
+                 *, poll: float = POLL, start_at: int | None = None) -> None:
         self.home = home
         self.peer = (_ip(peer[0]), int(peer[1]))
         self.my_ip = _ip(my_ip)
@@ -260,12 +260,13 @@ class LogShipper:
         self.last_error = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # "From where it is": what ha.log holds now was written before we
-        # started shipping; only what is appended from now on is sent.
+        # "From where it is" (or from ``start_at``, e.g. the line of the command
+        # that started this HA session): older history is not shipped again.
         self._stream = _new_stream()
         sig = _signature(self._log)
         self._ino = sig[0] if sig else None
-        self._offset = self._acked = sig[1] if sig else 0
+        end = sig[1] if sig else 0
+        self._offset = self._acked = end if start_at is None else max(0, min(start_at, end))
 
     @property
     def _log(self) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import subprocess
 import sys
 import time
@@ -112,6 +113,13 @@ def test_crash_of_the_primary_moves_the_service(pair: Any) -> None:
     with zipfile.ZipFile(pair.home("a2") / "log" / "trace.zip") as z:
         a1_log = z.read("198.18.0.11_ha.log").decode()
     assert "HA started: this appliance (198.18.0.11) is the primary" in a1_log
+    # The dead primary's log is there up to its last moments: every line it wrote
+    # until half a second before the power went is in the survivor's trace.
+    on_disk = (pair.home("a1") / "log" / "ha.log").read_text().splitlines()
+    cutoff = datetime.datetime.fromtimestamp(crashed - 0.5, datetime.timezone.utc)
+    older = [line for line in on_disk
+             if datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")) < cutoff]
+    assert older and all(line in a1_log for line in older)
     # The old primary comes back standalone and never claims anything by itself.
     pair.boot("a1")
     assert pair.run("a1", "HAstatus --json").returncode == 3  # no daemon until an operator starts HA

@@ -262,3 +262,15 @@ def test_stop_is_bounded_with_a_connected_shipper(homes: tuple[Home, Home]) -> N
     receiver.stop()
     shipper.stop()
     assert time.monotonic() - t < 1.5
+
+
+def test_offset_of_last_finds_the_line_start(tmp_path: Path) -> None:
+    from mirrord.halog import offset_of_last
+
+    home = Home(tmp_path)
+    home.log_dir.mkdir(parents=True)
+    text = b"a: one\nb: Command: startHA x\nc: two\nd: Command: startHA y\ne: three\n"
+    (home.log_dir / "ha.log").write_bytes(text)
+    assert offset_of_last(home, b": Command: startHA") == text.index(b"\nd: ") + 1
+    assert offset_of_last(home, b"missing") is None
+    assert offset_of_last(Home(tmp_path / "none"), b"x") is None
