@@ -33,6 +33,7 @@ const char *mrd_strerror(int code);
 #define MRD_FRAME_MAGIC 0x3144524D
 #define MRD_FRAME_HEADER_SIZE 32
 #define MRD_FRAME_MAX_PAYLOAD 1048576
+#define MRD_FRAME_F_SYNC 1
 enum {
     MRD_FRAME_WRITE = 1, MRD_FRAME_WRITE_ACK = 2, MRD_FRAME_FLUSH = 3,
     MRD_FRAME_FLUSH_ACK = 4, MRD_FRAME_SYNC_DATA = 5, MRD_FRAME_SYNC_ACK = 6,
@@ -101,6 +102,9 @@ struct mrd_server_stats {
     uint64_t held;
     int32_t suspended;
     int32_t failed_io;
+    uint64_t dsync_writes;
+    uint64_t flush_frames;
+    uint64_t fdatasyncs;
     char last_error[256];
 };
 int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
@@ -134,6 +138,7 @@ struct mrd_receiver_stats {
     uint64_t crc_errors;
     uint64_t protocol_errors;
     uint64_t last_seq;
+    uint64_t durable_writes;
     int32_t connected;
     int32_t error_code;
     char last_error[256];

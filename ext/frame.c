@@ -27,7 +27,10 @@ static int check_fields(uint16_t type, uint16_t flags, uint32_t len)
 {
     if (type < MRD_FRAME_WRITE || type > MRD_FRAME_PONG)
         return MRD_ETYPE;
-    if (flags != 0)
+    /* Only data frames may ask for a durable apply; acks, FLUSH and PING
+     * carry no flags at all. Unknown bits are refused everywhere. */
+    uint16_t allowed = mrd_frame_type_has_payload(type) ? MRD_FRAME_F_SYNC : 0;
+    if (flags & ~allowed)
         return MRD_EFLAGS;
     if (mrd_frame_type_has_payload(type)) {
         /* An empty WRITE is legal for the kernel but never useful on the wire;

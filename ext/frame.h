@@ -3,11 +3,23 @@
  *   off  size  field
  *     0     4  magic   "MRD1" (0x3144524D as a little-endian u32)
  *     4     2  type    MRD_FRAME_*
- *     6     2  flags   reserved, must be 0
+ *     6     2  flags   MRD_FRAME_F_*; only WRITE and SYNC_DATA may carry
+ *                       MRD_FRAME_F_SYNC, every other bit and type: 0
  *     8     8  seq     sender's sequence number; acks echo it
  *    16     8  offset  byte offset on the disk (WRITE/SYNC_DATA; echoed in acks)
  *    24     4  length  payload bytes that follow (0 for acks, FLUSH, PING)
  *    28     4  crc     CRC32C over the header with crc = 0, then the payload
+ *
+ * MRD_FRAME_F_SYNC (WRITE, SYNC_DATA): the sender needs this payload durable
+ * on the receiver before the ack. The receiver writes it with
+ * pwritev2(RWF_DSYNC) (or pwrite + fdatasync) and only then sends the
+ * WRITE_ACK/SYNC_ACK, so that ack is also a durability point for this frame
+ * (not for earlier frames: those still need a FLUSH). The primary sets it on
+ * a WRITE when the FUSE write is O_DSYNC/O_SYNC (like DRBD's DP_FUA), which
+ * lets it answer the fsync the kernel sends right after without a FLUSH
+ * round trip. The flag is covered by the CRC like every header field. A
+ * receiver that predates it rejects such a frame (MRD_EFLAGS): both ends
+ * must speak the same protocol version.
  */
 #ifndef MIRRORD_FRAME_H
 #define MIRRORD_FRAME_H
@@ -17,6 +29,7 @@
 #define MRD_FRAME_MAGIC 0x3144524Du
 #define MRD_FRAME_HEADER_SIZE 32
 #define MRD_FRAME_MAX_PAYLOAD (1u << 20)
+#define MRD_FRAME_F_SYNC 0x0001u /* WRITE/SYNC_DATA: durable on the receiver before the ack */
 
 enum {
     MRD_FRAME_WRITE = 1,
@@ -45,7 +58,8 @@ struct mrd_frame_header {
 int mrd_frame_encode(uint8_t *out, uint16_t type, uint16_t flags, uint64_t seq,
                      uint64_t offset, const void *payload, uint32_t len);
 
-/* Parse and bound-check a header (magic, type, flags, length for the type).
+/* Parse and bound-check a header (magic, type, flags allowed for the type,
+ * length for the type).
  * Does not check the CRC: that needs the payload (mrd_frame_verify). */
 int mrd_frame_decode(const uint8_t *buf, size_t buflen, struct mrd_frame_header *out);
 

@@ -12,6 +12,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -57,6 +58,35 @@ int mrd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
         p += n, len -= (size_t)n, off += (uint64_t)n;
     }
     return 0;
+}
+
+int mrd_pwrite_all_dsync(int fd, const void *buf, size_t len, uint64_t off)
+{
+    static int no_rwf_dsync; /* atomic: this kernel refused RWF_DSYNC once */
+    const char *p = buf;
+    while (len && !__atomic_load_n(&no_rwf_dsync, __ATOMIC_RELAXED)) {
+        struct iovec iov = {(void *)p, len};
+        ssize_t n = pwritev2(fd, &iov, 1, (off_t)off, RWF_DSYNC);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EOPNOTSUPP || errno == ENOSYS) {
+                __atomic_store_n(&no_rwf_dsync, 1, __ATOMIC_RELAXED);
+                break;
+            }
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO;
+        /* Each successful piece was synced on its own. */
+        p += n, len -= (size_t)n, off += (uint64_t)n;
+    }
+    if (!len)
+        return 0;
+    int rc = mrd_pwrite_all(fd, p, len, off);
+    if (!rc && fdatasync(fd) < 0)
+        rc = -errno;
+    return rc;
 }
 
 int mrd_pread_all(int fd, void *buf, size_t len, uint64_t off)

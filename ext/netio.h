@@ -16,6 +16,11 @@ int mrd_open_disk(const char *path, uint64_t *size_out);
 int mrd_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
 int mrd_pread_all(int fd, void *buf, size_t len, uint64_t off);
 
+/* mrd_pwrite_all, durable when it returns 0 (data and what is needed to
+ * read it back): pwritev2(RWF_DSYNC), which syncs just this range, or
+ * pwrite + fdatasync where the kernel or file refuses RWF_DSYNC. */
+int mrd_pwrite_all_dsync(int fd, const void *buf, size_t len, uint64_t off);
+
 /* sendmsg the whole iovec (MSG_NOSIGNAL: a dead peer must be an error code,
  * never a SIGPIPE into the Python process). Modifies iov. 0 or -errno. */
 int mrd_send_all(int fd, struct iovec *iov, int iovcnt);

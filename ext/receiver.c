@@ -126,9 +126,14 @@ static void *rx_main(void *arg)
                 set_error(r, rc, "write past the end of the replica");
                 goto out;
             }
-            rc = mrd_pwrite_all(r->disk_fd, r->buf, h.length, h.offset);
+            /* F_SYNC: durable before the ack (this frame only: earlier
+             * frames still wait for a FLUSH). */
+            rc = (h.flags & MRD_FRAME_F_SYNC)
+                     ? mrd_pwrite_all_dsync(r->disk_fd, r->buf, h.length, h.offset)
+                     : mrd_pwrite_all(r->disk_fd, r->buf, h.length, h.offset);
             if (rc) {
-                set_error(r, rc, "pwrite to the replica");
+                set_error(r, rc, (h.flags & MRD_FRAME_F_SYNC) ? "durable write to the replica"
+                                                              : "pwrite to the replica");
                 goto out;
             }
             rc = queue_ack(r, h.type == MRD_FRAME_WRITE ? MRD_FRAME_WRITE_ACK : MRD_FRAME_SYNC_ACK, &h);
@@ -158,6 +163,8 @@ static void *rx_main(void *arg)
             r->st.syncs++;
         else if (h.type == MRD_FRAME_FLUSH)
             r->st.flushes++;
+        if (h.flags & MRD_FRAME_F_SYNC)
+            r->st.durable_writes++;
         r->st.bytes_applied += h.length;
         pthread_mutex_unlock(&r->mu);
         if (!rc && (h.length >= 65536 || !more_input_waiting(r->sock_fd)))

@@ -93,8 +93,23 @@ struct mrd_server {
     struct pending head; /* sentinel of the seq-ordered pending list */
     uint64_t next_seq;
     uint64_t in_flight;
+    /* Peer durability watermark (see "Durable writes" below), under pend_mu:
+     * peer_dirty_seq is the seq of the last frame that left data on the peer
+     * that is not durable yet (an unflagged WRITE or SYNC_DATA; at attach, a
+     * marker so the first flush on a new connection always travels);
+     * peer_durable_seq is the highest FLUSH whose FLUSH_ACK came back, which
+     * covers every frame sent before it. A flush needs a FLUSH frame only
+     * while peer_dirty_seq > peer_durable_seq. */
+    uint64_t peer_dirty_seq, peer_durable_seq;
     int sync_inflight;
     int corrupt_next; /* atomic */
+
+    /* Local durability watermark, atomics: local_gen counts completed local
+     * writes that were not durable on their own (bumped after the pwrite,
+     * before the reply); local_synced is the highest local_gen value read
+     * before an fdatasync that then succeeded. A flush needs an fdatasync
+     * only while they differ. Starts 1/0: the first flush always syncs. */
+    uint64_t local_gen, local_synced;
 
     /* Fencing, under pend_mu. io_state is also read without the lock (atomic
      * acquire) on the reply fast path; it is only written under pend_mu.
@@ -115,6 +130,7 @@ struct mrd_server {
     /* Stats: counters bumped with atomics; the rest under pend_mu. */
     uint64_t writes, bytes_written, reads, bytes_read, flushes, write_errors, max_write_seen;
     uint64_t frames_sent, bytes_sent, acked, lat_total, lat_max, peer_failures;
+    uint64_t dsync_writes, flush_frames, fdatasyncs;
     int sync_active, sync_done;
     uint64_t sync_offset, sync_total, bytes_synced;
     char last_error[256];
@@ -286,7 +302,8 @@ static void fail_peer(struct mrd_server *s, int code, const char *why, int fence
 /* Put e on the wire (frame header + payload). Returns MRD_ENOPEER, with e
  * untouched, when no peer is connected; otherwise 0: e now belongs to the
  * pending machinery, acked later or failed with the peer. */
-static int peer_send(struct mrd_server *s, struct pending *e, uint16_t type, const void *payload)
+static int peer_send(struct mrd_server *s, struct pending *e, uint16_t type, uint16_t flags,
+                     const void *payload)
 {
     uint8_t hdr[MRD_FRAME_HEADER_SIZE];
     pthread_mutex_lock(&s->send_mu);
@@ -305,10 +322,14 @@ static int peer_send(struct mrd_server *s, struct pending *e, uint16_t type, con
     s->in_flight++;
     if (e->kind == P_SYNC)
         s->sync_inflight++;
+    if (e->kind != P_FLUSH && !(flags & MRD_FRAME_F_SYNC))
+        s->peer_dirty_seq = e->seq; /* acked will not mean durable */
+    else if (e->kind == P_FLUSH)
+        ADD(s->flush_frames, 1); /* counted before it can be acked */
     int fd = s->peer_fd;
     pthread_mutex_unlock(&s->pend_mu);
 
-    mrd_frame_encode(hdr, type, 0, e->seq, e->off, payload, e->kind == P_FLUSH ? 0 : e->len);
+    mrd_frame_encode(hdr, type, flags, e->seq, e->off, payload, e->kind == P_FLUSH ? 0 : e->len);
     struct iovec iov[2] = {{hdr, sizeof hdr}, {(void *)payload, e->kind == P_FLUSH ? 0 : e->len}};
     int iovcnt = iov[1].iov_len ? 2 : 1;
     uint64_t payload_len = iov[1].iov_len; /* mrd_send_all consumes the iovec */
@@ -413,6 +434,8 @@ static void *ack_main(void *arg)
          * connected, orders it before any re-dirtying by a later failure. */
         if (e->kind != P_FLUSH)
             mrd_bitmap_clear_range(s->bm, e->off, e->len);
+        else if (e->seq > s->peer_durable_seq)
+            s->peer_durable_seq = e->seq; /* the peer applies in order */
         if (e->kind == P_SYNC) {
             s->sync_inflight--;
             s->bytes_synced += e->len;
@@ -540,11 +563,55 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     fuse_reply_data(req, &bv, FUSE_BUF_SPLICE_MOVE);
 }
 
+/* Durable writes: one peer round trip for an O_DSYNC write.
+ *
+ * An O_DIRECT|O_DSYNC write reaches us as two FUSE requests: the WRITE, then
+ * an FSYNC the kernel sends because of O_DSYNC (flushes == writes in the
+ * counters). Done naively that is two round trips to the peer (WRITE ->
+ * WRITE_ACK, then FLUSH -> peer fdatasync -> FLUSH_ACK) plus a local pwrite
+ * and a local fdatasync, i.e. a disk cache flush, in sequence.
+ *
+ * The kernel tells us which writes must be durable: the WRITE request
+ * carries the file's open flags plus O_DSYNC/O_SYNC for RWF_DSYNC/RWF_SYNC
+ * writes (fuse_write_flags()), and libfuse hands them over in fi->flags.
+ * For such a write (DRBD's DP_FUA):
+ *   - the WRITE frame carries MRD_FRAME_F_SYNC, and the receiver applies it
+ *     with pwritev2(RWF_DSYNC) before the WRITE_ACK: that ack means durable;
+ *   - the local copy is written with RWF_DSYNC too, while the frame travels
+ *     (frame first, then the local write, as for every write), so the
+ *     peer's round trip hides behind the local disk's flush or vice versa;
+ *   - the reply still waits for both (protocol C unchanged).
+ * The FSYNC that follows then finds nothing to do on either side and is
+ * answered without any I/O. Two watermarks decide that (struct mrd_server):
+ * a FLUSH frame is sent only if some frame since the last acked FLUSH left
+ * non-durable data on the peer (an unflagged WRITE, a SYNC_DATA chunk, or a
+ * new connection), and the local fdatasync is done only if some local
+ * write completed without RWF_DSYNC since the last successful fdatasync.
+ *
+ * Why that keeps fsync's promise (every write completed before the fsync is
+ * durable on both disks) with concurrent writers: a write is completed only
+ * after its frames were assigned their seq under pend_mu (where
+ * peer_dirty_seq moves) and after its local pwrite (after which local_gen
+ * moves); both happen before its reply, hence before the fsync's checks.
+ * A FLUSH_ACK covers every frame sent before the FLUSH because the
+ * receiver applies frames in order and fdatasyncs the whole replica. Writes
+ * still in flight when the fsync arrives are not owed anything, and only
+ * make the check more conservative. Skipping never acknowledges anything
+ * the peer has not acknowledged: the flush still goes through op_put, so
+ * fencing holds it while suspended and FAILED answers it with EIO, exactly
+ * as a flush without a peer.
+ *
+ * Loop devices (--direct-io) do not pass O_DSYNC: they send plain writes
+ * and ask for durability with separate FSYNC requests (the block layer's
+ * flush/FUA emulation), so those keep paying the FLUSH round trip, which
+ * overlaps with the local fdatasync (FLUSH frame first, then fdatasync). */
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi)
 {
-    (void)ino, (void)fi;
+    (void)ino;
     struct mrd_server *s = srv(req);
+    /* O_SYNC includes the O_DSYNC bit. */
+    int dsync = fi && (fi->flags & O_DSYNC);
     if (off < 0) {
         fuse_reply_err(req, EINVAL);
         return;
@@ -596,7 +663,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
             e->len = (uint32_t)n;
             e->op = o;
             __atomic_add_fetch(&o->refs, 1, __ATOMIC_RELAXED);
-            rc = peer_send(s, e, MRD_FRAME_WRITE, buf + done);
+            rc = peer_send(s, e, MRD_FRAME_WRITE, dsync ? MRD_FRAME_F_SYNC : 0, buf + done);
             if (rc) {
                 __atomic_sub_fetch(&o->refs, 1, __ATOMIC_RELAXED);
                 free(e);
@@ -606,8 +673,12 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
             mrd_bitmap_set_range(s->bm, (uint64_t)off + done, n);
         done += n;
     }
-    int rc = mrd_pwrite_all(s->disk_fd, buf, size, (uint64_t)off);
+    int rc = dsync ? mrd_pwrite_all_dsync(s->disk_fd, buf, size, (uint64_t)off)
+                   : mrd_pwrite_all(s->disk_fd, buf, size, (uint64_t)off);
     extents_unlock(s, idx);
+    /* After the pwrite, before the reply (see "Durable writes"). */
+    if (!rc && !dsync)
+        __atomic_add_fetch(&s->local_gen, 1, __ATOMIC_SEQ_CST);
 
     if (rc) {
         pthread_mutex_lock(&s->pend_mu);
@@ -617,13 +688,45 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     } else {
         ADD(s->writes, 1);
         ADD(s->bytes_written, size);
+        if (dsync)
+            ADD(s->dsync_writes, 1);
     }
     o->local_err = -rc;
     op_put(s, o);
 }
 
-/* flush (every close) and fsync: local fdatasync + FLUSH frame; the reply
- * waits for the peer's FLUSH_ACK, which it sends after its own fdatasync. */
+/* Does a flush need a FLUSH frame? Only if a connected peer may hold data
+ * that an ack did not already make durable (see "Durable writes"). Checked
+ * under pend_mu alone, so a flush never waits behind a large send. */
+static int peer_flush_needed(struct mrd_server *s)
+{
+    pthread_mutex_lock(&s->pend_mu);
+    int need = s->peer_state == PEER_CONNECTED && s->peer_dirty_seq > s->peer_durable_seq;
+    pthread_mutex_unlock(&s->pend_mu);
+    return need;
+}
+
+/* Local fdatasync unless every completed write is already durable. Returns
+ * 0 or a positive errno. */
+static int local_flush(struct mrd_server *s)
+{
+    uint64_t gen = __atomic_load_n(&s->local_gen, __ATOMIC_SEQ_CST);
+    uint64_t done = __atomic_load_n(&s->local_synced, __ATOMIC_SEQ_CST);
+    if (gen == done)
+        return 0;
+    ADD(s->fdatasyncs, 1);
+    if (fdatasync(s->disk_fd) < 0)
+        return errno;
+    /* Every write counted in gen completed before the fdatasync started. */
+    while (done < gen && !__atomic_compare_exchange_n(&s->local_synced, &done, gen, 0,
+                                                      __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        ;
+    return 0;
+}
+
+/* flush (every close) and fsync: FLUSH frame (if needed), then the local
+ * fdatasync (if needed) while it travels; the reply waits for the peer's
+ * FLUSH_ACK, which it sends after its own fdatasync. */
 static void do_flush(fuse_req_t req)
 {
     struct mrd_server *s = srv(req);
@@ -644,12 +747,11 @@ static void do_flush(fuse_req_t req)
     o->req = req;
     o->refs = 2;
     e->op = o;
-    if (peer_send(s, e, MRD_FRAME_FLUSH, NULL)) {
+    if (!peer_flush_needed(s) || peer_send(s, e, MRD_FRAME_FLUSH, 0, NULL)) {
         free(e);
         o->refs = 1;
     }
-    if (fdatasync(s->disk_fd) < 0)
-        o->local_err = errno;
+    o->local_err = local_flush(s);
     op_put(s, o);
 }
 
@@ -730,6 +832,7 @@ int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
         return -ENOMEM;
     s->disk_fd = s->peer_fd = -1;
     s->peer_timeout_ms = 10000;
+    s->local_gen = 1;
     s->head.next = s->head.prev = &s->head;
     for (int i = 0; i < NSTRIPES; i++)
         pthread_mutex_init(&s->stripes[i], NULL);
@@ -836,6 +939,9 @@ int mrd_server_attach_peer(struct mrd_server *s, int sock_fd)
     pthread_mutex_lock(&s->pend_mu);
     s->peer_fd = fd;
     s->peer_state = PEER_CONNECTED;
+    /* Nothing this peer holds is known durable yet: the next frame's seq
+     * is the marker, so the first flush sends a FLUSH. */
+    s->peer_dirty_seq = s->next_seq + 1;
     pthread_mutex_unlock(&s->pend_mu);
     pthread_mutex_unlock(&s->send_mu);
     int rc = mrd_thread_start(&s->ack_th, ack_main, s);
@@ -931,7 +1037,7 @@ static void *sync_main(void *arg)
         extents_lock(s, e->off, e->len, idx);
         int rc = mrd_pread_all(s->disk_fd, s->sync_buf, e->len, e->off);
         if (!rc)
-            rc = peer_send(s, e, MRD_FRAME_SYNC_DATA, s->sync_buf);
+            rc = peer_send(s, e, MRD_FRAME_SYNC_DATA, 0, s->sync_buf);
         extents_unlock(s, idx);
         if (rc) {
             free(e);
@@ -1021,6 +1127,9 @@ int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *o)
     o->max_write_seen = LD(max_write_seen);
     o->frames_sent = LD(frames_sent);
     o->bytes_sent = LD(bytes_sent);
+    o->dsync_writes = LD(dsync_writes);
+    o->flush_frames = LD(flush_frames);
+    o->fdatasyncs = LD(fdatasyncs);
 #undef LD
     o->dirty_blocks = mrd_bitmap_count(s->bm);
     o->dirty_granularity = mrd_bitmap_granularity(s->bm);

@@ -1,7 +1,12 @@
 /* Primary side: serve one disk as one regular file through FUSE (libfuse3
  * low-level API, multi-threaded loop in C threads) and replicate every write
  * to the peer with protocol C: the FUSE reply for a write is sent only when
- * the local pwrite is done AND the peer's WRITE_ACK arrived.
+ * the local pwrite is done AND the peer's WRITE_ACK arrived. An O_DSYNC or
+ * O_SYNC write is made durable on both sides before that reply (frame
+ * flagged MRD_FRAME_F_SYNC, local RWF_DSYNC), so the fsync the kernel sends
+ * after it needs neither a FLUSH round trip nor a local fdatasync; a
+ * flush/fsync does each only if some completed write is not yet durable
+ * there ("Durable writes" in server.c).
  *
  * Threads: the FUSE loop (+ its workers), an ack reader while a peer is
  * attached, a sync thread while a full/dirty sync runs. None of them ever
@@ -67,6 +72,10 @@ struct mrd_server_stats {
     uint64_t held;                    /* FUSE ops whose reply is held now */
     int32_t suspended;                /* fenced after a peer failure */
     int32_t failed_io;                /* resumed with FAIL: writes get EIO */
+    uint64_t dsync_writes;            /* O_DSYNC/O_SYNC writes: durable on both sides
+                                         before the reply (F_SYNC frame, RWF_DSYNC) */
+    uint64_t flush_frames;            /* FLUSH frames put on the wire (flushes that needed one) */
+    uint64_t fdatasyncs;              /* local fdatasyncs done by flushes */
     char last_error[256];
 };
 

@@ -29,6 +29,8 @@ from mirrord.errors import FrameError, FuseError, NativeError
 HEADER_SIZE: int = lib.MRD_FRAME_HEADER_SIZE
 MAX_PAYLOAD: int = lib.MRD_FRAME_MAX_PAYLOAD
 MAGIC: int = lib.MRD_FRAME_MAGIC
+# Header flag (WRITE/SYNC_DATA only): durable on the receiver before its ack.
+F_SYNC: int = lib.MRD_FRAME_F_SYNC
 
 WRITE: int = lib.MRD_FRAME_WRITE
 WRITE_ACK: int = lib.MRD_FRAME_WRITE_ACK
@@ -106,6 +108,11 @@ class FrameHeader:
     @property
     def type_name(self) -> str:
         return FRAME_TYPES.get(self.type, f"type {self.type}")
+
+    @property
+    def sync(self) -> bool:
+        """F_SYNC: the receiver makes this payload durable before acking it."""
+        return bool(self.flags & F_SYNC)
 
 
 def _header(c: Any) -> FrameHeader:
@@ -266,6 +273,23 @@ class ServerStats(_Stats):
 
 
 @dataclass(frozen=True)
+class DurabilityStats(_Stats):
+    """How flushes were served ("Durable writes" in ext/server.c).
+
+    dsync_writes: O_DSYNC/O_SYNC writes made durable on both sides before
+    their reply (F_SYNC frame + local RWF_DSYNC); flush_frames: FLUSH frames
+    actually sent; fdatasyncs: local fdatasyncs actually done. A flush with
+    nothing left to make durable needs neither. Kept apart from ServerStats,
+    whose field order is a compatibility contract.
+    """
+
+    flushes: int
+    dsync_writes: int
+    flush_frames: int
+    fdatasyncs: int
+
+
+@dataclass(frozen=True)
 class ReceiverStats(_Stats):
     frames: int
     writes: int
@@ -279,6 +303,7 @@ class ReceiverStats(_Stats):
     connected: bool
     error_code: int
     last_error: str
+    durable_writes: int = 0  # data frames flagged F_SYNC, applied with RWF_DSYNC
 
 
 def _stats(cls: type[_Stats], c: Any) -> Any:
@@ -379,6 +404,13 @@ class PrimaryServer:
         with self._lock:
             _check(lib.mrd_server_stats(self._ptr(), c), "server stats")
         result: ServerStats = _stats(ServerStats, c)
+        return result
+
+    def durability_stats(self) -> DurabilityStats:
+        c = ffi.new("struct mrd_server_stats *")
+        with self._lock:
+            _check(lib.mrd_server_stats(self._ptr(), c), "server stats")
+        result: DurabilityStats = _stats(DurabilityStats, c)
         return result
 
     def dirty_bitmap(self) -> bytes:

@@ -165,7 +165,9 @@ def test_fuse_file_looks_like_the_disk(make_pair: Callable[..., Pair]) -> None:
 def test_writes_reach_both_disks(make_pair: Callable[..., Pair]) -> None:
     pair = make_pair()
     rnd = random.Random(7)
-    # O_DSYNC 4 KiB writes: each one is a write + a flush round trip.
+    # O_DSYNC 4 KiB writes: each one is a durable (F_SYNC) write round trip;
+    # the fsync the kernel sends after each needs no FLUSH frame except the
+    # first one on the connection.
     fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
     try:
         for _ in range(200):
@@ -173,6 +175,9 @@ def test_writes_reach_both_disks(make_pair: Callable[..., Pair]) -> None:
             assert os.pwrite(fd, _aligned(rnd.randbytes(4 * KiB)), off) == 4 * KiB
     finally:
         os.close(fd)
+    d = pair.server.durability_stats()
+    assert d.dsync_writes == 200 and d.flushes >= 200
+    assert d.flush_frames == 1 and d.fdatasyncs == 1
     # 1 MiB direct writes (max_write), some not extent aligned.
     fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
     try:
@@ -193,8 +198,112 @@ def test_writes_reach_both_disks(make_pair: Callable[..., Pair]) -> None:
     assert stats.peer_connected and stats.dirty_blocks == 0 and stats.write_errors == 0
     assert stats.in_flight == 0 and stats.acked == stats.frames_sent
     rstats = pair.receiver.stats() if pair.receiver else None
-    assert rstats is not None and rstats.crc_errors == 0 and rstats.flushes >= 200
+    assert rstats is not None and rstats.crc_errors == 0 and rstats.durable_writes == 200
     assert rstats.bytes_applied == stats.bytes_sent
+    # The two fsyncs after unflagged writes each needed a FLUSH frame.
+    assert rstats.flushes == pair.server.durability_stats().flush_frames == 3
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_flush_frames_only_when_the_peer_holds_unsynced_data(make_pair: Callable[..., Pair]) -> None:
+    """Which fsyncs travel: unflagged writes need a FLUSH (and a local
+    fdatasync), durable writes and repeated fsyncs need neither."""
+    pair = make_pair()
+    data = _aligned(random.Random(1).randbytes(4 * KiB))
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        def counts() -> tuple[int, int, int]:
+            d = pair.server.durability_stats()
+            return d.dsync_writes, d.flush_frames, d.fdatasyncs
+
+        os.fsync(fd)  # first flush on a new connection: always both
+        assert counts() == (0, 1, 1)
+        os.fsync(fd)  # nothing written since
+        assert counts() == (0, 1, 1)
+        os.pwrite(fd, data, 0)  # plain write: acked by the peer, not durable
+        os.fsync(fd)
+        assert counts() == (0, 2, 2)
+        # RWF_DSYNC on a plain fd is an O_DSYNC write for FUSE too.
+        assert os.pwritev(fd, [data], 4 * KiB, os.RWF_DSYNC) == 4 * KiB
+        assert counts()[0] == 1
+        os.fsync(fd)
+        assert counts() == (1, 2, 2)
+        # A plain write after a durable one makes the next fsync travel again.
+        os.pwrite(fd, data, 8 * KiB)
+        assert os.pwritev(fd, [data], 12 * KiB, os.RWF_DSYNC) == 4 * KiB
+        os.fsync(fd)
+        assert counts() == (2, 3, 3)
+    finally:
+        os.close(fd)  # its flush: nothing to do
+    assert pair.server.durability_stats().flush_frames == 3
+    assert pair.server.stats().write_errors == 0
+    rstats = pair.receiver.stats() if pair.receiver else None
+    assert rstats is not None and rstats.durable_writes == 2 and rstats.flushes == 3
+    # Without a peer nothing travels; the local watermark works the same.
+    pair.server.detach_peer()
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
+    try:
+        os.pwrite(fd, data, 16 * KiB)
+        d = pair.server.durability_stats()
+        assert (d.dsync_writes, d.flush_frames, d.fdatasyncs) == (3, 3, 3)
+    finally:
+        os.close(fd)
+    assert pair.server.stats().dirty_blocks == 1
+    pair.connect()
+    os.close(os.open(pair.dev, os.O_RDWR))  # close = flush: new connection, it travels
+    assert pair.server.durability_stats().flush_frames == 4
+    pair.server.start_sync(0, dirty_only=True)
+    _wait(lambda: not pair.server.stats().sync_active)
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_concurrent_dsync_and_plain_writers(make_pair: Callable[..., Pair]) -> None:
+    """O_DSYNC writers next to plain writers that fsync: every fsync that
+    follows a plain write of its own sends a FLUSH, whatever the others do."""
+    pair = make_pair()
+    errors: list[BaseException] = []
+    plain_rounds = 150
+
+    def dsync_writer(seed: int) -> None:
+        rnd = random.Random(seed)
+        fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
+        try:
+            for _ in range(300):
+                off = rnd.randrange(pair.size // (8 * KiB)) * 4 * KiB  # lower half
+                os.pwrite(fd, _aligned(rnd.randbytes(4 * KiB)), off)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            os.close(fd)
+
+    def plain_writer() -> None:
+        rnd = random.Random(99)
+        fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+        try:
+            for _ in range(plain_rounds):
+                off = pair.size // 2 + rnd.randrange(pair.size // (8 * KiB)) * 4 * KiB
+                before = pair.server.durability_stats().flush_frames
+                os.pwrite(fd, _aligned(rnd.randbytes(4 * KiB)), off)
+                os.fsync(fd)
+                assert pair.server.durability_stats().flush_frames > before
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=dsync_writer, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=plain_writer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    d = pair.server.durability_stats()
+    assert d.dsync_writes == 900 and d.flush_frames >= plain_rounds
+    stats = pair.server.stats()
+    assert stats.write_errors == 0 and stats.dirty_blocks == 0 and stats.in_flight == 0
     pair.stop()
     assert _identical(pair.a, pair.b)
 
@@ -224,6 +333,10 @@ def test_ext4_on_loop_direct_io(make_pair: Callable[..., Pair], tmp_path: Path) 
     _wait(lambda: not Path(f"/sys/block/{Path(loop).name}/loop/backing_file").exists())
     stats = pair.server.stats()
     assert stats.peer_connected and stats.dirty_blocks == 0 and stats.writes > 0
+    # A loop device passes no O_DSYNC: it asks for durability with separate
+    # flushes (block-layer FUA emulation), and those do travel.
+    d = pair.server.durability_stats()
+    assert d.dsync_writes == 0 and d.flush_frames >= 1
     pair.stop()
     assert _identical(pair.a, pair.b)
 
@@ -451,6 +564,47 @@ def test_fencing_suspends_then_resume_degraded(make_pair: Callable[..., Pair]) -
         os.close(fd)
     pair.stop()
     assert _all_present(pair.a, acked) == []
+
+
+def test_fencing_holds_a_flush_that_needs_no_frame(make_pair: Callable[..., Pair]) -> None:
+    """Everything the peer acked is durable, so an fsync would need no FLUSH
+    frame: after a peer failure it is held all the same, until resume."""
+    pair = make_pair()
+    pair.server.set_fencing(True)
+    data = _aligned(random.Random(4).randbytes(4 * KiB))
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT | os.O_DSYNC)
+    done = threading.Event()
+    result: list[BaseException | None] = []
+
+    def fsync() -> None:
+        try:
+            os.fsync(fd)
+            result.append(None)
+        except OSError as e:
+            result.append(e)
+        done.set()
+
+    try:
+        for i in range(10):
+            os.pwrite(fd, data, i * 4 * KiB)
+        frames = pair.server.durability_stats().flush_frames
+        assert pair.receiver is not None
+        pair.receiver.stop()
+        _wait(lambda: pair.server.stats().suspended)
+        t = threading.Thread(target=fsync)
+        t.start()
+        _wait(lambda: pair.server.stats().held == 1)
+        assert not done.wait(0.3), "a flush was answered while suspended"
+        assert pair.server.durability_stats().flush_frames == frames  # none needed
+        pair.server.resume(degraded=True)
+        assert done.wait(20)
+        t.join()
+        assert result == [None]
+    finally:
+        os.close(fd)
+    stats = pair.server.stats()
+    assert not stats.suspended and stats.held == 0 and stats.dirty_blocks == 0
+    assert _all_present(pair.b, {i * 4 * KiB: bytes(data) for i in range(10)}) == []
 
 
 def test_fencing_resume_fail_answers_eio(make_pair: Callable[..., Pair]) -> None:

@@ -89,13 +89,102 @@ def test_unknown_type(t: int) -> None:
         n.encode_frame(t, 1)
 
 
-@pytest.mark.parametrize("flags", [1, 0x8000])
+@pytest.mark.parametrize("flags", [1, 2, 0x8000])
 def test_reserved_flags(flags: int) -> None:
     with pytest.raises(FrameError) as ei:
         n.decode_header(_patch(frame(n.PING), "<H", 6, flags))
     assert ei.value.code == n.E_FLAGS  # type: ignore[attr-defined]
     with pytest.raises(FrameError):
         n.encode_frame(n.PING, 1, flags=flags)
+
+
+# ---- MRD_FRAME_F_SYNC: allowed on WRITE/SYNC_DATA only -----------------------
+
+def test_sync_flag_value_and_layout() -> None:
+    assert n.F_SYNC == 1
+    raw = n.encode_frame(n.WRITE, 3, 8192, b"abcd", flags=n.F_SYNC)
+    _, _, flags, _, _, _, crc = struct.unpack("<IHHQQII", raw[:32])
+    assert flags == n.F_SYNC
+    assert crc == n.crc32c(b"abcd", n.crc32c(raw[:28] + b"\0\0\0\0"))
+
+
+@pytest.mark.parametrize("t", PAYLOAD_TYPES)
+@pytest.mark.parametrize("length", [1, 4096, n.MAX_PAYLOAD])
+def test_sync_flag_round_trips_on_data_frames(t: int, length: int) -> None:
+    payload = bytes([length % 251]) * length
+    raw = n.encode_frame(t, 9, 4096, payload, flags=n.F_SYNC)
+    h = n.decode_header(raw[:32])
+    assert h.flags == n.F_SYNC and h.sync and h.type == t and h.length == length
+    assert n.verify_frame(raw[:32], raw[32:]) == h
+    parsed, got, used = n.parse_frame(raw)
+    assert parsed == h and got == payload and used == 32 + length
+
+
+@pytest.mark.parametrize("t", ALL_TYPES)
+def test_unflagged_frames_are_not_sync(t: int) -> None:
+    h = n.decode_header(frame(t)[:32])
+    assert h.flags == 0 and not h.sync
+
+
+@pytest.mark.parametrize("t", EMPTY_TYPES)
+def test_sync_flag_refused_on_control_frames(t: int) -> None:
+    with pytest.raises(FrameError) as ei:
+        n.encode_frame(t, 1, flags=n.F_SYNC)
+    assert ei.value.code == n.E_FLAGS  # type: ignore[attr-defined]
+    with pytest.raises(FrameError) as ei:
+        n.decode_header(_patch(frame(t), "<H", 6, n.F_SYNC))
+    assert ei.value.code == n.E_FLAGS  # type: ignore[attr-defined]
+    with pytest.raises(FrameError) as ei:
+        n.parse_frame(_patch(frame(t), "<H", 6, n.F_SYNC))
+    assert ei.value.code == n.E_FLAGS  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("t", PAYLOAD_TYPES)
+@pytest.mark.parametrize("flags", [0x2, 0x4, 0x100, 0x8000, 0xFFFF, n.F_SYNC | 0x2, n.F_SYNC | 0x8000])
+def test_unknown_flag_bits_refused_on_data_frames(t: int, flags: int) -> None:
+    with pytest.raises(FrameError) as ei:
+        n.encode_frame(t, 1, 0, b"x", flags=flags)
+    assert ei.value.code == n.E_FLAGS  # type: ignore[attr-defined]
+    with pytest.raises(FrameError) as ei:
+        n.decode_header(_patch(frame(t), "<H", 6, flags))
+    assert ei.value.code == n.E_FLAGS  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("t", PAYLOAD_TYPES)
+def test_sync_flag_is_covered_by_the_crc(t: int) -> None:
+    # Setting or clearing the flag in transit yields a valid header whose CRC
+    # no longer matches: never a silently changed durability request.
+    for flags, patched in [(0, n.F_SYNC), (n.F_SYNC, 0)]:
+        raw = n.encode_frame(t, 5, 0, b"payload!", flags=flags)
+        bad = _patch(raw, "<H", 6, patched)
+        assert n.decode_header(bad[:32]).flags == patched
+        with pytest.raises(FrameError) as ei:
+            n.parse_frame(bad)
+        assert ei.value.code == n.E_CRC  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("t", PAYLOAD_TYPES)
+def test_sync_flag_does_not_relax_length_checks(t: int) -> None:
+    with pytest.raises(FrameError) as ei:
+        n.encode_frame(t, 1, 0, b"", flags=n.F_SYNC)
+    assert ei.value.code == n.E_LEN  # type: ignore[attr-defined]
+    raw = n.encode_frame(t, 1, 0, b"abc", flags=n.F_SYNC)
+    with pytest.raises(FrameError) as ei:
+        n.decode_header(_patch(raw, "<I", 24, n.MAX_PAYLOAD + 1))
+    assert ei.value.code == n.E_LEN  # type: ignore[attr-defined]
+
+
+def test_flagged_and_unflagged_frames_stream_in_order() -> None:
+    frames = [n.encode_frame(t, i, 4096 * i, b"d" * 16 if t in PAYLOAD_TYPES else b"",
+                             flags=n.F_SYNC if t in PAYLOAD_TYPES and i % 2 else 0)
+              for i, t in enumerate(ALL_TYPES * 2)]
+    stream = b"".join(frames)
+    got = []
+    while stream:
+        h, _, used = n.parse_frame(stream)
+        got.append((h.seq, h.sync))
+        stream = stream[used:]
+    assert got == [(i, t in PAYLOAD_TYPES and i % 2 == 1) for i, t in enumerate(ALL_TYPES * 2)]
 
 
 @pytest.mark.parametrize("length", [n.MAX_PAYLOAD + 1, 1 << 30, 0xFFFFFFFF])
