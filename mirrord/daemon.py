@@ -615,35 +615,73 @@ class Daemon:
         self._stop_companions()
         self.side = None
 
+    #: configureHA: what changes in place on a primary (the rest restarts the secondary's side
+    #: or needs stopHA/startHA on the primary, which would interrupt the application).
+    PRIMARY_LIVE = frozenset({"ping_interval", "start_script", "stop_script", "restart_limit", "floating_ip",
+                              "witness_ip", "secret_file"})
+
     def configure_ha(self, **changes: Any) -> tuple[str, dict[str, Any]]:
         with self._lock:
-            if self.mode is Mode.STANDALONE or self.settings is None:
+            if self.mode is Mode.STANDALONE or self.settings is None or self.side is None:
                 raise Refused("HA is not running on this appliance; configureHA changes a running pair. "
                               "Use startHA first.")
-            new = config.merge(self.settings, changes)
-            old = self.settings.to_json()
+            old_settings = self.settings
+            new = config.merge(old_settings, changes)
+            old = old_settings.to_json()
             changed = sorted(k for k, v in new.to_json().items() if v != old.get(k))
             if not changed:
                 return "configureHA: nothing to change; the settings are already these.", self.status()[1]
-            live = {"ping_interval", "start_script", "stop_script"}
-            if set(changed) - live:
-                raise Refused(
-                    f"Changing {', '.join(sorted(set(changed) - live))} needs HA restarted on this appliance: "
-                    "run stopHA, then startHA with the new values (on both appliances)."
-                )
-            for flag, script in (("--start-script", new.start_script), ("--stop-script", new.stop_script)):
-                if script is not None:
-                    config.check_script(flag, script)
-            self.settings = new
-            for part in (self.primary, self.secondary):
-                if part is not None:
-                    part.settings = new
-            if self.heartbeat is not None:
-                self.heartbeat.set_interval(tick_period(new.ping_interval))
+            side = config.check_local(new, local_addresses()) if self.mode is not Mode.PRIMARY else self.side
+            if side != self.side:
+                raise Refused(f"With these addresses this appliance would become the configured {side}; swapping "
+                              "roles needs stopHA and startHA on both appliances.")
+            if self.mode is Mode.PRIMARY:
+                self._configure_primary(old_settings, new, changed)
+            else:
+                self._configure_standby(new)
             config.save(self.home, new)
             message = f"configureHA: changed {', '.join(changed)}. Run the same configureHA on the other appliance."
             self.log.log(message)
             return message, self.status()[1]
+
+    def _configure_primary(self, old: Settings, new: Settings, changed: list[str]) -> None:
+        fixed = sorted(set(changed) - self.PRIMARY_LIVE)
+        if fixed:
+            raise Refused(f"Changing {', '.join(fixed)} on the primary would interrupt the application: failOver "
+                          "first and change it while this appliance is secondary, or run stopHA and startHA.")
+        for flag, script in (("--start-script", new.start_script), ("--stop-script", new.stop_script)):
+            if script is not None:
+                config.check_script(flag, script)
+        assert self.primary is not None and self.ends is not None
+        if new.floating_ip != old.floating_ip:
+            iface = arp.iface_for(self.ends.my_public)
+            holder = arp.address_in_use(new.floating_ip.ip, iface, timeout=0.2)
+            if holder is not None:
+                raise Refused(f"The new floating IP {new.floating_ip.ip} is already answered by {holder}; "
+                              "choose a free address.")
+            floatip.add(new.floating_ip, self.ends.my_public)
+            floatip.remove(old.floating_ip)
+            arp.announce(new.floating_ip.ip, iface, count=1)
+            self.log.log(f"Moved the floating IP from {old.floating_ip} to {new.floating_ip}.")
+        self.settings = self.primary.settings = new
+        if {"secret_file", "witness_ip"} & set(changed):
+            self._stop_companions()
+            self._start_companions(new, self.ends)
+            self.primary.secret = self.secret
+        elif self.heartbeat is not None:
+            self.heartbeat.set_interval(tick_period(new.ping_interval))
+
+    def _configure_standby(self, new: Settings) -> None:
+        """A secondary (or inconsistent) appliance takes any change by restarting its side; an idle one
+        only takes the settings (it stays idle until startHA)."""
+        if self.mode is Mode.IDLE:
+            assert self.side is not None
+            self._stop_companions()
+            self.settings, self.ends = new, new.endpoints(self.side)
+            self._start_companions(new, self.ends)
+            return
+        self._teardown("configureHA")
+        self.start_ha(**{k: v for k, v in new.to_json().items() if k in config.FIELDS and v is not None})
 
     def fail_over(self) -> tuple[str, dict[str, Any]]:
         with self._lock:

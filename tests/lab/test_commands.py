@@ -91,3 +91,35 @@ def test_commands_in_the_wrong_mode(lab: Any) -> None:
     finally:
         stop_all(lab)
         forget_ha_state(lab)
+
+
+def test_configure_ha_on_a_running_pair(lab: Any) -> None:
+    start_ha(lab, "a2")
+    start_ha(lab, "a1")
+    try:
+        from hactl import in_sync, status, wait_status
+
+        wait_status(lab, "a1", in_sync)
+        done = lab.run("a1", "configureHA --ping-interval 2", timeout=60)
+        assert done.returncode == 0, done.stderr
+        s2 = wait_status(lab, "a2", lambda s: "ping_interval" in s["settings_mismatch"], timeout=20)
+        assert s2["mode"] == "secondary"
+        assert "Settings differ from the peer's: ping_interval" in (lab.home("a2") / "log" / "ha.log").read_text()
+        done = lab.run("a2", "configureHA --ping-interval 2", timeout=60)
+        assert done.returncode == 0, done.stderr
+        wait_status(lab, "a2", lambda s: not s["settings_mismatch"] and s["peer_connected"]
+                    and s["disk"]["state"] == "UpToDate", timeout=30)
+        assert status(lab, "a1")["settings"]["ping_interval"] == 2.0
+        # The floating IP moves on the primary without interrupting it.
+        done = lab.run("a1", "configureHA --floating-ip 198.18.0.20/24", timeout=60)
+        assert done.returncode == 0, done.stderr
+        s1 = status(lab, "a1")
+        assert s1["mode"] == "primary" and s1["floating_ip_held"] and s1["settings"]["floating_ip"] == "198.18.0.20/24"
+        assert lab.ping("client", "198.18.0.20")
+        assert "198.18.0.10/" not in lab.run("a1", "ip -4 addr show dev eth0").stdout
+        # What the primary cannot change in place is refused with the way to do it.
+        done = lab.run("a1", "configureHA --disk /dev/null", timeout=60)
+        assert done.returncode in (2, 3) and done.stderr
+    finally:
+        stop_all(lab)
+        forget_ha_state(lab)
