@@ -44,6 +44,7 @@ from mirrord.supervisor import Action, Facts, decide
 from mirrord.trace import write_trace
 
 WATCHDOG_PERIOD = 0.02
+SETTLE_AFTER_STALL = 0.1
 #: Settings both appliances must agree on (compared over the heartbeats).
 SHARED_SETTINGS = ("primary_ip", "secondary_ip", "primary_sync_ip", "secondary_sync_ip", "floating_ip",
                    "ping_interval")
@@ -152,8 +153,13 @@ class Daemon:
 
     def tick(self) -> str:
         """One HA loop iteration; returns the sentence describing what it did."""
+        stall = self._watchdog.take()
+        if self.settings is not None and stall >= self.settings.ping_interval:
+            # Let the other threads catch up first (the data path reading the peer's
+            # goodbye, the heartbeat queue): the facts must describe now, not the stall.
+            time.sleep(SETTLE_AFTER_STALL)
         with self._lock:
-            facts = self._facts()
+            facts = self._facts(stall)
             decision = decide(facts)
             self._act(decision.action, decision.sentence)
             if decision.sentence != self._last_sentence and not decision.sentence.startswith("Busy:"):
@@ -171,7 +177,7 @@ class Daemon:
         fresher = "sync" if silent_sync <= silent_public else "public"
         return silent_sync, silent_public, self.heartbeat.peer_state(fresher)
 
-    def _facts(self) -> Facts:
+    def _facts(self, stall: float) -> Facts:
         silent_sync, silent_public, peer = self._peer_view()
         ping = self.settings.ping_interval if self.settings else 1.0
         common = dict(
@@ -179,13 +185,14 @@ class Daemon:
             peer_mode=(peer or {}).get("mode"), peer_disk=(peer or {}).get("disk"),
             peer_wants_outdate=bool((peer or {}).get("outdate_request")),
             epoch=self.meta.epoch if self.meta else 0, peer_epoch=int((peer or {}).get("epoch") or 0),
-            clock_gap=self._watchdog.take(), busy=self._busy,
+            clock_gap=stall, busy=self._busy,
             witness_ok=None if self.witness is None else self.witness.ok,
             my_links_up=any_link_up([self.ends.my_sync, self.ends.my_public]) if self.ends else True,
         )
         if self.primary is not None:
             stats = self.primary.server.stats() if self.primary.server is not None else None
-            return Facts(disk_state=DiskState.UP_TO_DATE, peer_connected=self.primary.peer.connected,
+            link_up = self.primary.peer.connected and bool(stats and stats.peer_connected)
+            return Facts(disk_state=DiskState.UP_TO_DATE, peer_connected=link_up,
                          sync_percent=self.primary.peer.sync_percent,
                          io_suspended=bool(stats and stats.suspended),
                          app_healthy=self.app_monitor.healthy if self.app_monitor else None,

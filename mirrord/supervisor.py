@@ -28,10 +28,16 @@ longer be promoted behind its back:
   are not on its disk. docs/operations.md says so; configure a witness.
 
 If the other appliance says it is primary with a term (epoch) at least as
-high as ours, or our own process was stopped for longer than ``pingInterval`` (a hung machine that
-wakes up cannot know what happened meanwhile), the primary steps down at
-once: the held writes fail, nothing more is acknowledged. Terms settle who
-yields when both are primary for a moment (a hung primary wakes up and
+high as ours, the primary steps down at once. So it does after its own
+process was stopped for longer than ``pingInterval`` (a hung machine that
+wakes up cannot know what happened meanwhile) if the replication link is
+gone and the secondary was UpToDate: a secondary that takes over stops
+acknowledging first, so a link that still acknowledges proves it did not,
+and one that was not UpToDate could not. (The daemon lets the process
+settle for a moment after a stall before it gathers these facts, so the
+data path has seen the peer's goodbye.) Stepping down means the held writes
+fail and nothing more is acknowledged. Terms settle who yields when both
+are primary for a moment (a hung primary wakes up and
 says "primary" once before it notices): every promotion takes a term higher
 than any it has heard of, so the newer primary never yields to the older.
 """
@@ -173,8 +179,14 @@ def _inconsistent(f: Facts) -> Decision:
 
 def _primary(f: Facts) -> Decision:
     if f.clock_gap >= f.ping_interval:
-        return Decision(Action.STEP_DOWN, f"This appliance was stalled for {f.clock_gap:.1f} s, longer than "
-                        f"pingInterval {f.ping_interval:g} s: the secondary may have taken over. Stepping down.")
+        stalled = f"This appliance was stalled for {f.clock_gap:.1f} s, longer than pingInterval {f.ping_interval:g} s"
+        if f.peer_connected and not f.io_suspended:
+            return Decision(Action.NONE, f"{stalled}, but the secondary still acknowledges our writes: it did not "
+                                         "take over.")
+        if f.peer_disk == str(DiskState.UP_TO_DATE):
+            return Decision(Action.STEP_DOWN, f"{stalled} and the replication link is gone: the secondary may "
+                                              "have taken over. Stepping down.")
+        # A secondary that was not UpToDate could not have taken over: the rules below apply.
     if f.peer_mode == "primary" and _heard(f) and f.peer_epoch >= f.epoch:
         return Decision(Action.STEP_DOWN, f"The other appliance says it is primary with term {f.peer_epoch} "
                         f"(ours is {f.epoch}): stepping down at once; nothing more is acknowledged here.")

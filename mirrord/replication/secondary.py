@@ -72,6 +72,10 @@ class SecondarySide:
 
     def stop(self) -> None:
         self._stop.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() at once: a takeover waits on this
+        except OSError:
+            pass  # never listened, or already shut
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._listener.close()

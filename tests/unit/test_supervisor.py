@@ -94,9 +94,23 @@ def test_inconsistent(connected: bool, disk: DiskState, expected: Action) -> Non
 
 
 @pytest.mark.parametrize("gap", [0.0, 0.5, 0.99, 1.0, 2.5, 30.0])
-def test_primary_steps_down_after_a_stall(gap: float) -> None:
-    d = decide(facts(Mode.PRIMARY, peer_mode="secondary", clock_gap=gap))
+def test_primary_steps_down_after_a_stall_that_broke_the_link(gap: float) -> None:
+    d = decide(facts(Mode.PRIMARY, peer_mode="secondary", clock_gap=gap, peer_connected=False, io_suspended=True))
     assert (d.action is Action.STEP_DOWN) == (gap >= P)
+
+
+@pytest.mark.parametrize(("connected", "suspended", "peer_disk", "expected"), [
+    (True, False, "UpToDate", Action.NONE),          # still acknowledged: no takeover happened
+    (False, True, "UpToDate", Action.STEP_DOWN),
+    (False, False, "UpToDate", Action.STEP_DOWN),
+    (True, True, "UpToDate", Action.STEP_DOWN),
+    (False, True, "Inconsistent", Action.RESUME_DEGRADED),  # could not have taken over: fencing rules apply
+    (False, True, None, Action.REQUEST_OUTDATE),
+])
+def test_what_a_stall_means(connected: bool, suspended: bool, peer_disk: str | None, expected: Action) -> None:
+    d = decide(facts(Mode.PRIMARY, peer_mode="secondary", clock_gap=2.0, peer_connected=connected,
+                     io_suspended=suspended, peer_disk=peer_disk))
+    assert d.action is expected
 
 
 @pytest.mark.parametrize(("mine", "theirs", "expected"), [
