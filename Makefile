@@ -4,8 +4,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs util-linux iproute2 procps psmisc
-BENCH_APT_PACKAGES := rsync keepalived haproxy
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs util-linux iproute2 procps psmisc haproxy
+BENCH_APT_PACKAGES := rsync keepalived
 
 .PHONY: all setup demo test unit lab bench clean
 
