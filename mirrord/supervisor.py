@@ -127,6 +127,9 @@ def decide(f: Facts) -> Decision:
 
 
 def _secondary(f: Facts) -> Decision:
+    if f.disk_state is DiskState.INCONSISTENT and f.sync_started and not f.peer_connected:
+        return Decision(Action.SYNC_INTERRUPTED, f"Sync from the primary interrupted at {f.sync_percent:.1f} %: "
+                        "this appliance is now inconsistent and will not be promoted until a sync completes.")
     silence = _silence(f)
     if silence >= f.ping_interval:
         why = (f"The primary has been silent on both networks for {_fmt(silence)} "
@@ -138,9 +141,6 @@ def _secondary(f: Facts) -> Decision:
             return Decision(Action.NONE, f"{why}, but this appliance has not completed a sync from it since "
                                          "startHA: its disk may hold other data; not taking over.")
         if f.disk_state is not DiskState.UP_TO_DATE:
-            if f.disk_state is DiskState.INCONSISTENT and f.sync_started and not f.peer_connected:
-                return Decision(Action.SYNC_INTERRUPTED, f"{why}; the sync was interrupted at "
-                                f"{f.sync_percent:.1f} %: this appliance is inconsistent and will not be promoted.")
             return Decision(Action.NONE, f"{why}, but this disk is {f.disk_state}: not taking over.")
         if not f.my_links_up:
             return Decision(Action.NONE, f"{why}, but this appliance's own links are down: it is the isolated one; "
@@ -149,9 +149,6 @@ def _secondary(f: Facts) -> Decision:
             return Decision(Action.NONE, f"{why}, but the witness does not answer either: this appliance may be "
                                          "the isolated one; not taking over.")
         return Decision(Action.TAKEOVER, f"{why}: taking over as primary.")
-    if f.disk_state is DiskState.INCONSISTENT and f.sync_started and not f.peer_connected:
-        return Decision(Action.SYNC_INTERRUPTED, f"Sync from the primary interrupted at {f.sync_percent:.1f} %: "
-                        "this appliance is now inconsistent and will not be promoted until a sync completes.")
     # The primary asks only after losing the link, so our own view of the link is stale.
     if f.peer_wants_outdate and f.disk_state is DiskState.UP_TO_DATE:
         return Decision(Action.OUTDATE_SELF, "The primary lost the replication link and continues alone: marking "

@@ -5,14 +5,12 @@ What a node must remember across crashes about its copy of the volume:
 * ``disk_state``: ``UpToDate`` (a complete, current copy), ``Inconsistent``
   (a sync into it started and has not finished: parts are old, parts new),
   ``Outdated`` (complete but known to be behind the peer);
-* ``sync_offset``: how far an unfinished sync into this disk got, so it can
-  resume there;
 * ``epoch``: the highest primary term this copy has served or followed;
   each promotion takes a higher one, so two primaries can tell which is newer;
 * ``source``: on a secondary, the lineage (primary's node id and term) of
-  the last sync that completed into this disk; a primary with the same
-  lineage still holds the bitmap of everything written since, so a
-  reconnect needs only those blocks;
+  the last sync into this disk, finished or not; a primary with the same
+  lineage still holds the bitmap of every block this disk lacks, so a
+  reconnect sends only those (and an interrupted sync resumes);
 * ``node_id``: a random identity for this copy of the data, chosen on first use.
 
 The file is replaced atomically (temp + fsync + rename + directory fsync), so
@@ -43,7 +41,6 @@ class DiskState(str, enum.Enum):
 @dataclass
 class VolumeMeta:
     disk_state: DiskState = DiskState.UP_TO_DATE
-    sync_offset: int = 0
     epoch: int = 0
     source: str = ""
     node_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -55,8 +52,7 @@ class VolumeMeta:
             meta = cls()
             meta.save(home, volume)
             return meta
-        return cls(disk_state=DiskState(data["disk_state"]), sync_offset=int(data.get("sync_offset", 0)),
-                   epoch=int(data.get("epoch", 0)), source=str(data.get("source", "")),
+        return cls(disk_state=DiskState(data["disk_state"]), epoch=int(data.get("epoch", 0)), source=str(data.get("source", "")),
                    node_id=str(data["node_id"]))
 
     def save(self, home: Home, volume: str) -> None:

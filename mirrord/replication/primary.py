@@ -173,7 +173,7 @@ class PrimarySide:
             mine = secrets.token_hex(16)
             hello = link.hello(node=str(self.ends.my_sync), role="primary", volume=self.settings.volume,
                                disk_size=self.disk_size, version=__version__, settings=self.settings.to_json())
-            link.send(control, {**hello, "nonce": mine})
+            link.send(control, {**hello, "nonce": mine, "lineage": self.lineage})
             reply = self._expect(control, "challenge")
             theirs = str(reply.get("nonce"))
             if not link.proof_ok(self.secret, "secondary", reply.get("proof"), mine, theirs):
@@ -194,14 +194,19 @@ class PrimarySide:
             # fencing (held writes), never a silent switch to local-only writes.
             guard = socket.socket(fileno=os.dup(data.fileno()))
             self.server.attach_peer(data.detach())
-            # Same lineage: the secondary holds everything up to the moment our dirty
-            # bitmap started, so only the dirty blocks are sent (DRBD's quick resync).
-            bitmap = reply.get("source") == self.lineage and reply.get("disk_state") in ("UpToDate", "Outdated")
-            self.server.start_sync(0, dirty_only=bitmap)
+            # Every sync is a bitmap sync (DRBD's way). Same lineage: our bitmap holds exactly
+            # what the secondary lacks, whether it was UpToDate when it left or cut off in the
+            # middle of a sync (then the sync resumes where it stopped). Otherwise every block
+            # is marked first: a full sync that is cut short leaves only the rest dirty.
+            bitmap = reply.get("source") == self.lineage
+            if not bitmap:
+                self.server.mark_dirty(0, self.disk_size)
+            self.server.start_sync(0, dirty_only=True)
             self.peer = PeerView(connected=True)
             self._control = control
-            kind = (f"bitmap resync of {self.server.stats().sync_total} changed bytes" if bitmap
-                    else f"full sync of {self.disk_size} bytes")
+            total = self.server.stats().sync_total
+            kind = (f"bitmap resync of {total} bytes the secondary lacks" if bitmap
+                    else f"full sync of {total} bytes")
             self.log.log(f"Connected to secondary {self.ends.peer_sync}; {kind} started while serving.")
             try:
                 self._watch(control)
@@ -230,8 +235,8 @@ class PrimarySide:
             stats = self.server.stats()
             if not stats.peer_connected:
                 raise PeerError(f"data connection lost ({stats.last_error or 'no reason given'})")
-            total = stats.sync_total
-            percent = 100.0 * min(stats.bytes_synced, total) / total if total else 100.0
+            # Progress as DRBD shows it: the share of the disk the secondary has.
+            percent = 100.0 * (1 - stats.dirty_bytes / self.disk_size)
             done = stats.sync_done and not stats.sync_active
             self.peer.sync_percent = 100.0 if done else percent
             with self._send_lock:

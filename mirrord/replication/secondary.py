@@ -56,6 +56,7 @@ class SecondarySide:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._pending: str | None = None
+        self._pending_source = ""
         self._control: socket.socket | None = None
         self._receiver: Receiver | None = None
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -143,6 +144,7 @@ class SecondarySide:
         token = secrets.token_hex(16)
         with self._lock:
             self._pending = token
+            self._pending_source = str(msg.get("lineage", ""))
             self._control = conn
         link.send(conn, {"type": "welcome", "session": token, "disk_size": self.disk_size,
                          "disk_state": str(self.meta.disk_state), "node": self.meta.node_id,
@@ -157,9 +159,10 @@ class SecondarySide:
             self._pending = None
             control = self._control
         assert control is not None
-        # Mark the copy incomplete before the first sync byte can land.
+        # Mark the copy incomplete before the first sync byte can land, and note whose
+        # sync it is: if it is cut short, the same primary can resume it.
         self.meta.disk_state = DiskState.INCONSISTENT
-        self.meta.sync_offset = 0
+        self.meta.source = self._pending_source
         self.meta.save(self.home, self.settings.volume)
         link.tune(conn, user_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000))
         link.send(conn, {"type": "ok"})
@@ -172,7 +175,10 @@ class SecondarySide:
         threading.Thread(target=self._follow, args=(control,), name="follow", daemon=True).start()
 
     def _follow(self, control: socket.socket) -> None:
-        control.settimeout(None)
+        # The primary reports progress every 0.2 s: a longer silence is a dead link,
+        # noticed here even when no byte of ours is waiting for an acknowledgement.
+        link.tune(control, user_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000))
+        control.settimeout(max(2.0, 3 * self.settings.ping_interval))
         reason = "the primary closed the connection"
         try:
             while not self._stop.is_set():
@@ -181,7 +187,6 @@ class SecondarySide:
                     self.primary.sync_percent = float(msg.get("percent", 0.0))
                 elif msg["type"] == "sync_done":
                     self.meta.disk_state = DiskState.UP_TO_DATE
-                    self.meta.sync_offset = self.disk_size
                     self.meta.source = str(msg.get("source", ""))
                     self.meta.save(self.home, self.settings.volume)
                     self.primary.sync_percent = 100.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from mirrord.errors import MirrordError, Refused
@@ -89,9 +90,21 @@ def mount(block: str, mountpoint: Path) -> None:
     _run(["mount", block, str(mountpoint)], f"mount {block} on {mountpoint}")
 
 
+UNMOUNT_PATIENCE = 5.0
+
+
 def unmount(mountpoint: Path, lazy: bool = False) -> None:
-    _run(["umount", *(["--lazy"] if lazy else []), str(mountpoint)],
-         f"unmount {mountpoint} (is an application still using it?)")
+    """Unmount, waiting a little for processes that were just killed (stop script) to let go."""
+    deadline = time.monotonic() + UNMOUNT_PATIENCE
+    while True:
+        try:
+            _run(["umount", *(["--lazy"] if lazy else []), str(mountpoint)],
+                 f"unmount {mountpoint} (is an application still using it?)")
+            return
+        except MirrordError:
+            if lazy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def is_mounted(mountpoint: Path) -> bool:

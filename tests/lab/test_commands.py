@@ -84,8 +84,9 @@ def test_commands_in_the_wrong_mode(lab: Any) -> None:
     try:
         done = lab.run("a2", "failOver", timeout=60)
         assert done.returncode == 3 and "primary is not connected" in done.stderr
-        done = lab.run("a2", "configureHA --floating-ip 198.18.0.20/24", timeout=60)
-        assert done.returncode == 3 and "needs HA restarted" in done.stderr
+        done = lab.run("a2", "configureHA --primary-ip 198.18.0.12 --secondary-ip 198.18.0.11 "
+                             "--primary-sync-ip 198.19.0.2 --secondary-sync-ip 198.19.0.1", timeout=60)
+        assert done.returncode == 3 and "swapping roles needs stopHA" in done.stderr
         done = lab.run("a2", "configureHA --ping-interval 2", timeout=60)
         assert done.returncode == 0 and "changed ping_interval" in done.stdout
     finally:

@@ -184,3 +184,29 @@ def test_returning_secondary_gets_only_what_changed(pair: Any) -> None:
     assert sent <= 1.05 * dirty, f"the resync sent {sent} bytes for {dirty} dirty bytes"
     assert "bitmap resync" in ha_log(pair, "a1")
     assert images_identical(pair), first_difference(pair)
+
+
+def test_interrupted_sync_is_never_promoted_and_resumes(make_lab: Any, tmp_path: Path) -> None:
+    with make_lab(tmp_path, "2G") as lab:
+        start_ha(lab, "a1")
+        start_ha(lab, "a2")
+        s1 = wait_status(lab, "a1", lambda s: s["peer_connected"] and s["disk"]["sync_percent"] >= 25, timeout=60)
+        lab.cut("a1", "all")
+        at_cut = status(lab, "a1")["disk"]["sync_percent"]
+        assert at_cut < 100, "the sync finished before the cut; nothing to resume"
+        # a1 is silent on both networks, but a2's copy is incomplete: it must not take over.
+        wait_status(lab, "a2", lambda s: s["mode"] == "inconsistent", timeout=30)
+        time.sleep(3)
+        s2 = status(lab, "a2")
+        assert s2["mode"] == "inconsistent" and not s2["floating_ip_held"]
+        assert "will not be promoted" in ha_log(lab, "a2")
+        lab.heal("a1", "all")
+        wait_status(lab, "a1", lambda s: s["peer_connected"], timeout=30)
+        log = ha_log(lab, "a1")
+        resumed = log[log.rindex("Connected to secondary"):].split("\n")[0]
+        assert "bitmap resync" in resumed, resumed
+        remaining = int(resumed.split("bitmap resync of ")[1].split()[0])
+        assert remaining <= (1 - (at_cut - 5) / 100) * (2 << 30), f"resumed with {remaining} bytes after {at_cut} %"
+        wait_status(lab, "a2", lambda s: s["mode"] == "secondary" and s["disk"]["state"] == "UpToDate", timeout=60)
+        stop_all(lab)
+        assert filecmp.cmp(lab.home("a1") / "disk.img", lab.home("a2") / "disk.img", shallow=False)

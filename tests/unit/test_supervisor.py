@@ -45,9 +45,15 @@ def test_secondary_with_bad_disk_never_takes_over(disk: DiskState, started: bool
                      peer_connected=False, sync_started=started))
     assert d.action is not Action.TAKEOVER
     if disk is INC and started:
-        assert d.action is Action.SYNC_INTERRUPTED and "inconsistent" in d.sentence
+        assert d.action is Action.SYNC_INTERRUPTED and "will not be promoted" in d.sentence
     else:
         assert str(disk) in d.sentence and "not taking over" in d.sentence
+
+
+def test_interrupted_sync_is_noticed_before_anything_else() -> None:
+    d = decide(facts(Mode.SECONDARY, disk_state=INC, sync_started=True, peer_connected=False, synced=False,
+                     silent_sync=9, silent_public=9))
+    assert d.action is Action.SYNC_INTERRUPTED
 
 
 def test_isolated_secondary_does_not_take_over() -> None:
