@@ -144,6 +144,14 @@ class Daemon:
                 self.tick()
         finally:
             with self._lock:
+                if self.mode is Mode.PRIMARY and self.primary is not None and self.primary.peer.sync_done \
+                        and self.primary.peer.connected:
+                    # systemctl stop or a reboot of the primary: hand the service over
+                    # (like failOver) rather than leave the pair without a primary.
+                    try:
+                        self._hand_over()
+                    except MirrordError as exc:
+                        self.log.log(f"Could not hand over before stopping: {exc}")
                 if self.mode is not Mode.STANDALONE:
                     self._teardown("daemon stopping")
             self._watchdog.stop()

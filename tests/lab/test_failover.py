@@ -222,3 +222,13 @@ def test_failing_ocf_application_is_restarted_then_failed_over(pair: Any) -> Non
     assert status(pair, "a1")["mode"] == "idle"
     assert "handing over to the secondary" in ha_log(pair, "a1")
     assert (pair.home("a2") / "ocf-app.running").exists()
+
+
+def test_stopping_the_primary_daemon_hands_over(pair: Any) -> None:
+    start_pair(pair)
+    pair.run("a1", "echo before-stop > $MIRRORD_HOME/mnt/data.txt && sync", check=True)
+    done = pair.run("a1", "mirrord shutdown", timeout=120)  # what systemctl stop does: SIGTERM-like stop
+    assert done.returncode == 0, done.stderr
+    s2 = wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=30)
+    assert s2["floating_ip_held"]
+    assert pair.run("a2", "cat $MIRRORD_HOME/mnt/data.txt", check=True).stdout == "before-stop\n"
