@@ -81,8 +81,8 @@ def recv(sock: socket.socket) -> dict[str, Any]:
         if length > MAX_MESSAGE:
             raise PeerError(f"The peer sent a {length}-byte control message (limit {MAX_MESSAGE}); dropping it.")
         message = json.loads(_recv_exact(sock, length))
-    except (OSError, ValueError) as exc:
-        raise PeerError(f"Control connection failed: {exc}.") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        raise PeerError(f"Control connection failed: {type(exc).__name__}: {exc}.") from exc
     if not isinstance(message, dict) or "type" not in message:
         raise PeerError("The peer sent a control message without a type; dropping it.")
     return message
@@ -97,7 +97,7 @@ def check_hello(msg: dict[str, Any], *, my_disk_size: int, volume: str) -> None:
     """What the secondary checks before it lets a primary write to its disk."""
     if msg.get("type") != "hello":
         raise HandshakeRefused(f"Expected a hello from the peer, got {msg.get('type')!r}.")
-    if msg.get("protocol") != PROTOCOL_VERSION:
+    if type(msg.get("protocol")) is not int or msg.get("protocol") != PROTOCOL_VERSION:
         raise HandshakeRefused(
             f"Protocol version mismatch: the peer speaks {msg.get('protocol')}, this appliance speaks "
             f"{PROTOCOL_VERSION}; install the same mirrord version on both appliances."
@@ -105,7 +105,7 @@ def check_hello(msg: dict[str, Any], *, my_disk_size: int, volume: str) -> None:
     if msg.get("volume") != volume:
         raise HandshakeRefused(f"The peer replicates volume {msg.get('volume')!r}, this appliance {volume!r}.")
     size = msg.get("disk_size")
-    if not isinstance(size, int) or size <= 0:
+    if type(size) is not int or size <= 0:  # not bool, not float
         raise HandshakeRefused("The peer did not state its disk size.")
     if size > my_disk_size:
         raise HandshakeRefused(
@@ -116,9 +116,11 @@ def check_hello(msg: dict[str, Any], *, my_disk_size: int, volume: str) -> None:
 
 def proof(secret: bytes | None, role: str, *parts: str) -> str:
     """HMAC-SHA256 by ``role`` over the nonces (or token) of this exchange."""
-    text = "|".join(("mirrord-link/1", role, *parts)).encode()
+    # surrogatepass: a peer's nonce is untrusted text; any string must hash, never raise.
+    text = "|".join(("mirrord-link/1", role, *parts)).encode("utf-8", "surrogatepass")
     return hmac.new(secret or b"", text, hashlib.sha256).hexdigest()
 
 
 def proof_ok(secret: bytes | None, role: str, given: object, *parts: str) -> bool:
-    return isinstance(given, str) and hmac.compare_digest(proof(secret, role, *parts), given)
+    # compare_digest refuses non-ASCII str: such a proof is simply wrong.
+    return isinstance(given, str) and given.isascii() and hmac.compare_digest(proof(secret, role, *parts), given)

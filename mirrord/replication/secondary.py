@@ -115,6 +115,9 @@ class SecondarySide:
         except (PeerError, OSError) as exc:
             self.log.log(f"Replication connection from the primary failed: {exc}")
             conn.close()
+        except Exception as exc:  # a malformed handshake must never kill the listener's helper thread
+            self.log.log(f"Dropped a malformed replication handshake: {type(exc).__name__}: {exc}")
+            conn.close()
 
     def _on_hello(self, conn: socket.socket, msg: dict[str, object]) -> None:
         try:
