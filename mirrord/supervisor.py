@@ -132,8 +132,9 @@ def _secondary(f: Facts) -> Decision:
                         "this appliance is now inconsistent and will not be promoted until a sync completes.")
     silence = _silence(f)
     if silence >= f.ping_interval:
-        why = (f"The primary has been silent on both networks for {_fmt(silence)} "
-               f"(pingInterval {f.ping_interval:g} s)")
+        # Sentences that repeat while the state lasts carry no changing figures (ha.log
+        # gets a line when the sentence changes); only the one-off takeover says how long.
+        why = f"The primary has been silent on both networks for longer than pingInterval ({f.ping_interval:g} s)"
         if f.peer_mode in ("standalone", "idle"):
             return Decision(Action.NONE, f"{why}, but its last word was that it left HA ({f.peer_mode}): "
                                          "not taking over.")
@@ -148,7 +149,8 @@ def _secondary(f: Facts) -> Decision:
         if f.witness_ok is False:
             return Decision(Action.NONE, f"{why}, but the witness does not answer either: this appliance may be "
                                          "the isolated one; not taking over.")
-        return Decision(Action.TAKEOVER, f"{why}: taking over as primary.")
+        return Decision(Action.TAKEOVER, f"The primary has been silent on both networks for {_fmt(silence)} "
+                        f"(pingInterval {f.ping_interval:g} s): taking over as primary.")
     # The primary asks only after losing the link, so our own view of the link is stale.
     if f.peer_wants_outdate and f.disk_state is DiskState.UP_TO_DATE:
         return Decision(Action.OUTDATE_SELF, "The primary lost the replication link and continues alone: marking "
