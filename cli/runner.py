@@ -17,12 +17,11 @@ from mirrord.halog import HALog
 from mirrord.paths import Home
 
 DAEMON_START_TIMEOUT = 15.0
-#: Option values never written to ha.log (a path to a secret is fine, its content never passes here).
-_QUIET: frozenset[str] = frozenset()
 
 
 def describe(name: str, options: dict[str, Any]) -> str:
-    given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v not in (None, False) and k not in _QUIET)
+    # Only option values reach ha.log: --secret-file is a path; the secret itself never passes here.
+    given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v not in (None, False))
     return f"{name} {given}".strip()
 
 
