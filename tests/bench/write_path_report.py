@@ -149,8 +149,8 @@ class WritePathReport:
         if self.round_trip:
             r = self.round_trip
             out += ["", f"127.0.0.1 TCP round trip (64-byte ping-pong, Python both ends): mean {r.mean_us:.0f} µs, "
-                    f"p50 {r.p50_us:.0f} µs, p99 {r.p99_us:.0f} µs; a mirrored O_DSYNC write needs two "
-                    "(WRITE→WRITE_ACK, FLUSH→FLUSH_ACK)."]
+                    f"p50 {r.p50_us:.0f} µs, p99 {r.p99_us:.0f} µs; a mirrored O_DSYNC write needs one "
+                    "(WRITE with F_SYNC → WRITE_ACK; the FLUSH that follows stays local)."]
         if self.full_sync or self.loopback:
             out += ["", "| full sync (1 GiB) | GiB/s (min–max) |", "|---|---|"]
             for name, t in (("start_sync over 127.0.0.1, replica on tmpfs, primary image not cached",
