@@ -53,40 +53,11 @@ require_lab_prerequisites = labfix.require_lab_prerequisites
 
 # -- the application ------------------------------------------------------------------------
 
-APP_SERVER = r'''
-"""Serves the mirrored filesystem on 0.0.0.0:PORT; every answer says which appliance gave it."""
-import functools, http.server, sys
-node, directory, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-class Handler(http.server.SimpleHTTPRequestHandler):
-    def end_headers(self):
-        self.send_header("X-Served-By", node)
-        self.send_header("Cache-Control", "no-store")
-        super().end_headers()
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer.allow_reuse_address = True
-http.server.ThreadingHTTPServer(("0.0.0.0", port), functools.partial(Handler, directory=directory)).serve_forever()
-'''
 
-APP_SCRIPT = """#!/bin/sh
-# The application of the failover benchmark: a file server that names its appliance.
-case "$1" in
-start) {python} {home}/app_server.py {node} "$MIRRORD_MOUNT" {port} >/dev/null 2>&1 </dev/null &
-       echo $! > {home}/app.pid ;;
-stop)  [ -f {home}/app.pid ] && kill "$(cat {home}/app.pid)"; rm -f {home}/app.pid
-       fuser -k -m "$MIRRORD_MOUNT" >/dev/null 2>&1 ;;
-esac
-exit 0
-"""
 
 
 def install_app(lab: Any) -> None:
-    for node in ("a1", "a2"):
-        home = lab.home(node)
-        (home / "app_server.py").write_text(APP_SERVER)
-        script = home / "app.sh"
-        script.write_text(APP_SCRIPT.format(python=sys.executable, home=home, node=node, port=APP_PORT))
-        script.chmod(0o755)
+    hactl.install_named_app(lab, APP_PORT)
 
 
 # -- mirrord pairs --------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any, Callable
 
@@ -70,3 +71,42 @@ def forget_ha_state(lab: Any) -> None:
     for node in ("a1", "a2"):
         for name in ("ha.json", "state.json", "r0.meta"):
             (lab.home(node) / name).unlink(missing_ok=True)
+
+
+# -- an application that names the appliance that answered (HAProxy test, failover bench) --
+
+APP_SERVER = r'''
+"""Serves the mirrored filesystem on 0.0.0.0:PORT; every answer says which appliance gave it."""
+import functools, http.server, sys
+node, directory, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def end_headers(self):
+        self.send_header("X-Served-By", node)
+        self.send_header("Cache-Control", "no-store")
+        super().end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer.allow_reuse_address = True
+http.server.ThreadingHTTPServer(("0.0.0.0", port), functools.partial(Handler, directory=directory)).serve_forever()
+'''
+
+APP_SCRIPT = """#!/bin/sh
+# A file server on every address of the appliance, naming the appliance that answered.
+case "$1" in
+start) {python} {home}/app_server.py {node} "$MIRRORD_MOUNT" {port} >/dev/null 2>&1 </dev/null &
+       echo $! > {home}/app.pid ;;
+stop)  [ -f {home}/app.pid ] && kill "$(cat {home}/app.pid)"; rm -f {home}/app.pid
+       fuser -k -m "$MIRRORD_MOUNT" >/dev/null 2>&1 ;;
+esac
+exit 0
+"""
+
+
+def install_named_app(lab: Any, port: int) -> None:
+    """app_server.py and app.sh (start/stop script) in both appliances' homes."""
+    for node in ("a1", "a2"):
+        home = lab.home(node)
+        (home / "app_server.py").write_text(APP_SERVER)
+        script = home / "app.sh"
+        script.write_text(APP_SCRIPT.format(python=sys.executable, home=home, node=node, port=port))
+        script.chmod(0o755)

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from hactl import forget_ha_state, ha_log, in_sync, start_ha, status, stop_all, wait_status
+from hactl import forget_ha_state, ha_log, in_sync, install_named_app, start_ha, status, stop_all, wait_status
 
 pytestmark = pytest.mark.lab
 
@@ -32,30 +32,7 @@ STATUS_PORT = 9187
 APP_PORT = 8080
 FAILOVER_BOUND = 30.0  # seconds: crash of a1 -> HAProxy serves the data from a2
 
-APP_SERVER = r'''
-import functools, http.server, sys
-node, directory, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-class Handler(http.server.SimpleHTTPRequestHandler):
-    def end_headers(self):
-        self.send_header("X-Served-By", node)
-        self.send_header("Cache-Control", "no-store")
-        super().end_headers()
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer.allow_reuse_address = True
-http.server.ThreadingHTTPServer(("0.0.0.0", port), functools.partial(Handler, directory=directory)).serve_forever()
-'''
 
-APP = """#!/bin/sh
-# A file server on every address of the appliance, naming the appliance that answered.
-case "$1" in
-start) {python} {home}/app_server.py {node} "$MIRRORD_MOUNT" {port} >/dev/null 2>&1 </dev/null &
-       echo $! > {home}/app.pid ;;
-stop)  [ -f {home}/app.pid ] && kill "$(cat {home}/app.pid)"; rm -f {home}/app.pid
-       fuser -k -m "$MIRRORD_MOUNT" >/dev/null 2>&1 ;;
-esac
-exit 0
-"""
 
 HAPROXY_CFG = f"""\
 global
@@ -133,12 +110,7 @@ def haproxy_binary() -> str:
 @pytest.fixture(scope="module")
 def lab(make_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     with make_lab(tmp_path_factory.mktemp("haproxy"), "64M") as handle:
-        for node in ("a1", "a2"):
-            home = handle.home(node)
-            (home / "app_server.py").write_text(APP_SERVER)
-            script = home / "app.sh"
-            script.write_text(APP.format(python=sys.executable, home=home, node=node, port=APP_PORT))
-            script.chmod(0o755)
+        install_named_app(handle, APP_PORT)
         yield handle
 
 
