@@ -66,6 +66,17 @@ def stop_all(lab: Any) -> None:
         lab.run(node, "mirrord shutdown >/dev/null 2>&1; true", timeout=30)
 
 
+def reset_pair(lab: Any) -> None:
+    """After a test: both appliances powered, thawed, cabled, standalone, with no HA state."""
+    for node in ("a1", "a2"):
+        lab.thaw(node)
+        if lab.run(node, "true").returncode != 0:  # a crashed node: power it back
+            lab.boot(node)
+        lab.heal(node, "all")
+    stop_all(lab)
+    forget_ha_state(lab)
+
+
 def forget_ha_state(lab: Any) -> None:
     """Make both appliances new machines again (their disks keep their bytes): the next test starts clean."""
     for node in ("a1", "a2"):

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from hactl import forget_ha_state, ha_log, in_sync, start_ha, status, stop_all, wait_status
+from hactl import ha_log, in_sync, reset_pair, start_ha, status, wait_status
 from writer import BLOCK, block_bytes
 
 pytestmark = pytest.mark.lab
@@ -73,13 +73,7 @@ def lab(make_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any
 @pytest.fixture
 def pair(lab: Any) -> Iterator[Any]:
     yield lab
-    for node in ("a1", "a2"):
-        lab.thaw(node)
-        if lab.run(node, "true").returncode != 0:
-            lab.boot(node)
-        lab.heal(node, "all")
-    stop_all(lab)
-    forget_ha_state(lab)
+    reset_pair(lab)
 
 
 APP_ARGS = "--mount $MIRRORD_HOME/mnt --start-script $MIRRORD_HOME/app.sh --stop-script $MIRRORD_HOME/app.sh"

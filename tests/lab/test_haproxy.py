@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from hactl import forget_ha_state, ha_log, in_sync, install_named_app, start_ha, status, stop_all, wait_status
+from hactl import ha_log, in_sync, install_named_app, reset_pair, start_ha, status, wait_status
 
 pytestmark = pytest.mark.lab
 
@@ -149,13 +149,7 @@ def haproxy(lab: Any, tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def pair(lab: Any) -> Iterator[Any]:
     yield lab
-    for node in ("a1", "a2"):
-        lab.thaw(node)
-        if lab.run(node, "true").returncode != 0:
-            lab.boot(node)
-        lab.heal(node, "all")
-    stop_all(lab)
-    forget_ha_state(lab)
+    reset_pair(lab)
 
 
 def status_codes(lab: Any, node: str, path: str) -> dict[str, int]:

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from hactl import forget_ha_state, ha_log, in_sync, start_ha, start_primary_with_fs, status, stop_all, stop_ha, wait_status
+from hactl import ha_log, in_sync, reset_pair, start_ha, start_primary_with_fs, status, stop_all, stop_ha, wait_status
 from writer import BLOCK, block_bytes
 
 WRITER = str(Path(__file__).with_name("writer.py"))
@@ -31,12 +31,7 @@ def lab256(make_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 def pair(lab256: Any) -> Iterator[Any]:
     """The lab, left with both appliances standalone and powered after the test."""
     yield lab256
-    for node in ("a1", "a2"):
-        state = lab256.run(node, "true")
-        if state.returncode != 0:  # a crashed node: power it back
-            lab256.boot(node)
-    stop_all(lab256)
-    forget_ha_state(lab256)
+    reset_pair(lab256)
 
 
 def images_identical(lab: Any) -> bool:
@@ -190,7 +185,7 @@ def test_interrupted_sync_is_never_promoted_and_resumes(make_lab: Any, tmp_path:
     with make_lab(tmp_path, "2G") as lab:
         start_ha(lab, "a1")
         start_ha(lab, "a2")
-        s1 = wait_status(lab, "a1", lambda s: s["peer_connected"] and s["disk"]["sync_percent"] >= 25, timeout=60)
+        wait_status(lab, "a1", lambda s: s["peer_connected"] and s["disk"]["sync_percent"] >= 25, timeout=60)
         lab.cut("a1", "all")
         at_cut = status(lab, "a1")["disk"]["sync_percent"]
         assert at_cut < 100, "the sync finished before the cut; nothing to resume"
