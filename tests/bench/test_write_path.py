@@ -26,8 +26,8 @@ import pytest
 from write_path_report import Throughput, WritePathReport
 from write_targets import LABELS, Target, local_file, mirrord, passthrough_ll
 from write_workloads import (
-    GiB, KiB, MiB, LatencySummary, aligned_buffer, dsync_4kib, dsync_offsets, loopback_blast,
-    loopback_round_trips, read_back, sequential_1mib, stamp,
+    CONCURRENT_WRITERS, GiB, KiB, MiB, LatencySummary, aligned_buffer, concurrent_dsync_4kib, dsync_4kib,
+    dsync_offsets, loopback_blast, loopback_round_trips, read_back, sequential_1mib, stamp,
 )
 
 VARIANTS = list(LABELS)  # a b c d e
@@ -149,6 +149,26 @@ def test_4kib_dsync_writes(benchmark: Any, sweep: int, key: str, target: Target,
     _check_mirrord(target, benchmark, write_path_report, 0)
     if "peer_ack_latency_avg_us" in benchmark.extra_info:
         write_path_report.ack_us.setdefault(key, []).append(benchmark.extra_info["peer_ack_latency_avg_us"])
+
+
+@pytest.mark.parametrize("key", ["a", "c", "d"])
+def test_concurrent_4kib_dsync_writers(benchmark: Any, key: str, target: Target,
+                                       write_path_report: WritePathReport) -> None:
+    """CONCURRENT_WRITERS threads, DSYNC_WRITES O_DSYNC 4 KiB writes in all, at distinct offsets."""
+    bufs = [aligned_buffer(4 * KiB, seed=100 + i) for i in range(CONCURRENT_WRITERS)]
+    offsets = sorted(set(dsync_offsets(DSYNC_WRITES * 2, SIZE, seed=8192)))[:DSYNC_WRITES]
+    runs: list[tuple[list[int], float]] = []
+    benchmark.pedantic(lambda: runs.append(concurrent_dsync_4kib(target.path, bufs, offsets, target.o_direct)),
+                       rounds=1, iterations=1, warmup_rounds=1)
+    lat, wall = runs[-1]
+    for i, buf in enumerate(bufs):
+        _check_landed(target, [offsets[i::CONCURRENT_WRITERS][-1]], bytes(buf))
+    summary = LatencySummary.of(lat, wall)
+    write_path_report.concurrent[key] = summary
+    benchmark.extra_info.update(variant=f"({key}) {target.label}", writers=CONCURRENT_WRITERS,
+                                writes_per_s=round(summary.writes_per_s, 1), mean_us=round(summary.mean_us, 1),
+                                p99_us=round(summary.p99_us, 1))
+    _check_mirrord(target, benchmark, write_path_report, 0)
 
 
 def test_loopback_tcp_blast(benchmark: Any, bench_dir: Path, write_path_report: WritePathReport) -> None:

@@ -5,6 +5,9 @@
 * ``dsync_4kib``: N 4 KiB pwrites on an O_DSYNC file at fixed pseudo-random
   4 KiB-aligned offsets (each write is durable before it returns: writes/s
   and per-write latency).
+* ``concurrent_dsync_4kib``: the same writes split over CONCURRENT_WRITERS
+  threads, each with its own descriptor, all writing at once (how far the
+  data path scales when many writers wait on the disk and the peer).
 
 O_DIRECT is used whenever the target accepts it (``direct=False`` otherwise,
 see write_targets.passthrough_ll). Buffers are mmap'ed, hence page aligned.
@@ -21,6 +24,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+CONCURRENT_WRITERS = 16
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
@@ -76,6 +80,42 @@ def dsync_4kib(path: Path, buf: mmap.mmap, offsets: list[int], direct: bool) -> 
         return lat, (clock() - start) / 1e9
     finally:
         os.close(fd)
+
+
+def concurrent_dsync_4kib(path: Path, bufs: list[mmap.mmap], offsets: list[int],
+                          direct: bool) -> tuple[list[int], float]:
+    """len(bufs) threads, thread i writing bufs[i] at offsets[i::len(bufs)]; latencies and wall seconds.
+
+    os.pwrite releases the GIL, so the threads really wait in the kernel at
+    the same time; a barrier starts them together.
+    """
+    import threading
+
+    n = len(bufs)
+    barrier = threading.Barrier(n + 1)
+    results: list[tuple[list[int], float] | BaseException] = [ValueError("writer did not run")] * n
+
+    def writer(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[i] = dsync_4kib(path, bufs[i], offsets[i::n], direct)
+        except BaseException as exc:  # reported by the caller
+            results[i] = exc
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait(timeout=30)
+    start = time.perf_counter()
+    for t in threads:
+        t.join(timeout=300)
+    wall = time.perf_counter() - start
+    lat: list[int] = []
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+        lat.extend(r[0])
+    return lat, wall
 
 
 @dataclass(frozen=True)
