@@ -37,8 +37,9 @@ const char *mrd_strerror(int code);
 enum {
     MRD_FRAME_WRITE = 1, MRD_FRAME_WRITE_ACK = 2, MRD_FRAME_FLUSH = 3,
     MRD_FRAME_FLUSH_ACK = 4, MRD_FRAME_SYNC_DATA = 5, MRD_FRAME_SYNC_ACK = 6,
-    MRD_FRAME_PING = 7, MRD_FRAME_PONG = 8,
+    MRD_FRAME_PING = 7, MRD_FRAME_PONG = 8, MRD_FRAME_SYNC_ZERO = 9,
 };
+#define MRD_FRAME_ZERO_PAYLOAD 8
 struct mrd_frame_header {
     uint32_t magic; uint16_t type; uint16_t flags;
     uint64_t seq; uint64_t offset; uint32_t length; uint32_t crc;
@@ -50,6 +51,8 @@ int mrd_frame_verify(const uint8_t *raw_header, const struct mrd_frame_header *h
                      const void *payload, size_t payload_len);
 long mrd_frame_parse(const void *buf, size_t buflen, struct mrd_frame_header *out);
 int mrd_frame_type_has_payload(uint16_t type);
+uint64_t mrd_frame_zero_length(const void *payload);
+void mrd_frame_zero_payload(uint8_t *out, uint64_t len);
 uint32_t mrd_frame_header_crc(const uint8_t *raw_header);
 
 /* bitmap.h */
@@ -105,6 +108,7 @@ struct mrd_server_stats {
     uint64_t dsync_writes;
     uint64_t flush_frames;
     uint64_t fdatasyncs;
+    uint64_t bytes_zeroed;
     char last_error[256];
 };
 int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
@@ -139,6 +143,7 @@ struct mrd_receiver_stats {
     uint64_t protocol_errors;
     uint64_t last_seq;
     uint64_t durable_writes;
+    uint64_t bytes_zeroed;
     int32_t connected;
     int32_t error_code;
     char last_error[256];

@@ -20,19 +20,32 @@ static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) | (uint64_t)
 
 int mrd_frame_type_has_payload(uint16_t type)
 {
-    return type == MRD_FRAME_WRITE || type == MRD_FRAME_SYNC_DATA;
+    return type == MRD_FRAME_WRITE || type == MRD_FRAME_SYNC_DATA || type == MRD_FRAME_SYNC_ZERO;
+}
+
+uint64_t mrd_frame_zero_length(const void *payload)
+{
+    return get64(payload);
+}
+
+void mrd_frame_zero_payload(uint8_t *out, uint64_t len)
+{
+    put64(out, len);
 }
 
 static int check_fields(uint16_t type, uint16_t flags, uint32_t len)
 {
-    if (type < MRD_FRAME_WRITE || type > MRD_FRAME_PONG)
+    if (type < MRD_FRAME_WRITE || type > MRD_FRAME_SYNC_ZERO)
         return MRD_ETYPE;
-    /* Only data frames may ask for a durable apply; acks, FLUSH and PING
-     * carry no flags at all. Unknown bits are refused everywhere. */
-    uint16_t allowed = mrd_frame_type_has_payload(type) ? MRD_FRAME_F_SYNC : 0;
+    /* Only data frames may ask for a durable apply; acks, FLUSH, PING and
+     * SYNC_ZERO carry no flags at all. Unknown bits are refused everywhere. */
+    uint16_t allowed = type == MRD_FRAME_WRITE || type == MRD_FRAME_SYNC_DATA ? MRD_FRAME_F_SYNC : 0;
     if (flags & ~allowed)
         return MRD_EFLAGS;
-    if (mrd_frame_type_has_payload(type)) {
+    if (type == MRD_FRAME_SYNC_ZERO) {
+        if (len != MRD_FRAME_ZERO_PAYLOAD)
+            return MRD_ELEN;
+    } else if (mrd_frame_type_has_payload(type)) {
         /* An empty WRITE is legal for the kernel but never useful on the wire;
          * refusing it keeps "length 0" meaning "no payload" everywhere. */
         if (len == 0 || len > MRD_FRAME_MAX_PAYLOAD)
@@ -67,6 +80,11 @@ int mrd_frame_encode(uint8_t *out, uint16_t type, uint16_t flags, uint64_t seq,
         return rc;
     if (len && !payload)
         return -EINVAL;
+    if (type == MRD_FRAME_SYNC_ZERO) {
+        uint64_t n = mrd_frame_zero_length(payload);
+        if (n == 0 || n > MRD_FRAME_MAX_PAYLOAD)
+            return MRD_ELEN;
+    }
     put32(out, MRD_FRAME_MAGIC);
     put16(out + 4, type);
     put16(out + 6, flags);
@@ -106,7 +124,15 @@ int mrd_frame_verify(const uint8_t *raw_header, const struct mrd_frame_header *h
 {
     if (payload_len != hdr->length)
         return MRD_ETRUNC;
-    return frame_crc(raw_header, payload, payload_len) == hdr->crc ? 0 : MRD_ECRC;
+    if (frame_crc(raw_header, payload, payload_len) != hdr->crc)
+        return MRD_ECRC;
+    /* The zero range is bounded like a data payload (one sync chunk). */
+    if (hdr->type == MRD_FRAME_SYNC_ZERO) {
+        uint64_t n = mrd_frame_zero_length(payload);
+        if (n == 0 || n > MRD_FRAME_MAX_PAYLOAD)
+            return MRD_ELEN;
+    }
+    return 0;
 }
 
 long mrd_frame_parse(const void *buf, size_t buflen, struct mrd_frame_header *out)

@@ -20,6 +20,15 @@
  * round trip. The flag is covered by the CRC like every header field. A
  * receiver that predates it rejects such a frame (MRD_EFLAGS): both ends
  * must speak the same protocol version.
+ *
+ * MRD_FRAME_SYNC_ZERO: a sync chunk that is a hole on the source (never
+ * written; lseek SEEK_DATA skips it). Instead of the chunk's bytes it carries
+ * an 8-byte payload, the little-endian length of the range starting at
+ * `offset` that the receiver must make read as zeros (1 ..
+ * MRD_FRAME_MAX_PAYLOAD bytes: one sync chunk at most; checked with the CRC by
+ * mrd_frame_verify). Acked with SYNC_ACK like SYNC_DATA, and like it not
+ * durable until a FLUSH. A sparse disk then syncs in seconds, not at link
+ * speed (DRBD does the same with discards during resync).
  */
 #ifndef MIRRORD_FRAME_H
 #define MIRRORD_FRAME_H
@@ -40,7 +49,9 @@ enum {
     MRD_FRAME_SYNC_ACK = 6,
     MRD_FRAME_PING = 7,
     MRD_FRAME_PONG = 8,
+    MRD_FRAME_SYNC_ZERO = 9,
 };
+#define MRD_FRAME_ZERO_PAYLOAD 8 /* SYNC_ZERO: u64 LE range length */
 
 struct mrd_frame_header {
     uint32_t magic;
@@ -78,7 +89,13 @@ long mrd_frame_parse(const void *buf, size_t buflen, struct mrd_frame_header *ou
  * (continue with mrd_crc32c over each piece, compare with hdr->crc). */
 uint32_t mrd_frame_header_crc(const uint8_t *raw_header);
 
-/* Does a frame of this type carry a payload? (WRITE and SYNC_DATA do.) */
+/* Does a frame of this type carry a payload? (WRITE, SYNC_DATA and
+ * SYNC_ZERO do.) */
 int mrd_frame_type_has_payload(uint16_t type);
+
+/* SYNC_ZERO: the range length its (verified) payload carries. */
+uint64_t mrd_frame_zero_length(const void *payload);
+/* SYNC_ZERO: write the payload for a range of len bytes into out[8]. */
+void mrd_frame_zero_payload(uint8_t *out, uint64_t len);
 
 #endif

@@ -89,6 +89,31 @@ int mrd_pwrite_all_dsync(int fd, const void *buf, size_t len, uint64_t off)
     return rc;
 }
 
+int mrd_zero_range(int fd, uint64_t off, uint64_t len)
+{
+    static const int modes[] = {FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE};
+    for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++) {
+        int rc;
+        do
+            rc = fallocate(fd, modes[i], (off_t)off, (off_t)len);
+        while (rc < 0 && errno == EINTR);
+        if (rc == 0)
+            return 0;
+        if (errno != EOPNOTSUPP && errno != EINVAL && errno != ENOSYS)
+            return -errno;
+    }
+    static const char zeros[64 << 10];
+    while (len) {
+        size_t n = len < sizeof zeros ? (size_t)len : sizeof zeros;
+        int rc = mrd_pwrite_all(fd, zeros, n, off);
+        if (rc)
+            return rc;
+        off += n, len -= n;
+    }
+    return 0;
+}
+
 int mrd_pread_all(int fd, void *buf, size_t len, uint64_t off)
 {
     char *p = buf;

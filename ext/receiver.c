@@ -119,6 +119,29 @@ static void *rx_main(void *arg)
             break;
         }
         switch (h.type) {
+        case MRD_FRAME_SYNC_ZERO: {
+            uint64_t n = mrd_frame_zero_length(r->buf);
+            if (n == 0 || n > MRD_FRAME_MAX_PAYLOAD) {
+                rc = MRD_ELEN;
+                set_error(r, rc, "bad zero range length");
+                goto out;
+            }
+            if (h.offset > r->size || n > r->size - h.offset) {
+                rc = MRD_ERANGE;
+                set_error(r, rc, "zero range past the end of the replica");
+                goto out;
+            }
+            rc = mrd_zero_range(r->disk_fd, h.offset, n);
+            if (rc) {
+                set_error(r, rc, "zeroing a range of the replica");
+                goto out;
+            }
+            pthread_mutex_lock(&r->mu);
+            r->st.bytes_zeroed += n;
+            pthread_mutex_unlock(&r->mu);
+            rc = queue_ack(r, MRD_FRAME_SYNC_ACK, &h);
+            break;
+        }
         case MRD_FRAME_WRITE:
         case MRD_FRAME_SYNC_DATA:
             if (h.offset > r->size || h.length > r->size - h.offset) {
@@ -159,13 +182,14 @@ static void *rx_main(void *arg)
         r->st.last_seq = h.seq;
         if (h.type == MRD_FRAME_WRITE)
             r->st.writes++;
-        else if (h.type == MRD_FRAME_SYNC_DATA)
+        else if (h.type == MRD_FRAME_SYNC_DATA || h.type == MRD_FRAME_SYNC_ZERO)
             r->st.syncs++;
         else if (h.type == MRD_FRAME_FLUSH)
             r->st.flushes++;
         if (h.flags & MRD_FRAME_F_SYNC)
             r->st.durable_writes++;
-        r->st.bytes_applied += h.length;
+        if (h.type != MRD_FRAME_SYNC_ZERO)
+            r->st.bytes_applied += h.length;
         pthread_mutex_unlock(&r->mu);
         if (!rc && (h.length >= 65536 || !more_input_waiting(r->sock_fd)))
             rc = flush_acks(r);

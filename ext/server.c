@@ -61,6 +61,7 @@ struct pending {
     uint64_t off;
     uint32_t len;
     int kind;
+    int zero; /* P_SYNC sent as SYNC_ZERO: len bytes of hole, no data */
     struct op *op;
     uint64_t t_sent;
 };
@@ -133,7 +134,7 @@ struct mrd_server {
     uint64_t frames_sent, bytes_sent, acked, lat_total, lat_max, peer_failures;
     uint64_t dsync_writes, flush_frames, fdatasyncs;
     int sync_active, sync_done;
-    uint64_t sync_offset, sync_total, bytes_synced;
+    uint64_t sync_offset, sync_total, bytes_synced, bytes_zeroed;
     char last_error[256];
 };
 
@@ -330,18 +331,19 @@ static int peer_send(struct mrd_server *s, struct pending *e, uint16_t type, uin
     int fd = s->peer_fd;
     pthread_mutex_unlock(&s->pend_mu);
 
-    mrd_frame_encode(hdr, type, flags, e->seq, e->off, payload, e->kind == P_FLUSH ? 0 : e->len);
-    struct iovec iov[2] = {{hdr, sizeof hdr}, {(void *)payload, e->kind == P_FLUSH ? 0 : e->len}};
+    uint32_t plen = e->kind == P_FLUSH ? 0 : e->zero ? MRD_FRAME_ZERO_PAYLOAD : e->len;
+    mrd_frame_encode(hdr, type, flags, e->seq, e->off, payload, plen);
+    struct iovec iov[2] = {{hdr, sizeof hdr}, {(void *)payload, plen}};
     int iovcnt = iov[1].iov_len ? 2 : 1;
     uint64_t payload_len = iov[1].iov_len; /* mrd_send_all consumes the iovec */
     uint8_t *bad = NULL;
     if (iovcnt == 2 && __atomic_load_n(&s->corrupt_next, __ATOMIC_RELAXED) > 0 &&
         __atomic_sub_fetch(&s->corrupt_next, 1, __ATOMIC_RELAXED) >= 0) {
         /* Corrupt a private copy: the local disk must get the good data. */
-        bad = malloc(e->len);
+        bad = malloc(plen);
         if (bad) {
-            memcpy(bad, payload, e->len);
-            bad[e->len / 2] ^= 0x5a;
+            memcpy(bad, payload, plen);
+            bad[plen / 2] ^= 0x5a;
             iov[1].iov_base = bad;
         }
     }
@@ -440,6 +442,8 @@ static void *ack_main(void *arg)
         if (e->kind == P_SYNC) {
             s->sync_inflight--;
             s->bytes_synced += e->len;
+            if (e->zero)
+                s->bytes_zeroed += e->len;
             s->sync_offset = e->off + e->len;
             pthread_cond_broadcast(&s->pend_cv);
         } else if (!s->in_flight) {
@@ -1009,6 +1013,23 @@ int mrd_server_detach_peer(struct mrd_server *s)
     return 0;
 }
 
+/* Where the hole that starts at off ends (at most end, rounded down to the
+ * bitmap granularity so a zero frame never half-covers a dirty block), or
+ * off when off is data. A disk that cannot say (a block device: SEEK_DATA
+ * is refused) is all data: holes are an optimisation, never a guess. */
+static uint64_t hole_until(int fd, uint64_t off, uint64_t end, uint64_t gran)
+{
+    off_t data = lseek(fd, (off_t)off, SEEK_DATA);
+    uint64_t stop;
+    if (data < 0)
+        stop = errno == ENXIO ? end : off; /* ENXIO: no data from off to EOF */
+    else
+        stop = (uint64_t)data < end ? (uint64_t)data : end;
+    if (stop < end)
+        stop = stop / gran * gran;
+    return stop > off ? stop : off;
+}
+
 static void *sync_main(void *arg)
 {
     struct mrd_server *s = arg;
@@ -1060,9 +1081,22 @@ static void *sync_main(void *arg)
         e->len = (uint32_t)(end - off);
         unsigned idx[2];
         extents_lock(s, e->off, e->len, idx);
-        int rc = mrd_pread_all(s->disk_fd, s->sync_buf, e->len, e->off);
-        if (!rc)
-            rc = peer_send(s, e, MRD_FRAME_SYNC_DATA, 0, s->sync_buf);
+        /* Under the extent lock, so no write to this range is half done:
+         * a hole now is a hole the peer may be given as zeros. */
+        uint64_t hole_end = hole_until(s->disk_fd, e->off, end, gran);
+        int rc = 0;
+        if (hole_end > e->off) {
+            uint8_t zp[MRD_FRAME_ZERO_PAYLOAD];
+            e->len = (uint32_t)(hole_end - e->off);
+            e->zero = 1;
+            end = hole_end;
+            mrd_frame_zero_payload(zp, e->len);
+            rc = peer_send(s, e, MRD_FRAME_SYNC_ZERO, 0, zp);
+        } else {
+            rc = mrd_pread_all(s->disk_fd, s->sync_buf, e->len, e->off);
+            if (!rc)
+                rc = peer_send(s, e, MRD_FRAME_SYNC_DATA, 0, s->sync_buf);
+        }
         extents_unlock(s, idx);
         if (rc) {
             free(e);
@@ -1110,6 +1144,7 @@ int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t f
     s->sync_done = 0;
     s->sync_offset = s->sync_from;
     s->bytes_synced = 0;
+    s->bytes_zeroed = 0;
     s->sync_total = (flags & MRD_SYNC_DIRTY_ONLY) ? mrd_bitmap_count(s->bm) * gran
                                                   : s->size - s->sync_from;
     pthread_mutex_unlock(&s->pend_mu);
@@ -1171,6 +1206,7 @@ int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *o)
     o->sync_offset = s->sync_offset;
     o->sync_total = s->sync_total;
     o->bytes_synced = s->bytes_synced;
+    o->bytes_zeroed = s->bytes_zeroed;
     o->held = s->held_n;
     o->suspended = s->io_state == IO_SUSPENDED;
     o->failed_io = s->io_state == IO_FAILED;

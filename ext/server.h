@@ -68,7 +68,8 @@ struct mrd_server_stats {
     int32_t pad0;
     uint64_t sync_offset;             /* everything below it is acked */
     uint64_t sync_total;              /* bytes the sync covers */
-    uint64_t bytes_synced;            /* SYNC_DATA payload bytes acked */
+    uint64_t bytes_synced;            /* disk bytes the sync brought to the peer, acked
+                                         (SYNC_DATA payloads + SYNC_ZERO ranges) */
     uint64_t held;                    /* FUSE ops whose reply is held now */
     int32_t suspended;                /* fenced after a peer failure */
     int32_t failed_io;                /* resumed with FAIL: writes get EIO */
@@ -76,6 +77,7 @@ struct mrd_server_stats {
                                          before the reply (F_SYNC frame, RWF_DSYNC) */
     uint64_t flush_frames;            /* FLUSH frames put on the wire (flushes that needed one) */
     uint64_t fdatasyncs;              /* local fdatasyncs done by flushes */
+    uint64_t bytes_zeroed;            /* of bytes_synced: holes sent as SYNC_ZERO */
     char last_error[256];
 };
 

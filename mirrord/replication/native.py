@@ -40,9 +40,11 @@ SYNC_DATA: int = lib.MRD_FRAME_SYNC_DATA
 SYNC_ACK: int = lib.MRD_FRAME_SYNC_ACK
 PING: int = lib.MRD_FRAME_PING
 PONG: int = lib.MRD_FRAME_PONG
+SYNC_ZERO: int = lib.MRD_FRAME_SYNC_ZERO
+ZERO_PAYLOAD: int = lib.MRD_FRAME_ZERO_PAYLOAD
 FRAME_TYPES: dict[int, str] = {
     WRITE: "WRITE", WRITE_ACK: "WRITE_ACK", FLUSH: "FLUSH", FLUSH_ACK: "FLUSH_ACK",
-    SYNC_DATA: "SYNC_DATA", SYNC_ACK: "SYNC_ACK", PING: "PING", PONG: "PONG",
+    SYNC_DATA: "SYNC_DATA", SYNC_ACK: "SYNC_ACK", PING: "PING", PONG: "PONG", SYNC_ZERO: "SYNC_ZERO",
 }
 
 # mirrord-specific codes (ext/common.h); they sit far outside the errno range.
@@ -113,6 +115,13 @@ class FrameHeader:
     def sync(self) -> bool:
         """F_SYNC: the receiver makes this payload durable before acking it."""
         return bool(self.flags & F_SYNC)
+
+
+def zero_payload(length: int) -> bytes:
+    """The payload of a SYNC_ZERO frame for a range of length bytes."""
+    out = ffi.new("uint8_t[]", ZERO_PAYLOAD)
+    lib.mrd_frame_zero_payload(out, length)
+    return bytes(ffi.buffer(out, ZERO_PAYLOAD))
 
 
 def _header(c: Any) -> FrameHeader:
@@ -262,6 +271,7 @@ class ServerStats(_Stats):
     suspended: bool = False
     failed_io: bool = False
     held: int = 0
+    bytes_zeroed: int = 0  # of bytes_synced: holes sent as SYNC_ZERO (no data on the wire)
 
     @property
     def dirty_bytes(self) -> int:
@@ -304,6 +314,7 @@ class ReceiverStats(_Stats):
     error_code: int
     last_error: str
     durable_writes: int = 0  # data frames flagged F_SYNC, applied with RWF_DSYNC
+    bytes_zeroed: int = 0  # SYNC_ZERO ranges made to read as zeros
 
 
 def _stats(cls: type[_Stats], c: Any) -> Any:

@@ -342,23 +342,24 @@ def test_ext4_on_loop_direct_io(make_pair: Callable[..., Pair], tmp_path: Path) 
     assert _identical(pair.a, pair.b)
 
 
-def test_full_sync_races_with_writes(make_pair: Callable[..., Pair]) -> None:
-    size = 256 * MiB
-    pattern = random.Random(11).randbytes(MiB) * (size // MiB)
-    pair = make_pair(size=size, fill_a=pattern)
+def _full_sync_under_writes(pair: Pair, seed: int, near_front: float) -> int:
+    """Run a full sync while a writer hammers the disk; the number of writes it made.
+
+    A share ``near_front`` of the writes aims just ahead of the sync's acked
+    front, where chunks are being read and sent: that is the race.
+    """
+    size = pair.size
     writes = 0
     stop = threading.Event()
 
     def hammer() -> None:
         nonlocal writes
-        rnd = random.Random(12)
+        rnd = random.Random(seed)
         fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
         try:
             while not stop.is_set():
                 length = rnd.choice([4, 8, 64, 256, 1024]) * KiB
-                # Half the writes aim just ahead of the sync's acked front,
-                # where chunks are being read and sent: that is the race.
-                if rnd.random() < 0.5:
+                if rnd.random() < near_front:
                     lo, span = min(pair.server.stats().sync_offset, size - 8 * MiB), 8 * MiB
                 else:
                     lo, span = 0, size
@@ -378,10 +379,66 @@ def test_full_sync_races_with_writes(make_pair: Callable[..., Pair]) -> None:
     finally:
         stop.set()
         writer.join()
+    return writes
+
+
+def test_full_sync_races_with_writes(make_pair: Callable[..., Pair]) -> None:
+    size = 256 * MiB
+    pattern = random.Random(11).randbytes(MiB) * (size // MiB)
+    pair = make_pair(size=size, fill_a=pattern)
+    writes = _full_sync_under_writes(pair, seed=12, near_front=0.5)
     stats = pair.server.stats()
     assert stats.sync_done and stats.sync_offset == size and stats.bytes_synced == size
     assert stats.peer_connected and stats.dirty_blocks == 0
     assert writes > 50, "the writer did not overlap the sync"
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def _fill(path: Path, size: int, byte: int) -> None:
+    with open(path, "r+b") as f:
+        chunk = bytes([byte]) * MiB
+        for off in range(0, size, MiB):
+            f.write(chunk)
+
+
+def test_sync_of_a_sparse_disk_sends_holes_as_zero_ranges(make_pair: Callable[..., Pair]) -> None:
+    """Holes on the source travel as SYNC_ZERO frames and overwrite whatever the replica held."""
+    size = 64 * MiB
+    pair = make_pair(size=size, connect=False)
+    _fill(pair.b, size, 0xA5)  # an old replica: every byte must be replaced
+    rnd = random.Random(21)
+    data_at = {0: MiB, 5 * MiB + 12 * KiB: 4 * KiB, 33 * MiB: 3 * MiB, size - 4 * KiB: 4 * KiB}
+    with open(pair.a, "r+b") as f:
+        for off, length in data_at.items():
+            f.seek(off)
+            f.write(rnd.randbytes(length))
+    pair.connect()
+    pair.server.start_sync(0)
+    _wait(lambda: not pair.server.stats().sync_active, timeout=60)
+    stats = pair.server.stats()
+    assert stats.sync_done and stats.bytes_synced == size and stats.dirty_blocks == 0
+    # Data is read and sent per 1 MiB chunk, so a chunk that holds any data
+    # goes as data; everything else as zero ranges, with 8 bytes of payload each.
+    data_chunks = {o // MiB for off, length in data_at.items() for o in range(off, off + length, 4 * KiB)}
+    zero_frames_at_most = size // MiB + len(data_at)  # one per chunk, plus a hole before data in a chunk
+    assert stats.bytes_zeroed >= size - len(data_chunks) * MiB, stats
+    assert stats.bytes_sent <= len(data_chunks) * MiB + 8 * zero_frames_at_most, stats
+    pair.stop()
+    assert pair.receiver is not None and pair.receiver.stats().bytes_zeroed == stats.bytes_zeroed
+    assert _identical(pair.a, pair.b)
+
+
+def test_sync_of_a_sparse_disk_races_with_writes_into_its_holes(make_pair: Callable[..., Pair]) -> None:
+    """Writes that fill holes while the sync passes: the replica ends identical, never zeroed over data."""
+    size = 128 * MiB
+    pair = make_pair(size=size, connect=False)
+    _fill(pair.b, size, 0x5A)
+    pair.connect()
+    writes = _full_sync_under_writes(pair, seed=22, near_front=0.7)
+    stats = pair.server.stats()
+    assert stats.sync_done and stats.bytes_synced == size and stats.dirty_blocks == 0
+    assert stats.bytes_zeroed > 0 and writes > 20, (stats, writes)
     pair.stop()
     assert _identical(pair.a, pair.b)
 

@@ -44,7 +44,8 @@ MAX_PAYLOAD = 16 << 10
 # Every 8-byte word holds its own offset: any misplaced or stray write shows.
 PATTERN = array("Q", range(0, SIZE, 8)).tobytes()
 HEADER = struct.Struct("<IHHQQII")
-ACK_FOR = {n.WRITE: n.WRITE_ACK, n.SYNC_DATA: n.SYNC_ACK, n.FLUSH: n.FLUSH_ACK, n.PING: n.PONG}
+ACK_FOR = {n.WRITE: n.WRITE_ACK, n.SYNC_DATA: n.SYNC_ACK, n.SYNC_ZERO: n.SYNC_ACK, n.FLUSH: n.FLUSH_ACK,
+           n.PING: n.PONG}
 DATA_TYPES = (n.WRITE, n.SYNC_DATA)
 WAIT = 10.0
 
@@ -95,12 +96,26 @@ def data_frame(draw: st.DrawFn) -> tuple[int, int, int, int, bytes]:
 
 @st.composite
 def pieces(draw: st.DrawFn) -> Piece:
-    kind = draw(st.sampled_from(["write", "write", "write", "flush", "ping", "past_end", "ack", "bad_crc",
-                                 "truncated", "garbage", "oversize", "bad_header"]))
+    kind = draw(st.sampled_from(["write", "write", "write", "zero", "flush", "ping", "past_end", "zero_past_end",
+                                 "zero_bad_length", "ack", "bad_crc", "truncated", "garbage", "oversize",
+                                 "bad_header"]))
     seq = draw(U64)
     if kind == "write":
         typ, flags, seq, off, payload = draw(data_frame())
         return Piece(n.encode_frame(typ, seq, off, payload, flags), True, kind)
+    if kind == "zero":
+        length = draw(lengths)
+        off = draw(st.one_of(st.integers(0, SIZE - length), st.sampled_from([0, SIZE - length])))
+        return Piece(n.encode_frame(n.SYNC_ZERO, seq, off, n.zero_payload(length)), True, kind)
+    if kind == "zero_past_end":
+        length = draw(st.integers(1, 4096))
+        off = draw(st.one_of(st.integers(SIZE - length + 1, SIZE + 4096), st.sampled_from([SIZE, 2**64 - 1])))
+        return Piece(n.encode_frame(n.SYNC_ZERO, seq, off, n.zero_payload(length)), False, kind)
+    if kind == "zero_bad_length":
+        # 0 or more than one chunk, with a correct CRC: refused, nothing zeroed.
+        length = draw(st.one_of(st.just(0), st.integers(n.MAX_PAYLOAD + 1, 2**64 - 1)))
+        payload = struct.pack("<Q", length)
+        return Piece(_header(n.SYNC_ZERO, 0, seq, 0, len(payload), payload) + payload, False, kind)
     if kind == "flush":
         return Piece(n.encode_frame(n.FLUSH, seq, draw(U64)), True, kind)
     if kind == "ping":
@@ -140,7 +155,7 @@ def pieces(draw: st.DrawFn) -> Piece:
     payload = _payload(seq, length)
     ok_type = typ in n.FRAME_TYPES
     ok_flags = flags == 0 or (typ in DATA_TYPES and flags == n.F_SYNC)
-    ok_len = (length > 0) if typ in DATA_TYPES else (length == 0)
+    ok_len = (length > 0) if typ in DATA_TYPES else (length == n.ZERO_PAYLOAD) if typ == n.SYNC_ZERO else (length == 0)
     if ok_type and ok_flags and ok_len:
         flags |= 0x8000  # make sure something is wrong
     return Piece(_header(typ, flags, seq, 0, length, payload) + payload, False, kind)
@@ -154,6 +169,7 @@ class Expected:
     applied: list[n.FrameHeader] = field(default_factory=list)
     stop: str = "eof"  # eof | frame | range | proto
     code: int = 0  # the receiver's error_code when it stopped
+    zeroed: int = 0  # bytes SYNC_ZERO frames made zero
 
 
 def model(stream: bytes) -> Expected:
@@ -173,6 +189,13 @@ def model(stream: bytes) -> Expected:
                 exp.stop, exp.code = "range", n.E_RANGE
                 return exp
             exp.image[h.offset:h.offset + h.length] = payload
+        elif h.type == n.SYNC_ZERO:
+            (length,) = struct.unpack("<Q", payload)
+            if h.offset > SIZE or length > SIZE - h.offset:
+                exp.stop, exp.code = "range", n.E_RANGE
+                return exp
+            exp.image[h.offset:h.offset + length] = bytes(length)
+            exp.zeroed += length
         elif h.type not in ACK_FOR:
             exp.stop, exp.code = "proto", n.E_PROTO
             return exp
@@ -264,9 +287,10 @@ def check(disk: Path, stream: bytes, intended: int, events: bool = True) -> None
         _restore(disk)
     assert image == exp.image, _first_difference(image, exp.image)
     assert stats.frames == len(exp.applied), stats
-    assert stats.bytes_applied == sum(h.length for h in exp.applied), stats
+    assert stats.bytes_applied == sum(h.length for h in exp.applied if h.type != n.SYNC_ZERO), stats
+    assert stats.bytes_zeroed == exp.zeroed, stats
     assert stats.writes == sum(h.type == n.WRITE for h in exp.applied), stats
-    assert stats.syncs == sum(h.type == n.SYNC_DATA for h in exp.applied), stats
+    assert stats.syncs == sum(h.type in (n.SYNC_DATA, n.SYNC_ZERO) for h in exp.applied), stats
     assert stats.flushes == sum(h.type == n.FLUSH for h in exp.applied), stats
     assert stats.durable_writes == sum(h.sync for h in exp.applied), stats
     assert stats.crc_errors == (1 if exp.code == n.E_CRC else 0), stats

@@ -35,6 +35,8 @@ def check_header(h: n.FrameHeader) -> None:
     if h.type in PAYLOAD_TYPES:
         assert 0 < h.length <= n.MAX_PAYLOAD
         assert h.flags & ~n.F_SYNC == 0
+    elif h.type == n.SYNC_ZERO:
+        assert h.length == n.ZERO_PAYLOAD and h.flags == 0
     else:
         assert h.length == 0 and h.flags == 0
 
@@ -99,6 +101,8 @@ def test_parse_frame_accepts_or_raises_frame_error(buf: bytes) -> None:
         check_frame_error(exc)
         return
     check_header(h)
+    if h.type == n.SYNC_ZERO:  # parse checks the range length the payload carries
+        assert 0 < struct.unpack("<Q", buf[n.HEADER_SIZE:n.HEADER_SIZE + 8])[0] <= n.MAX_PAYLOAD
     assert used == n.HEADER_SIZE + h.length <= len(buf)
     assert payload == buf[n.HEADER_SIZE:used]
     assert n.encode_frame(h.type, h.seq, h.offset, payload, h.flags) == buf[:used]
@@ -110,6 +114,8 @@ def valid_frames(draw: st.DrawFn, max_payload: int = 4096) -> tuple[int, int, in
     if typ in PAYLOAD_TYPES:
         flags = draw(st.sampled_from([0, n.F_SYNC]))
         payload = draw(st.binary(min_size=1, max_size=max_payload))
+    elif typ == n.SYNC_ZERO:
+        flags, payload = 0, n.zero_payload(draw(st.integers(1, n.MAX_PAYLOAD)))
     else:
         flags, payload = 0, b""
     return typ, flags, draw(U64), draw(U64), payload
