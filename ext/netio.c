@@ -91,8 +91,12 @@ int mrd_pwrite_all_dsync(int fd, const void *buf, size_t len, uint64_t off)
 
 int mrd_zero_range(int fd, uint64_t off, uint64_t len)
 {
-    static const int modes[] = {FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
-                                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE};
+    /* A hole first: the replica stays as sparse as the primary (zeroing a
+     * range of a sparse image with ZERO_RANGE would allocate it, and a 1 TiB
+     * sparse replica would not fit). On a block device a punched hole is a
+     * discard that the kernel only allows where it reads back as zeros. */
+    static const int modes[] = {FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE};
     for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++) {
         int rc;
         do

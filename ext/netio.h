@@ -21,8 +21,9 @@ int mrd_pread_all(int fd, void *buf, size_t len, uint64_t off);
  * pwrite + fdatasync where the kernel or file refuses RWF_DSYNC. */
 int mrd_pwrite_all_dsync(int fd, const void *buf, size_t len, uint64_t off);
 
-/* Make [off, off + len) read as zeros: FALLOC_FL_ZERO_RANGE (space stays
- * allocated), else a punched hole (tmpfs), else written zeros. 0 or -errno. */
+/* Make [off, off + len) read as zeros: a punched hole (the replica stays as
+ * sparse as the primary), else FALLOC_FL_ZERO_RANGE, else written zeros.
+ * 0 or -errno. */
 int mrd_zero_range(int fd, uint64_t off, uint64_t len);
 /* sendmsg the whole iovec (MSG_NOSIGNAL: a dead peer must be an error code,
  * never a SIGPIPE into the Python process). Modifies iov. 0 or -errno. */
