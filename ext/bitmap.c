@@ -118,9 +118,14 @@ int mrd_bitmap_test(const struct mrd_bitmap *bm, uint64_t block)
     return (int)((__atomic_load_n(&bm->words[block / 64], __ATOMIC_RELAXED) >> (block % 64)) & 1);
 }
 
-static int64_t find_next(const struct mrd_bitmap *bm, uint64_t from, int want_set)
+/* The limit matters for speed, not only meaning: a sync asks "where does
+ * this dirty run end?" once per chunk, and on a 1 TiB disk that is all dirty
+ * an unbounded search would read the rest of a 32 MiB bitmap every time. */
+static int64_t find_next(const struct mrd_bitmap *bm, uint64_t from, uint64_t limit, int want_set)
 {
-    while (from < bm->nblocks) {
+    if (limit > bm->nblocks)
+        limit = bm->nblocks;
+    while (from < limit) {
         uint64_t w = from / 64;
         uint64_t v = __atomic_load_n(&bm->words[w], __ATOMIC_RELAXED);
         if (!want_set)
@@ -128,21 +133,21 @@ static int64_t find_next(const struct mrd_bitmap *bm, uint64_t from, int want_se
         v &= ~0ull << (from % 64);
         if (v) {
             uint64_t b = w * 64 + (uint64_t)__builtin_ctzll(v);
-            return b < bm->nblocks ? (int64_t)b : -1;
+            return b < limit ? (int64_t)b : -1;
         }
         from = (w + 1) * 64;
     }
     return -1;
 }
 
-int64_t mrd_bitmap_find_next_set(const struct mrd_bitmap *bm, uint64_t from)
+int64_t mrd_bitmap_find_next_set(const struct mrd_bitmap *bm, uint64_t from, uint64_t limit)
 {
-    return find_next(bm, from, 1);
+    return find_next(bm, from, limit, 1);
 }
 
-int64_t mrd_bitmap_find_next_clear(const struct mrd_bitmap *bm, uint64_t from)
+int64_t mrd_bitmap_find_next_clear(const struct mrd_bitmap *bm, uint64_t from, uint64_t limit)
 {
-    return find_next(bm, from, 0);
+    return find_next(bm, from, limit, 0);
 }
 
 long mrd_bitmap_snapshot(const struct mrd_bitmap *bm, void *buf, size_t buflen)

@@ -37,9 +37,10 @@ void mrd_bitmap_set_all(struct mrd_bitmap *bm);
 void mrd_bitmap_clear_all(struct mrd_bitmap *bm);
 int mrd_bitmap_test(const struct mrd_bitmap *bm, uint64_t block);
 
-/* First set (clear) block index >= from_block, or -1 when there is none. */
-int64_t mrd_bitmap_find_next_set(const struct mrd_bitmap *bm, uint64_t from_block);
-int64_t mrd_bitmap_find_next_clear(const struct mrd_bitmap *bm, uint64_t from_block);
+/* First set (clear) block index in [from_block, limit_block), or -1 when
+ * there is none (limit_block beyond the last block means "to the end"). */
+int64_t mrd_bitmap_find_next_set(const struct mrd_bitmap *bm, uint64_t from_block, uint64_t limit_block);
+int64_t mrd_bitmap_find_next_clear(const struct mrd_bitmap *bm, uint64_t from_block, uint64_t limit_block);
 
 /* Copy out / in the serialised form. snapshot returns the bytes written
  * (-ENOSPC if buf is too small); load needs exactly nbytes and rejects set

@@ -69,8 +69,8 @@ int64_t mrd_bitmap_clear_range(struct mrd_bitmap *bm, uint64_t offset, uint64_t 
 void mrd_bitmap_set_all(struct mrd_bitmap *bm);
 void mrd_bitmap_clear_all(struct mrd_bitmap *bm);
 int mrd_bitmap_test(const struct mrd_bitmap *bm, uint64_t block);
-int64_t mrd_bitmap_find_next_set(const struct mrd_bitmap *bm, uint64_t from_block);
-int64_t mrd_bitmap_find_next_clear(const struct mrd_bitmap *bm, uint64_t from_block);
+int64_t mrd_bitmap_find_next_set(const struct mrd_bitmap *bm, uint64_t from_block, uint64_t limit_block);
+int64_t mrd_bitmap_find_next_clear(const struct mrd_bitmap *bm, uint64_t from_block, uint64_t limit_block);
 long mrd_bitmap_snapshot(const struct mrd_bitmap *bm, void *buf, size_t buflen);
 int mrd_bitmap_load(struct mrd_bitmap *bm, const void *buf, size_t buflen);
 

@@ -1030,6 +1030,17 @@ static uint64_t hole_until(int fd, uint64_t off, uint64_t end, uint64_t gran)
     return stop > off ? stop : off;
 }
 
+/* Where the data that starts at off ends: the next hole, rounded up to the
+ * bitmap granularity, at most end; end when the disk cannot say. */
+static uint64_t data_until(int fd, uint64_t off, uint64_t end, uint64_t gran)
+{
+    off_t hole = lseek(fd, (off_t)off, SEEK_HOLE);
+    if (hole < 0 || (uint64_t)hole >= end)
+        return end;
+    uint64_t stop = ((uint64_t)hole + gran - 1) / gran * gran;
+    return stop < end && stop > off ? stop : end;
+}
+
 static void *sync_main(void *arg)
 {
     struct mrd_server *s = arg;
@@ -1048,7 +1059,7 @@ static void *sync_main(void *arg)
         if (end > s->size)
             end = s->size;
         if (dirty_only) {
-            int64_t b = mrd_bitmap_find_next_set(s->bm, off / gran);
+            int64_t b = mrd_bitmap_find_next_set(s->bm, off / gran, UINT64_MAX);
             if (b < 0) {
                 finished = 1;
                 break;
@@ -1057,7 +1068,7 @@ static void *sync_main(void *arg)
             end = ((off >> EXTENT_SHIFT) + 1) << EXTENT_SHIFT;
             if (end > s->size)
                 end = s->size;
-            int64_t c = mrd_bitmap_find_next_clear(s->bm, (uint64_t)b);
+            int64_t c = mrd_bitmap_find_next_clear(s->bm, (uint64_t)b, (end + gran - 1) / gran);
             if (c >= 0 && (uint64_t)c * gran < end)
                 end = (uint64_t)c * gran;
         }
@@ -1093,6 +1104,10 @@ static void *sync_main(void *arg)
             mrd_frame_zero_payload(zp, e->len);
             rc = peer_send(s, e, MRD_FRAME_SYNC_ZERO, 0, zp);
         } else {
+            /* Data up to the next hole only: the hole goes as zeros next, so
+             * the replica is allocated where the primary is and nowhere else. */
+            end = data_until(s->disk_fd, e->off, end, gran);
+            e->len = (uint32_t)(end - e->off);
             rc = mrd_pread_all(s->disk_fd, s->sync_buf, e->len, e->off);
             if (!rc)
                 rc = peer_send(s, e, MRD_FRAME_SYNC_DATA, 0, s->sync_buf);

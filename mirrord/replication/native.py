@@ -213,12 +213,15 @@ class Bitmap:
     def test(self, block: int) -> bool:
         return bool(lib.mrd_bitmap_test(self._bm, block))
 
-    def find_next_set(self, from_block: int = 0) -> int | None:
-        b = lib.mrd_bitmap_find_next_set(self._bm, from_block)
+    def find_next_set(self, from_block: int = 0, limit_block: int | None = None) -> int | None:
+        """First set block in [from_block, limit_block) (to the end by default), or None."""
+        b = lib.mrd_bitmap_find_next_set(self._bm, from_block, self.nblocks if limit_block is None else limit_block)
         return None if b < 0 else int(b)
 
-    def find_next_clear(self, from_block: int = 0) -> int | None:
-        b = lib.mrd_bitmap_find_next_clear(self._bm, from_block)
+    def find_next_clear(self, from_block: int = 0, limit_block: int | None = None) -> int | None:
+        """First clear block in [from_block, limit_block) (to the end by default), or None."""
+        b = lib.mrd_bitmap_find_next_clear(self._bm, from_block,
+                                           self.nblocks if limit_block is None else limit_block)
         return None if b < 0 else int(b)
 
     def snapshot(self) -> bytes:

@@ -129,6 +129,35 @@ def test_find_next() -> None:
     assert bm.find_next_clear(0) == 150
 
 
+@pytest.mark.parametrize(("start", "limit", "want_set", "want_clear"), [
+    (0, 0, None, None),        # empty window
+    (0, 1, 0, None),
+    (1, 63, None, 1),
+    (1, 64, 63, 1),
+    (64, 65, 64, None),
+    (65, 127, None, 65),
+    (65, 128, 127, 65),
+    (128, 199, 128, 129),
+    (190, 10**9, 199, 190),   # a limit past the end means "to the end"
+    (199, 199, None, None),
+])
+def test_find_next_within_a_limit(start: int, limit: int, want_set: int | None, want_clear: int | None) -> None:
+    bm = Bitmap(200 * G)
+    for b in (0, 63, 64, 127, 128, 199):
+        bm.set_range(b * G, 1)
+    assert bm.find_next_set(start, limit) == want_set
+    assert bm.find_next_clear(start, limit) == want_clear
+
+
+def test_find_next_clear_with_a_limit_stops_early_on_a_full_bitmap() -> None:
+    # The sync's question on a 1 TiB disk that is all dirty: where does this run end within one chunk?
+    bm = Bitmap(1 << 40, 4096)
+    bm.set_all()
+    assert bm.find_next_clear(1000, 1256) is None
+    bm.clear_range(1100 * 4096, 4096)
+    assert bm.find_next_clear(1000, 1256) == 1100
+
+
 def test_snapshot_load_round_trip_and_validation() -> None:
     bm = Bitmap(70 * G + 1)
     for b in (0, 7, 8, 69, 70):
