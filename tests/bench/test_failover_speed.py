@@ -1,7 +1,7 @@
 """Failover speed: crash of the primary -> the floating IP answers from the secondary, mirrord against keepalived.
 
 One namespace lab for the whole module (failover_lab.py). For pingInterval /
-advert_int 1 s and 0.2 s, each system is crashed ``ROUNDS`` times:
+advert_int 1 s, 0.2 s and 0.1 s, each system is crashed ``ROUNDS`` times:
 
 * **mirrord**: a1 primary, a2 secondary, in sync, an application (a file
   server that names its appliance, started by the start script) serving a
@@ -52,7 +52,7 @@ from failover_report import FailoverReport
 pytestmark = pytest.mark.timeout(300)
 
 ROUNDS = 3
-INTERVALS = (1.0, 0.2)
+INTERVALS = (1.0, 0.2, 0.1)
 CASES = [pytest.param(system, interval, id=f"{system}-{interval:g}s")
          for interval in INTERVALS for system in ("mirrord", "keepalived")]
 DATA_FILE = "data.txt"
