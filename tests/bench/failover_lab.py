@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from mirrord.net import lab as labmod
 
@@ -58,6 +59,15 @@ require_lab_prerequisites = labfix.require_lab_prerequisites
 
 def install_app(lab: Any) -> None:
     hactl.install_named_app(lab, APP_PORT)
+
+
+@contextmanager
+def lab_with_app(tmp_path_factory: Any, name: str) -> Iterator[Any]:
+    """A fresh lab (64 MiB disks) with the test application installed on both appliances."""
+    require_lab_prerequisites()
+    with make_lab(tmp_path_factory.mktemp(name), "64M") as handle:
+        install_app(handle)
+        yield handle
 
 
 # -- mirrord pairs --------------------------------------------------------------------------

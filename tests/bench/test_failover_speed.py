@@ -44,8 +44,8 @@ import pytest
 
 import keepalived_lab
 from failover_lab import (
-    Crash, ProbeRun, crash_a1, ha_log_tail, hactl, holds_vip, install_app, mac_of, make_lab,
-    require_lab_prerequisites, reset_nodes, start_mirrord_pair,
+    Crash, ProbeRun, crash_a1, ha_log_tail, hactl, holds_vip, lab_with_app, mac_of, reset_nodes,
+    start_mirrord_pair,
 )
 from failover_report import FailoverReport
 
@@ -89,9 +89,7 @@ def _own_benchmark_json(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    require_lab_prerequisites()
-    with make_lab(tmp_path_factory.mktemp("failover-speed"), "64M") as handle:
-        install_app(handle)
+    with lab_with_app(tmp_path_factory, "failover-speed") as handle:
         yield handle
 
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from failover_lab import ha_log_tail, hactl, install_app, make_lab, require_lab_prerequisites, start_mirrord_pair
+from failover_lab import ha_log_tail, hactl, lab_with_app, start_mirrord_pair
 
 INTERVAL = 0.1
 SOAK_SECONDS = float(os.environ.get("MIRRORD_SOAK_SECONDS", "600"))
@@ -37,9 +37,7 @@ pytestmark = pytest.mark.timeout(SOAK_SECONDS + 600)
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    require_lab_prerequisites()
-    with make_lab(tmp_path_factory.mktemp("soak"), "256M") as handle:
-        install_app(handle)
+    with lab_with_app(tmp_path_factory, "soak") as handle:
         yield handle
         hactl.reset_pair(handle)
 
