@@ -66,6 +66,18 @@ class Target:
     def receiver_stats(self) -> ReceiverStats | None:
         return self.receiver.stats() if self.receiver is not None else None
 
+    def attach(self, replica: Path) -> None:
+        """Connect a Receiver on replica to the server over a fresh 127.0.0.1 TCP connection."""
+        assert self.server is not None and self.receiver is None
+        primary_end, secondary_end = localhost_pair()
+        try:
+            self.receiver = Receiver(str(replica), self.server.stats().size, secondary_end.detach())
+            self.replica = replica
+            self.server.attach_peer(primary_end.detach())
+        finally:  # no-ops once detached; closes both if anything failed first
+            primary_end.close()
+            secondary_end.close()
+
 
 # ---- mounts ---------------------------------------------------------------
 
@@ -240,17 +252,11 @@ def mirrord(key: str, image: Path, size: int, device: Path, replica: Path | None
     """PrimaryServer on image exposed at device; with replica, a Receiver on 127.0.0.1."""
     device.touch()
     server = PrimaryServer(str(image), str(device), size)
-    target = Target(key, device, image, replica=replica, server=server)
+    target = Target(key, device, image, server=server)
     try:
         server.start()
         if replica is not None:
-            primary_end, secondary_end = localhost_pair()
-            try:
-                target.receiver = Receiver(str(replica), size, secondary_end.detach())
-                server.attach_peer(primary_end.detach())
-            finally:  # no-ops once detached; closes both if anything failed first
-                primary_end.close()
-                secondary_end.close()
+            target.attach(replica)
         yield target
     finally:
         try:
