@@ -38,8 +38,10 @@ enum {
     MRD_FRAME_WRITE = 1, MRD_FRAME_WRITE_ACK = 2, MRD_FRAME_FLUSH = 3,
     MRD_FRAME_FLUSH_ACK = 4, MRD_FRAME_SYNC_DATA = 5, MRD_FRAME_SYNC_ACK = 6,
     MRD_FRAME_PING = 7, MRD_FRAME_PONG = 8, MRD_FRAME_SYNC_ZERO = 9,
+    MRD_FRAME_VERIFY = 10, MRD_FRAME_VERIFY_SAME = 11, MRD_FRAME_VERIFY_DIFF = 12,
 };
 #define MRD_FRAME_ZERO_PAYLOAD 8
+#define MRD_FRAME_VERIFY_PAYLOAD 12
 struct mrd_frame_header {
     uint32_t magic; uint16_t type; uint16_t flags;
     uint64_t seq; uint64_t offset; uint32_t length; uint32_t crc;
@@ -53,6 +55,8 @@ long mrd_frame_parse(const void *buf, size_t buflen, struct mrd_frame_header *ou
 int mrd_frame_type_has_payload(uint16_t type);
 uint64_t mrd_frame_zero_length(const void *payload);
 void mrd_frame_zero_payload(uint8_t *out, uint64_t len);
+uint32_t mrd_frame_verify_crc(const void *payload);
+void mrd_frame_verify_payload(uint8_t *out, uint64_t len, uint32_t crc);
 uint32_t mrd_frame_header_crc(const uint8_t *raw_header);
 
 /* bitmap.h */
@@ -76,6 +80,7 @@ int mrd_bitmap_load(struct mrd_bitmap *bm, const void *buf, size_t buflen);
 
 /* server.h */
 #define MRD_SYNC_DIRTY_ONLY 1
+#define MRD_SYNC_VERIFY 2
 #define MRD_RESUME_DEGRADED 1
 #define MRD_RESUME_FAIL 2
 struct mrd_server;
@@ -109,6 +114,9 @@ struct mrd_server_stats {
     uint64_t flush_frames;
     uint64_t fdatasyncs;
     uint64_t bytes_zeroed;
+    uint64_t verify_diff_bytes;
+    int32_t verifying;
+    int32_t pad1;
     char last_error[256];
 };
 int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
@@ -144,6 +152,8 @@ struct mrd_receiver_stats {
     uint64_t last_seq;
     uint64_t durable_writes;
     uint64_t bytes_zeroed;
+    uint64_t bytes_verified;
+    uint64_t verify_diffs;
     int32_t connected;
     int32_t error_code;
     char last_error[256];

@@ -20,7 +20,28 @@ static uint64_t get64(const uint8_t *p) { return (uint64_t)get32(p) | (uint64_t)
 
 int mrd_frame_type_has_payload(uint16_t type)
 {
-    return type == MRD_FRAME_WRITE || type == MRD_FRAME_SYNC_DATA || type == MRD_FRAME_SYNC_ZERO;
+    return type == MRD_FRAME_WRITE || type == MRD_FRAME_SYNC_DATA || type == MRD_FRAME_SYNC_ZERO ||
+           type == MRD_FRAME_VERIFY;
+}
+
+uint32_t mrd_frame_verify_crc(const void *payload)
+{
+    return get32((const uint8_t *)payload + 8);
+}
+
+void mrd_frame_verify_payload(uint8_t *out, uint64_t len, uint32_t crc)
+{
+    put64(out, len);
+    put32(out + 8, crc);
+}
+
+/* SYNC_ZERO and VERIFY name a range in their payload: one chunk at most. */
+static int range_payload_ok(uint16_t type, const void *payload)
+{
+    if (type != MRD_FRAME_SYNC_ZERO && type != MRD_FRAME_VERIFY)
+        return 1;
+    uint64_t n = mrd_frame_zero_length(payload);
+    return n > 0 && n <= MRD_FRAME_MAX_PAYLOAD;
 }
 
 uint64_t mrd_frame_zero_length(const void *payload)
@@ -35,15 +56,15 @@ void mrd_frame_zero_payload(uint8_t *out, uint64_t len)
 
 static int check_fields(uint16_t type, uint16_t flags, uint32_t len)
 {
-    if (type < MRD_FRAME_WRITE || type > MRD_FRAME_SYNC_ZERO)
+    if (type < MRD_FRAME_WRITE || type > MRD_FRAME_VERIFY_DIFF)
         return MRD_ETYPE;
     /* Only data frames may ask for a durable apply; acks, FLUSH, PING and
-     * SYNC_ZERO carry no flags at all. Unknown bits are refused everywhere. */
+     * SYNC_ZERO, VERIFY and its answers carry no flags at all. Unknown bits are refused everywhere. */
     uint16_t allowed = type == MRD_FRAME_WRITE || type == MRD_FRAME_SYNC_DATA ? MRD_FRAME_F_SYNC : 0;
     if (flags & ~allowed)
         return MRD_EFLAGS;
-    if (type == MRD_FRAME_SYNC_ZERO) {
-        if (len != MRD_FRAME_ZERO_PAYLOAD)
+    if (type == MRD_FRAME_SYNC_ZERO || type == MRD_FRAME_VERIFY) {
+        if (len != (type == MRD_FRAME_VERIFY ? MRD_FRAME_VERIFY_PAYLOAD : MRD_FRAME_ZERO_PAYLOAD))
             return MRD_ELEN;
     } else if (mrd_frame_type_has_payload(type)) {
         /* An empty WRITE is legal for the kernel but never useful on the wire;
@@ -80,11 +101,8 @@ int mrd_frame_encode(uint8_t *out, uint16_t type, uint16_t flags, uint64_t seq,
         return rc;
     if (len && !payload)
         return -EINVAL;
-    if (type == MRD_FRAME_SYNC_ZERO) {
-        uint64_t n = mrd_frame_zero_length(payload);
-        if (n == 0 || n > MRD_FRAME_MAX_PAYLOAD)
-            return MRD_ELEN;
-    }
+    if (!range_payload_ok(type, payload))
+        return MRD_ELEN;
     put32(out, MRD_FRAME_MAGIC);
     put16(out + 4, type);
     put16(out + 6, flags);
@@ -126,13 +144,7 @@ int mrd_frame_verify(const uint8_t *raw_header, const struct mrd_frame_header *h
         return MRD_ETRUNC;
     if (frame_crc(raw_header, payload, payload_len) != hdr->crc)
         return MRD_ECRC;
-    /* The zero range is bounded like a data payload (one sync chunk). */
-    if (hdr->type == MRD_FRAME_SYNC_ZERO) {
-        uint64_t n = mrd_frame_zero_length(payload);
-        if (n == 0 || n > MRD_FRAME_MAX_PAYLOAD)
-            return MRD_ELEN;
-    }
-    return 0;
+    return range_payload_ok(hdr->type, payload) ? 0 : MRD_ELEN;
 }
 
 long mrd_frame_parse(const void *buf, size_t buflen, struct mrd_frame_header *out)

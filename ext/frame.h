@@ -29,6 +29,13 @@
  * mrd_frame_verify). Acked with SYNC_ACK like SYNC_DATA, and like it not
  * durable until a FLUSH. A sparse disk then syncs in seconds, not at link
  * speed (DRBD does the same with discards during resync).
+ *
+ * MRD_FRAME_VERIFY (online verify, DRBD's OV_REQUEST): the primary read a
+ * range under its extent lock and sends a 12-byte payload, the range length
+ * (u64 LE, 1 .. MRD_FRAME_MAX_PAYLOAD) and the CRC32C of its bytes (u32 LE).
+ * The receiver, in stream order (so after every earlier write to that range),
+ * reads its own copy and answers VERIFY_SAME or VERIFY_DIFF (header only). A
+ * difference is marked dirty on the primary, and the next resync repairs it.
  */
 #ifndef MIRRORD_FRAME_H
 #define MIRRORD_FRAME_H
@@ -50,8 +57,12 @@ enum {
     MRD_FRAME_PING = 7,
     MRD_FRAME_PONG = 8,
     MRD_FRAME_SYNC_ZERO = 9,
+    MRD_FRAME_VERIFY = 10,
+    MRD_FRAME_VERIFY_SAME = 11,
+    MRD_FRAME_VERIFY_DIFF = 12,
 };
-#define MRD_FRAME_ZERO_PAYLOAD 8 /* SYNC_ZERO: u64 LE range length */
+#define MRD_FRAME_ZERO_PAYLOAD 8    /* SYNC_ZERO: u64 LE range length */
+#define MRD_FRAME_VERIFY_PAYLOAD 12 /* VERIFY: u64 LE range length, u32 LE CRC32C */
 
 struct mrd_frame_header {
     uint32_t magic;
@@ -93,8 +104,11 @@ uint32_t mrd_frame_header_crc(const uint8_t *raw_header);
  * SYNC_ZERO do.) */
 int mrd_frame_type_has_payload(uint16_t type);
 
-/* SYNC_ZERO: the range length its (verified) payload carries. */
+/* SYNC_ZERO and VERIFY: the range length their (verified) payload carries. */
 uint64_t mrd_frame_zero_length(const void *payload);
+/* VERIFY: the CRC32C its payload carries; and the payload for a range. */
+uint32_t mrd_frame_verify_crc(const void *payload);
+void mrd_frame_verify_payload(uint8_t *out, uint64_t len, uint32_t crc);
 /* SYNC_ZERO: write the payload for a range of len bytes into out[8]. */
 void mrd_frame_zero_payload(uint8_t *out, uint64_t len);
 

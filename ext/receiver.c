@@ -71,6 +71,22 @@ static int more_input_waiting(int fd)
     return ioctl(fd, FIONREAD, &n) == 0 && n >= MRD_FRAME_HEADER_SIZE;
 }
 
+/* SYNC_ZERO / VERIFY: the range their payload (in r->buf) names, checked
+ * against the replica; on error it is recorded and returned. */
+static int payload_range(struct mrd_receiver *r, const struct mrd_frame_header *h, uint64_t *n)
+{
+    *n = mrd_frame_zero_length(r->buf);
+    if (*n == 0 || *n > MRD_FRAME_MAX_PAYLOAD) {
+        set_error(r, MRD_ELEN, "bad range length");
+        return MRD_ELEN;
+    }
+    if (h->offset > r->size || *n > r->size - h->offset) {
+        set_error(r, MRD_ERANGE, "range past the end of the replica");
+        return MRD_ERANGE;
+    }
+    return 0;
+}
+
 static void *rx_main(void *arg)
 {
     struct mrd_receiver *r = arg;
@@ -120,17 +136,10 @@ static void *rx_main(void *arg)
         }
         switch (h.type) {
         case MRD_FRAME_SYNC_ZERO: {
-            uint64_t n = mrd_frame_zero_length(r->buf);
-            if (n == 0 || n > MRD_FRAME_MAX_PAYLOAD) {
-                rc = MRD_ELEN;
-                set_error(r, rc, "bad zero range length");
+            uint64_t n;
+            rc = payload_range(r, &h, &n);
+            if (rc)
                 goto out;
-            }
-            if (h.offset > r->size || n > r->size - h.offset) {
-                rc = MRD_ERANGE;
-                set_error(r, rc, "zero range past the end of the replica");
-                goto out;
-            }
             rc = mrd_zero_range(r->disk_fd, h.offset, n);
             if (rc) {
                 set_error(r, rc, "zeroing a range of the replica");
@@ -140,6 +149,26 @@ static void *rx_main(void *arg)
             r->st.bytes_zeroed += n;
             pthread_mutex_unlock(&r->mu);
             rc = queue_ack(r, MRD_FRAME_SYNC_ACK, &h);
+            break;
+        }
+        case MRD_FRAME_VERIFY: {
+            uint64_t n;
+            uint32_t theirs = mrd_frame_verify_crc(r->buf);
+            rc = payload_range(r, &h, &n);
+            if (rc)
+                goto out;
+            rc = mrd_pread_all(r->disk_fd, r->buf, n, h.offset);
+            if (rc) {
+                set_error(r, rc, "reading the replica to verify it");
+                goto out;
+            }
+            int same = mrd_crc32c(0, r->buf, n) == theirs;
+            pthread_mutex_lock(&r->mu);
+            r->st.bytes_verified += n;
+            if (!same)
+                r->st.verify_diffs++;
+            pthread_mutex_unlock(&r->mu);
+            rc = queue_ack(r, same ? MRD_FRAME_VERIFY_SAME : MRD_FRAME_VERIFY_DIFF, &h);
             break;
         }
         case MRD_FRAME_WRITE:
@@ -188,7 +217,7 @@ static void *rx_main(void *arg)
             r->st.flushes++;
         if (h.flags & MRD_FRAME_F_SYNC)
             r->st.durable_writes++;
-        if (h.type != MRD_FRAME_SYNC_ZERO)
+        if (h.type != MRD_FRAME_SYNC_ZERO && h.type != MRD_FRAME_VERIFY)
             r->st.bytes_applied += h.length;
         pthread_mutex_unlock(&r->mu);
         if (!rc && (h.length >= 65536 || !more_input_waiting(r->sock_fd)))

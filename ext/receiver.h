@@ -2,7 +2,8 @@
  *
  * One C thread reads frames in order, checks each (magic, type, length bound,
  * CRC32C, range) before touching the disk, applies WRITE/SYNC_DATA with pwrite
- * in arrival order (SYNC_ZERO: the range made to read as zeros), and
+ * in arrival order (SYNC_ZERO: the range made to read as zeros; VERIFY:
+ * the range read and its CRC32C compared with the primary's), and
  * acknowledges by sequence number; FLUSH is answered
  * after fdatasync, so its ack covers every frame before it. A data frame
  * flagged MRD_FRAME_F_SYNC is written durably (RWF_DSYNC) before its ack. Any bad frame
@@ -25,6 +26,8 @@ struct mrd_receiver_stats {
     uint64_t last_seq;
     uint64_t durable_writes; /* data frames flagged F_SYNC, applied durably */
     uint64_t bytes_zeroed;   /* bytes made zero by SYNC_ZERO frames */
+    uint64_t bytes_verified; /* bytes compared for VERIFY frames */
+    uint64_t verify_diffs;   /* VERIFY frames answered VERIFY_DIFF */
     int32_t connected;      /* 1 while the thread is reading */
     int32_t error_code;     /* the code that ended the connection, 0 if none */
     char last_error[256];

@@ -21,6 +21,7 @@
 
 #include "bitmap.h"
 #include "common.h"
+#include "crc32c.h"
 #include "frame.h"
 #include "netio.h"
 
@@ -61,7 +62,8 @@ struct pending {
     uint64_t off;
     uint32_t len;
     int kind;
-    int zero; /* P_SYNC sent as SYNC_ZERO: len bytes of hole, no data */
+    int zero;   /* P_SYNC sent as SYNC_ZERO: len bytes of hole, no data */
+    int verify; /* P_SYNC sent as VERIFY: answered SAME or DIFF, nothing written */
     struct op *op;
     uint64_t t_sent;
 };
@@ -134,7 +136,7 @@ struct mrd_server {
     uint64_t frames_sent, bytes_sent, acked, lat_total, lat_max, peer_failures;
     uint64_t dsync_writes, flush_frames, fdatasyncs;
     int sync_active, sync_done;
-    uint64_t sync_offset, sync_total, bytes_synced, bytes_zeroed;
+    uint64_t sync_offset, sync_total, bytes_synced, bytes_zeroed, verify_diff_bytes;
     char last_error[256];
 };
 
@@ -331,7 +333,10 @@ static int peer_send(struct mrd_server *s, struct pending *e, uint16_t type, uin
     int fd = s->peer_fd;
     pthread_mutex_unlock(&s->pend_mu);
 
-    uint32_t plen = e->kind == P_FLUSH ? 0 : e->zero ? MRD_FRAME_ZERO_PAYLOAD : e->len;
+    uint32_t plen = e->kind == P_FLUSH ? 0
+                    : e->zero   ? MRD_FRAME_ZERO_PAYLOAD
+                    : e->verify ? MRD_FRAME_VERIFY_PAYLOAD
+                                : e->len;
     mrd_frame_encode(hdr, type, flags, e->seq, e->off, payload, plen);
     struct iovec iov[2] = {{hdr, sizeof hdr}, {(void *)payload, plen}};
     int iovcnt = iov[1].iov_len ? 2 : 1;
@@ -419,8 +424,10 @@ static void *ack_main(void *arg)
         int want = e == &s->head ? -1
                    : e->kind == P_WRITE ? MRD_FRAME_WRITE_ACK
                    : e->kind == P_FLUSH ? MRD_FRAME_FLUSH_ACK
+                   : e->verify          ? MRD_FRAME_VERIFY_SAME
                                         : MRD_FRAME_SYNC_ACK;
-        if (want != h.type) {
+        int differs = e != &s->head && e->verify && h.type == MRD_FRAME_VERIFY_DIFF;
+        if (want != h.type && !differs) {
             pthread_mutex_unlock(&s->pend_mu);
             fail_peer(s, MRD_EPROTO, "ack for no pending frame", 1);
             break;
@@ -435,8 +442,13 @@ static void *ack_main(void *arg)
             s->lat_max = lat;
         /* Clearing dirty bits under pend_mu, while the peer is still known
          * connected, orders it before any re-dirtying by a later failure. */
-        if (e->kind != P_FLUSH)
+        if (differs) {
+            /* The replica differs here: the next resync sends it again. */
+            mrd_bitmap_set_range(s->bm, e->off, e->len);
+            s->verify_diff_bytes += e->len;
+        } else if (e->kind != P_FLUSH && !e->verify) {
             mrd_bitmap_clear_range(s->bm, e->off, e->len);
+        }
         else if (e->seq > s->peer_durable_seq)
             s->peer_durable_seq = e->seq; /* the peer applies in order */
         if (e->kind == P_SYNC) {
@@ -1047,6 +1059,7 @@ static void *sync_main(void *arg)
     uint64_t gran = mrd_bitmap_granularity(s->bm);
     uint64_t off = s->sync_from / gran * gran;
     int dirty_only = s->sync_flags & MRD_SYNC_DIRTY_ONLY;
+    int verify = s->sync_flags & MRD_SYNC_VERIFY;
     int finished = 0;
     for (;;) {
         if (s->sync_stop)
@@ -1094,9 +1107,19 @@ static void *sync_main(void *arg)
         extents_lock(s, e->off, e->len, idx);
         /* Under the extent lock, so no write to this range is half done:
          * a hole now is a hole the peer may be given as zeros. */
-        uint64_t hole_end = hole_until(s->disk_fd, e->off, end, gran);
+        uint64_t hole_end = verify ? e->off : hole_until(s->disk_fd, e->off, end, gran);
         int rc = 0;
-        if (hole_end > e->off) {
+        if (verify) {
+            /* Read under the lock, so the replica (which applies frames in
+             * order) is compared with exactly what this disk held. */
+            uint8_t vp[MRD_FRAME_VERIFY_PAYLOAD];
+            e->verify = 1;
+            rc = mrd_pread_all(s->disk_fd, s->sync_buf, e->len, e->off);
+            if (!rc) {
+                mrd_frame_verify_payload(vp, e->len, mrd_crc32c(0, s->sync_buf, e->len));
+                rc = peer_send(s, e, MRD_FRAME_VERIFY, 0, vp);
+            }
+        } else if (hole_end > e->off) {
             uint8_t zp[MRD_FRAME_ZERO_PAYLOAD];
             e->len = (uint32_t)(hole_end - e->off);
             e->zero = 1;
@@ -1138,7 +1161,8 @@ static void *sync_main(void *arg)
 
 int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t flags)
 {
-    if (!s || (flags & ~MRD_SYNC_DIRTY_ONLY))
+    if (!s || (flags & ~(MRD_SYNC_DIRTY_ONLY | MRD_SYNC_VERIFY)) ||
+        flags == (MRD_SYNC_DIRTY_ONLY | MRD_SYNC_VERIFY))
         return -EINVAL;
     if (from_offset > s->size)
         return MRD_ERANGE;
@@ -1160,6 +1184,7 @@ int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t f
     s->sync_offset = s->sync_from;
     s->bytes_synced = 0;
     s->bytes_zeroed = 0;
+    s->verify_diff_bytes = 0;
     s->sync_total = (flags & MRD_SYNC_DIRTY_ONLY) ? mrd_bitmap_count(s->bm) * gran
                                                   : s->size - s->sync_from;
     pthread_mutex_unlock(&s->pend_mu);
@@ -1222,6 +1247,8 @@ int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *o)
     o->sync_total = s->sync_total;
     o->bytes_synced = s->bytes_synced;
     o->bytes_zeroed = s->bytes_zeroed;
+    o->verify_diff_bytes = s->verify_diff_bytes;
+    o->verifying = s->sync_active && (s->sync_flags & MRD_SYNC_VERIFY);
     o->held = s->held_n;
     o->suspended = s->io_state == IO_SUSPENDED;
     o->failed_io = s->io_state == IO_FAILED;

@@ -43,6 +43,7 @@
 struct mrd_server;
 
 #define MRD_SYNC_DIRTY_ONLY 1u /* start_sync flag: send only dirty blocks */
+#define MRD_SYNC_VERIFY 2u     /* start_sync flag: compare, send nothing (see frame.h VERIFY) */
 #define MRD_RESUME_DEGRADED 1  /* resume: acknowledge held ops, go on local-only */
 #define MRD_RESUME_FAIL 2      /* resume: EIO to held ops and every later write/flush */
 
@@ -78,6 +79,9 @@ struct mrd_server_stats {
     uint64_t flush_frames;            /* FLUSH frames put on the wire (flushes that needed one) */
     uint64_t fdatasyncs;              /* local fdatasyncs done by flushes */
     uint64_t bytes_zeroed;            /* of bytes_synced: holes sent as SYNC_ZERO */
+    uint64_t verify_diff_bytes;       /* verify: bytes found different (marked dirty) */
+    int32_t verifying;                /* the running "sync" is a verify */
+    int32_t pad1;
     char last_error[256];
 };
 
@@ -110,8 +114,11 @@ int mrd_server_set_fencing(struct mrd_server *s, int on);
 int mrd_server_resume(struct mrd_server *s, int how);
 /* Copy the disk to the peer from from_offset (rounded down to a block) in the
  * background; with MRD_SYNC_DIRTY_ONLY only blocks set in the dirty bitmap.
- * Acked chunks clear their dirty bits. MRD_ENOPEER without a peer,
- * MRD_ESTATE if a sync is running. */
+ * Acked chunks clear their dirty bits. With MRD_SYNC_VERIFY nothing is
+ * copied: each chunk is compared with the peer's (frame.h, VERIFY) and a
+ * chunk that differs is marked dirty (verify_diff_bytes counts it); progress
+ * and completion are reported like a sync's. MRD_ENOPEER without a peer,
+ * MRD_ESTATE if a sync or verify is running. */
 int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t flags);
 /* Stop a running sync and wait for it (its offset is kept). */
 int mrd_server_stop_sync(struct mrd_server *s);

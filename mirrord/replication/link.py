@@ -35,7 +35,7 @@ from typing import Any
 from mirrord.errors import HandshakeRefused, PeerError
 
 #: Bumped whenever the frame layout or the handshake changes incompatibly.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_MESSAGE = 64 * 1024
 _LEN = struct.Struct(">I")
 

@@ -42,9 +42,14 @@ PING: int = lib.MRD_FRAME_PING
 PONG: int = lib.MRD_FRAME_PONG
 SYNC_ZERO: int = lib.MRD_FRAME_SYNC_ZERO
 ZERO_PAYLOAD: int = lib.MRD_FRAME_ZERO_PAYLOAD
+VERIFY: int = lib.MRD_FRAME_VERIFY
+VERIFY_SAME: int = lib.MRD_FRAME_VERIFY_SAME
+VERIFY_DIFF: int = lib.MRD_FRAME_VERIFY_DIFF
+VERIFY_PAYLOAD: int = lib.MRD_FRAME_VERIFY_PAYLOAD
 FRAME_TYPES: dict[int, str] = {
     WRITE: "WRITE", WRITE_ACK: "WRITE_ACK", FLUSH: "FLUSH", FLUSH_ACK: "FLUSH_ACK",
     SYNC_DATA: "SYNC_DATA", SYNC_ACK: "SYNC_ACK", PING: "PING", PONG: "PONG", SYNC_ZERO: "SYNC_ZERO",
+    VERIFY: "VERIFY", VERIFY_SAME: "VERIFY_SAME", VERIFY_DIFF: "VERIFY_DIFF",
 }
 
 # mirrord-specific codes (ext/common.h); they sit far outside the errno range.
@@ -63,6 +68,7 @@ E_NOPEER = -(_BASE + 11)
 _FRAME_CODES = frozenset({E_TRUNC, E_MAGIC, E_TYPE, E_LEN, E_CRC, E_FLAGS})
 
 SYNC_DIRTY_ONLY: int = lib.MRD_SYNC_DIRTY_ONLY
+SYNC_VERIFY: int = lib.MRD_SYNC_VERIFY
 RESUME_DEGRADED: int = lib.MRD_RESUME_DEGRADED
 RESUME_FAIL: int = lib.MRD_RESUME_FAIL
 
@@ -122,6 +128,13 @@ def zero_payload(length: int) -> bytes:
     out = ffi.new("uint8_t[]", ZERO_PAYLOAD)
     lib.mrd_frame_zero_payload(out, length)
     return bytes(ffi.buffer(out, ZERO_PAYLOAD))
+
+
+def verify_payload(length: int, crc: int) -> bytes:
+    """The payload of a VERIFY frame: a range of length bytes whose CRC32C is crc."""
+    out = ffi.new("uint8_t[]", VERIFY_PAYLOAD)
+    lib.mrd_frame_verify_payload(out, length, crc)
+    return bytes(ffi.buffer(out, VERIFY_PAYLOAD))
 
 
 def _header(c: Any) -> FrameHeader:
@@ -275,6 +288,8 @@ class ServerStats(_Stats):
     failed_io: bool = False
     held: int = 0
     bytes_zeroed: int = 0  # of bytes_synced: holes sent as SYNC_ZERO (no data on the wire)
+    verify_diff_bytes: int = 0  # online verify: bytes found different, marked dirty
+    verifying: bool = False  # the running sync is an online verify
 
     @property
     def dirty_bytes(self) -> int:
@@ -318,6 +333,8 @@ class ReceiverStats(_Stats):
     last_error: str
     durable_writes: int = 0  # data frames flagged F_SYNC, applied with RWF_DSYNC
     bytes_zeroed: int = 0  # SYNC_ZERO ranges made to read as zeros
+    bytes_verified: int = 0  # VERIFY ranges compared
+    verify_diffs: int = 0  # VERIFY frames answered VERIFY_DIFF
 
 
 def _stats(cls: type[_Stats], c: Any) -> Any:
@@ -408,6 +425,15 @@ class PrimaryServer:
         with self._lock:
             _check(lib.mrd_server_start_sync(self._ptr(), from_offset, SYNC_DIRTY_ONLY if dirty_only else 0),
                    "start sync")
+
+    def start_verify(self, from_offset: int = 0) -> None:
+        """Compare the disk with the peer's, chunk by chunk, in the background (online verify).
+
+        Chunks that differ are marked dirty (``stats().verify_diff_bytes``);
+        a dirty-only sync afterwards repairs them. Runs in place of a sync.
+        """
+        with self._lock:
+            _check(lib.mrd_server_start_sync(self._ptr(), from_offset, SYNC_VERIFY), "start verify")
 
     def stop_sync(self) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,18 +343,19 @@ def test_ext4_on_loop_direct_io(make_pair: Callable[..., Pair], tmp_path: Path) 
     assert _identical(pair.a, pair.b)
 
 
-def _full_sync_under_writes(pair: Pair, seed: int, near_front: float) -> int:
-    """Run a full sync while a writer hammers the disk; the number of writes it made.
+@contextmanager
+def _front_writer(pair: Pair, seed: int, near_front: float = 1.0) -> Iterator[list[int]]:
+    """A thread writing through the device while the body runs; yields [writes made so far].
 
-    A share ``near_front`` of the writes aims just ahead of the sync's acked
-    front, where chunks are being read and sent: that is the race.
+    A share ``near_front`` of the writes aims just ahead of the sync's (or
+    verify's) acked front, where chunks are being read and sent: that is the
+    race.
     """
     size = pair.size
-    writes = 0
+    writes = [0]
     stop = threading.Event()
 
     def hammer() -> None:
-        nonlocal writes
         rnd = random.Random(seed)
         fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
         try:
@@ -365,21 +367,27 @@ def _full_sync_under_writes(pair: Pair, seed: int, near_front: float) -> int:
                     lo, span = 0, size
                 off = lo + rnd.randrange((span - length) // (4 * KiB)) * 4 * KiB
                 os.pwrite(fd, _aligned(rnd.randbytes(length)), off)
-                writes += 1
+                writes[0] += 1
         finally:
             os.close(fd)
 
     writer = threading.Thread(target=hammer)
     writer.start()
     try:
+        yield writes
+    finally:
+        stop.set()
+        writer.join()
+
+
+def _full_sync_under_writes(pair: Pair, seed: int, near_front: float) -> int:
+    """Run a full sync while a writer hammers the disk; the number of writes it made."""
+    with _front_writer(pair, seed, near_front) as writes:
         time.sleep(0.2)
         pair.server.start_sync(0)
         _wait(lambda: not pair.server.stats().sync_active, timeout=120)
         time.sleep(0.2)  # keep writing a little after the sync finished
-    finally:
-        stop.set()
-        writer.join()
-    return writes
+    return writes[0]
 
 
 def test_full_sync_races_with_writes(make_pair: Callable[..., Pair]) -> None:
@@ -439,6 +447,53 @@ def test_sync_of_a_sparse_disk_races_with_writes_into_its_holes(make_pair: Calla
     stats = pair.server.stats()
     assert stats.sync_done and stats.bytes_synced == size and stats.dirty_blocks == 0
     assert stats.bytes_zeroed > 0 and writes > 20, (stats, writes)
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def _verify(pair: Pair) -> None:
+    pair.server.start_verify(0)
+    _wait(lambda: not pair.server.stats().sync_active, timeout=60)
+    stats = pair.server.stats()
+    assert stats.sync_done and stats.bytes_synced == pair.size and not stats.verifying, stats
+
+
+def test_online_verify_finds_a_flipped_byte_and_the_resync_repairs_it(make_pair: Callable[..., Pair]) -> None:
+    size = 32 * MiB
+    pair = make_pair(size=size, fill_a=random.Random(31).randbytes(size))
+    pair.server.start_sync(0)
+    _wait(lambda: pair.server.stats().sync_done, timeout=60)
+    _verify(pair)
+    assert pair.server.stats().verify_diff_bytes == 0
+    # A byte flipped behind mirrord's back on the replica (bit rot, a bad disk).
+    where = 17 * MiB + 12345
+    with open(pair.b, "r+b") as f:
+        f.seek(where)
+        old = f.read(1)
+        f.seek(where)
+        f.write(bytes([old[0] ^ 0x40]))
+    _verify(pair)
+    stats = pair.server.stats()
+    assert stats.verify_diff_bytes == MiB, stats  # the 1 MiB chunk holding it
+    assert stats.dirty_blocks * stats.dirty_granularity == MiB
+    assert pair.receiver is not None and pair.receiver.stats().verify_diffs == 1
+    pair.server.start_sync(0, dirty_only=True)
+    _wait(lambda: not pair.server.stats().sync_active and pair.server.stats().dirty_blocks == 0, timeout=60)
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_online_verify_under_writes_reports_no_false_difference(make_pair: Callable[..., Pair]) -> None:
+    """Writes racing the verify: each chunk is compared in stream order, so an in-flight write never shows."""
+    size = 64 * MiB
+    pair = make_pair(size=size, fill_a=random.Random(32).randbytes(size))
+    pair.server.start_sync(0)
+    _wait(lambda: pair.server.stats().sync_done, timeout=60)
+    with _front_writer(pair, seed=33) as writes:
+        for _ in range(3):
+            _verify(pair)
+            assert pair.server.stats().verify_diff_bytes == 0, pair.server.stats()
+    assert writes[0] > 20
     pair.stop()
     assert _identical(pair.a, pair.b)
 

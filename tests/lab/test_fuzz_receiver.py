@@ -96,9 +96,9 @@ def data_frame(draw: st.DrawFn) -> tuple[int, int, int, int, bytes]:
 
 @st.composite
 def pieces(draw: st.DrawFn) -> Piece:
-    kind = draw(st.sampled_from(["write", "write", "write", "zero", "flush", "ping", "past_end", "zero_past_end",
-                                 "zero_bad_length", "ack", "bad_crc", "truncated", "garbage", "oversize",
-                                 "bad_header"]))
+    kind = draw(st.sampled_from(["write", "write", "write", "zero", "verify", "flush", "ping", "past_end",
+                                 "zero_past_end", "zero_bad_length", "ack", "bad_crc", "truncated", "garbage",
+                                 "oversize", "bad_header"]))
     seq = draw(U64)
     if kind == "write":
         typ, flags, seq, off, payload = draw(data_frame())
@@ -107,6 +107,12 @@ def pieces(draw: st.DrawFn) -> Piece:
         length = draw(lengths)
         off = draw(st.one_of(st.integers(0, SIZE - length), st.sampled_from([0, SIZE - length])))
         return Piece(n.encode_frame(n.SYNC_ZERO, seq, off, n.zero_payload(length)), True, kind)
+    if kind == "verify":
+        # The CRC of the range as the disk starts: SAME unless an earlier frame changed it.
+        length = draw(lengths)
+        off = draw(st.one_of(st.integers(0, SIZE - length), st.sampled_from([0, SIZE - length])))
+        crc = n.crc32c(PATTERN[off:off + length]) if draw(st.booleans()) else draw(st.integers(0, 2**32 - 1))
+        return Piece(n.encode_frame(n.VERIFY, seq, off, n.verify_payload(length, crc)), True, kind)
     if kind == "zero_past_end":
         length = draw(st.integers(1, 4096))
         off = draw(st.one_of(st.integers(SIZE - length + 1, SIZE + 4096), st.sampled_from([SIZE, 2**64 - 1])))
@@ -127,7 +133,7 @@ def pieces(draw: st.DrawFn) -> Piece:
         typ = draw(st.sampled_from(DATA_TYPES))
         return Piece(n.encode_frame(typ, seq, off, _payload(seq, length)), False, kind)
     if kind == "ack":
-        typ = draw(st.sampled_from([n.WRITE_ACK, n.FLUSH_ACK, n.SYNC_ACK, n.PONG]))
+        typ = draw(st.sampled_from([n.WRITE_ACK, n.FLUSH_ACK, n.SYNC_ACK, n.PONG, n.VERIFY_SAME, n.VERIFY_DIFF]))
         return Piece(n.encode_frame(typ, seq, draw(U64)), False, kind)
     if kind == "bad_crc":
         typ, flags, seq, off, payload = draw(data_frame())
@@ -155,7 +161,8 @@ def pieces(draw: st.DrawFn) -> Piece:
     payload = _payload(seq, length)
     ok_type = typ in n.FRAME_TYPES
     ok_flags = flags == 0 or (typ in DATA_TYPES and flags == n.F_SYNC)
-    ok_len = (length > 0) if typ in DATA_TYPES else (length == n.ZERO_PAYLOAD) if typ == n.SYNC_ZERO else (length == 0)
+    fixed = {n.SYNC_ZERO: n.ZERO_PAYLOAD, n.VERIFY: n.VERIFY_PAYLOAD}
+    ok_len = (length > 0) if typ in DATA_TYPES else length == fixed.get(typ, 0)
     if ok_type and ok_flags and ok_len:
         flags |= 0x8000  # make sure something is wrong
     return Piece(_header(typ, flags, seq, 0, length, payload) + payload, False, kind)
@@ -170,6 +177,7 @@ class Expected:
     stop: str = "eof"  # eof | frame | range | proto
     code: int = 0  # the receiver's error_code when it stopped
     zeroed: int = 0  # bytes SYNC_ZERO frames made zero
+    answers: list[int] = field(default_factory=list)  # the ack type each applied frame must get
 
 
 def model(stream: bytes) -> Expected:
@@ -196,9 +204,20 @@ def model(stream: bytes) -> Expected:
                 return exp
             exp.image[h.offset:h.offset + length] = bytes(length)
             exp.zeroed += length
+        elif h.type == n.VERIFY:
+            length, crc = struct.unpack("<QI", payload)
+            if h.offset > SIZE or length > SIZE - h.offset:
+                exp.stop, exp.code = "range", n.E_RANGE
+                return exp
+            same = n.crc32c(bytes(exp.image[h.offset:h.offset + length])) == crc
+            exp.answers.append(n.VERIFY_SAME if same else n.VERIFY_DIFF)
+            exp.applied.append(h)
+            pos += used
+            continue
         elif h.type not in ACK_FOR:
             exp.stop, exp.code = "proto", n.E_PROTO
             return exp
+        exp.answers.append(ACK_FOR[h.type])
         exp.applied.append(h)
         pos += used
     return exp
@@ -287,7 +306,8 @@ def check(disk: Path, stream: bytes, intended: int, events: bool = True) -> None
         _restore(disk)
     assert image == exp.image, _first_difference(image, exp.image)
     assert stats.frames == len(exp.applied), stats
-    assert stats.bytes_applied == sum(h.length for h in exp.applied if h.type != n.SYNC_ZERO), stats
+    assert stats.bytes_applied == sum(h.length for h in exp.applied if h.type in DATA_TYPES), stats
+    assert stats.verify_diffs == exp.answers.count(n.VERIFY_DIFF), stats
     assert stats.bytes_zeroed == exp.zeroed, stats
     assert stats.writes == sum(h.type == n.WRITE for h in exp.applied), stats
     assert stats.syncs == sum(h.type in (n.SYNC_DATA, n.SYNC_ZERO) for h in exp.applied), stats
@@ -304,7 +324,7 @@ def check(disk: Path, stream: bytes, intended: int, events: bool = True) -> None
     for i in range(0, len(back), n.HEADER_SIZE):
         h, _, _ = n.parse_frame(back[i:i + n.HEADER_SIZE])
         acks.append((h.type, h.seq, h.offset, h.length))
-    want = [(ACK_FOR[h.type], h.seq, h.offset, 0) for h in exp.applied]
+    want = [(answer, h.seq, h.offset, 0) for h, answer in zip(exp.applied, exp.answers)]
     assert acks == want[: len(acks)], (acks, want)
     if exp.stop == "eof":
         assert acks == want

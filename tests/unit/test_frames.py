@@ -9,14 +9,18 @@ import pytest
 from mirrord.errors import FrameError, NativeError
 from mirrord.replication import native as n
 
-ALL_TYPES = [n.WRITE, n.WRITE_ACK, n.FLUSH, n.FLUSH_ACK, n.SYNC_DATA, n.SYNC_ACK, n.PING, n.PONG, n.SYNC_ZERO]
+ALL_TYPES = [n.WRITE, n.WRITE_ACK, n.FLUSH, n.FLUSH_ACK, n.SYNC_DATA, n.SYNC_ACK, n.PING, n.PONG, n.SYNC_ZERO,
+             n.VERIFY, n.VERIFY_SAME, n.VERIFY_DIFF]
 PAYLOAD_TYPES = [n.WRITE, n.SYNC_DATA]  # data frames: any payload length, may carry F_SYNC
-EMPTY_TYPES = [t for t in ALL_TYPES if t not in PAYLOAD_TYPES and t != n.SYNC_ZERO]
+RANGE_TYPES = [n.SYNC_ZERO, n.VERIFY]  # a fixed payload naming a range
+EMPTY_TYPES = [t for t in ALL_TYPES if t not in PAYLOAD_TYPES and t not in RANGE_TYPES]
 
 
 def default_payload(t: int) -> bytes:
     if t == n.SYNC_ZERO:
         return n.zero_payload(64 * 1024)
+    if t == n.VERIFY:
+        return n.verify_payload(64 * 1024, 0x12345678)
     return b"data" * 8 if t in PAYLOAD_TYPES else b""
 
 
@@ -84,7 +88,7 @@ def _patch(raw: bytes, fmt: str, at: int, value: int) -> bytes:
     return bytes(b)
 
 
-@pytest.mark.parametrize("t", [0, 10, 100, 0xFFFF])
+@pytest.mark.parametrize("t", [0, 13, 100, 0xFFFF])
 def test_unknown_type(t: int) -> None:
     with pytest.raises(FrameError) as ei:
         n.decode_header(_patch(frame(n.PING), "<H", 4, t))
@@ -130,7 +134,7 @@ def test_unflagged_frames_are_not_sync(t: int) -> None:
     assert h.flags == 0 and not h.sync
 
 
-@pytest.mark.parametrize("t", [*EMPTY_TYPES, n.SYNC_ZERO])
+@pytest.mark.parametrize("t", [*EMPTY_TYPES, *RANGE_TYPES])
 def test_sync_flag_refused_on_control_frames(t: int) -> None:
     with pytest.raises(FrameError) as ei:
         n.encode_frame(t, 1, payload=default_payload(t), flags=n.F_SYNC)
@@ -272,14 +276,15 @@ def test_sync_zero_round_trips(length: int) -> None:
     assert h.type_name == "SYNC_ZERO"
 
 
+@pytest.mark.parametrize("t", RANGE_TYPES)
 @pytest.mark.parametrize("length", [0, n.MAX_PAYLOAD + 1, 1 << 40, 2**64 - 1])
-def test_sync_zero_range_out_of_bounds(length: int) -> None:
-    payload = struct.pack("<Q", length)
+def test_range_out_of_bounds(t: int, length: int) -> None:
+    payload = struct.pack("<Q", length) + (b"\0" * 4 if t == n.VERIFY else b"")
     with pytest.raises(FrameError) as ei:
-        n.encode_frame(n.SYNC_ZERO, 1, 0, payload)
+        n.encode_frame(t, 1, 0, payload)
     assert ei.value.code == n.E_LEN  # type: ignore[attr-defined]
     # The same frame built by hand with a correct CRC: refused on verify/parse.
-    header = struct.pack("<IHHQQII", n.MAGIC, n.SYNC_ZERO, 0, 1, 0, 8, 0)
+    header = struct.pack("<IHHQQII", n.MAGIC, t, 0, 1, 0, len(payload), 0)
     crc = n.crc32c(payload, n.crc32c(header))
     raw = header[:28] + struct.pack("<I", crc) + payload
     for check in (lambda: n.parse_frame(raw), lambda: n.verify_frame(raw[:32], payload)):
@@ -288,11 +293,29 @@ def test_sync_zero_range_out_of_bounds(length: int) -> None:
         assert ei.value.code == n.E_LEN  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("size", [0, 1, 7, 9, 16, 4096])
-def test_sync_zero_payload_must_be_8_bytes(size: int) -> None:
+@pytest.mark.parametrize(("t", "size"), [(t, size) for t in RANGE_TYPES for size in (0, 1, 7, 9, 11, 13, 16, 4096)
+                                           if size != len(default_payload(t))])
+def test_range_payload_has_a_fixed_size(t: int, size: int) -> None:
     with pytest.raises(FrameError) as ei:
-        n.encode_frame(n.SYNC_ZERO, 1, 0, b"\1" * size)
+        n.encode_frame(t, 1, 0, b"\1" * size)
     assert ei.value.code == n.E_LEN  # type: ignore[attr-defined]
     with pytest.raises(FrameError) as ei:
-        n.decode_header(_patch(frame(n.SYNC_ZERO), "<I", 24, size))
+        n.decode_header(_patch(frame(t), "<I", 24, size))
     assert ei.value.code == n.E_LEN  # type: ignore[attr-defined]
+
+
+# ---- VERIFY: a range and the primary's CRC32C of it; answered SAME or DIFF ---
+
+def test_verify_round_trips_and_carries_length_and_crc() -> None:
+    raw = n.encode_frame(n.VERIFY, 12, 3 << 20, n.verify_payload(n.MAX_PAYLOAD, 0xDEADBEEF))
+    h, payload, used = n.parse_frame(raw)
+    assert h.type == n.VERIFY and h.length == n.VERIFY_PAYLOAD == 12 and used == 44
+    assert struct.unpack("<QI", payload) == (n.MAX_PAYLOAD, 0xDEADBEEF)
+
+
+@pytest.mark.parametrize("t", [n.VERIFY_SAME, n.VERIFY_DIFF])
+def test_verify_answers_are_header_only(t: int) -> None:
+    with pytest.raises(FrameError) as ei:
+        n.encode_frame(t, 1, 0, b"x")
+    assert ei.value.code == n.E_LEN  # type: ignore[attr-defined]
+    assert n.parse_frame(frame(t))[2] == 32

@@ -37,6 +37,8 @@ def check_header(h: n.FrameHeader) -> None:
         assert h.flags & ~n.F_SYNC == 0
     elif h.type == n.SYNC_ZERO:
         assert h.length == n.ZERO_PAYLOAD and h.flags == 0
+    elif h.type == n.VERIFY:
+        assert h.length == n.VERIFY_PAYLOAD and h.flags == 0
     else:
         assert h.length == 0 and h.flags == 0
 
@@ -101,7 +103,7 @@ def test_parse_frame_accepts_or_raises_frame_error(buf: bytes) -> None:
         check_frame_error(exc)
         return
     check_header(h)
-    if h.type == n.SYNC_ZERO:  # parse checks the range length the payload carries
+    if h.type in (n.SYNC_ZERO, n.VERIFY):  # parse checks the range length the payload carries
         assert 0 < struct.unpack("<Q", buf[n.HEADER_SIZE:n.HEADER_SIZE + 8])[0] <= n.MAX_PAYLOAD
     assert used == n.HEADER_SIZE + h.length <= len(buf)
     assert payload == buf[n.HEADER_SIZE:used]
@@ -116,6 +118,8 @@ def valid_frames(draw: st.DrawFn, max_payload: int = 4096) -> tuple[int, int, in
         payload = draw(st.binary(min_size=1, max_size=max_payload))
     elif typ == n.SYNC_ZERO:
         flags, payload = 0, n.zero_payload(draw(st.integers(1, n.MAX_PAYLOAD)))
+    elif typ == n.VERIFY:
+        flags, payload = 0, n.verify_payload(draw(st.integers(1, n.MAX_PAYLOAD)), draw(st.integers(0, 2**32 - 1)))
     else:
         flags, payload = 0, b""
     return typ, flags, draw(U64), draw(U64), payload
