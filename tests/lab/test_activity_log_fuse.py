@@ -143,7 +143,11 @@ class Child:
         self.dev.touch()
         argv = [sys.executable, CHILD, str(self.img), str(self.dev), str(self.al), str(slots)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._expect("ready")
+        try:
+            self._expect("ready")
+        except BaseException:
+            self.close()
+            raise
 
     def _expect(self, word: str) -> None:
         assert self.proc.stdout is not None
