@@ -78,6 +78,44 @@ int64_t mrd_bitmap_find_next_clear(const struct mrd_bitmap *bm, uint64_t from_bl
 long mrd_bitmap_snapshot(const struct mrd_bitmap *bm, void *buf, size_t buflen);
 int mrd_bitmap_load(struct mrd_bitmap *bm, const void *buf, size_t buflen);
 
+/* activity_log.h */
+#define MRD_AL_MAGIC 0x4C41524D
+#define MRD_AL_RECORD_SIZE 4096
+#define MRD_AL_FILE_SIZE 8192
+#define MRD_AL_MAX_SLOTS 507
+#define MRD_AL_MIN_EXTENT 65536
+#define MRD_AL_MAX_EXTENT 1073741824
+#define MRD_AL_DEFAULT_EXTENT 4194304
+#define MRD_AL_DEFAULT_SLOTS 61
+struct mrd_al_record {
+    uint64_t seq;
+    uint64_t extent_size;
+    uint32_t slots;
+    uint32_t count;
+    uint64_t extents[507];
+};
+struct mrd_al_stats {
+    uint64_t updates;
+    uint64_t waits;
+    uint32_t hot;
+    uint32_t busy;
+    uint32_t waiting;
+    uint32_t slots;
+    uint64_t extent_size;
+};
+struct mrd_al;
+int mrd_al_seq_newer(uint64_t a, uint64_t b);
+int mrd_al_encode(const struct mrd_al_record *r, uint8_t *out);
+int mrd_al_decode(const uint8_t *buf, size_t buflen, struct mrd_al_record *out);
+int mrd_al_read(const char *path, struct mrd_al_record *out, int *which);
+int mrd_al_open(const char *path, uint64_t extent_size, uint32_t slots, struct mrd_al **out);
+int mrd_al_begin(struct mrd_al *al, uint64_t off, uint64_t len);
+void mrd_al_end(struct mrd_al *al, uint64_t off, uint64_t len);
+int mrd_al_clear(struct mrd_al *al);
+long mrd_al_hot(struct mrd_al *al, uint64_t *out, long max);
+int mrd_al_stats(struct mrd_al *al, struct mrd_al_stats *out);
+void mrd_al_close(struct mrd_al *al);
+
 /* server.h */
 #define MRD_SYNC_DIRTY_ONLY 1
 #define MRD_SYNC_VERIFY 2
@@ -118,10 +156,15 @@ struct mrd_server_stats {
     int32_t verifying;
     int32_t pad1;
     char last_error[256];
+    uint64_t al_updates, al_waits;
+    uint32_t al_hot, al_slots;
+    uint64_t al_extent_size;
 };
 int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
                    struct mrd_server **out);
 int mrd_server_set_peer_timeout(struct mrd_server *s, uint32_t timeout_ms);
+int mrd_server_set_activity_log(struct mrd_server *s, const char *path, uint64_t extent_size,
+                                uint32_t slots);
 int mrd_server_start(struct mrd_server *s);
 int mrd_server_attach_peer(struct mrd_server *s, int sock_fd);
 int mrd_server_detach_peer(struct mrd_server *s);
@@ -165,8 +208,8 @@ int mrd_receiver_stop(struct mrd_receiver *r);
 void mrd_receiver_free(struct mrd_receiver *r);
 """
 
-HEADERS = ["crc32c.h", "common.h", "frame.h", "bitmap.h", "server.h", "receiver.h"]
-SOURCES = ["crc32c.c", "common.c", "frame.c", "bitmap.c", "netio.c", "server.c", "receiver.c"]
+HEADERS = ["crc32c.h", "common.h", "frame.h", "bitmap.h", "activity_log.h", "server.h", "receiver.h"]
+SOURCES = ["crc32c.c", "common.c", "frame.c", "bitmap.c", "activity_log.c", "netio.c", "server.c", "receiver.c"]
 
 
 def _pkg_config(*args: str) -> list[str]:

@@ -17,6 +17,8 @@ const char *mrd_strerror(int code)
     case MRD_EFUSE: return "libfuse failed";
     case MRD_ERANGE: return "range outside the disk";
     case MRD_ENOPEER: return "no peer connected";
+    case MRD_EALBAD: return "activity log holds no valid record";
+    case MRD_EALGEOM: return "activity log was written with another extent size or more extents than slots";
     }
     if (code < 0 && code > -MRD_E_BASE)
         return strerror(-code); /* glibc's strerror is thread-safe for known codes */

@@ -18,6 +18,8 @@
 #define MRD_EFUSE (-(MRD_E_BASE + 9))   /* libfuse refused (session/mount) */
 #define MRD_ERANGE (-(MRD_E_BASE + 10)) /* offset/length outside the disk */
 #define MRD_ENOPEER (-(MRD_E_BASE + 11))/* operation needs a connected peer */
+#define MRD_EALBAD (-(MRD_E_BASE + 12)) /* activity log file holds no valid record */
+#define MRD_EALGEOM (-(MRD_E_BASE + 13))/* activity log written with another extent size/more extents */
 
 /* Readable text for any return code (errno or mirrord-specific). */
 const char *mrd_strerror(int code);

@@ -19,6 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "activity_log.h"
 #include "bitmap.h"
 #include "common.h"
 #include "crc32c.h"
@@ -51,6 +52,7 @@ struct op {
     int kind;
     int refs;      /* atomic */
     int local_err; /* positive errno from the local disk, 0 if fine */
+    uint64_t off;  /* writes: the range counted in flight in the activity log */
     uint32_t len;
     struct op *hnext; /* held list link (under pend_mu) */
 };
@@ -73,6 +75,7 @@ struct mrd_server {
     int disk_fd;
     uint64_t size;
     struct mrd_bitmap *bm;
+    struct mrd_al *al; /* NULL: no activity log */
     pthread_mutex_t stripes[NSTRIPES];
     time_t start_time;
 
@@ -209,6 +212,10 @@ static void op_put(struct mrd_server *s, struct op *o)
 {
     if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_ACQ_REL))
         return;
+    /* Local write done and the peer acked or is gone: the extent may cool
+     * (a write the peer lost is the dirty bitmap's from here on). */
+    if (o->kind == P_WRITE && s->al)
+        mrd_al_end(s->al, o->off, o->len);
     int st = __atomic_load_n(&s->io_state, __ATOMIC_ACQUIRE);
     if (st == IO_SUSPENDED && !o->local_err) {
         pthread_mutex_lock(&s->pend_mu);
@@ -686,9 +693,25 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
         return;
     }
     o->kind = P_WRITE;
+    o->off = (uint64_t)off;
     o->len = (uint32_t)size;
     o->req = req;
     o->refs = 1; /* the local write's */
+
+    /* Activity log before anything is issued (and before the extent lock,
+     * so a wait for a free slot holds up no other extent). */
+    if (s->al) {
+        int rc = mrd_al_begin(s->al, o->off, size);
+        if (rc) {
+            pthread_mutex_lock(&s->pend_mu);
+            set_error_locked(s, "activity log at %llu: %s", (unsigned long long)off, mrd_strerror(rc));
+            pthread_mutex_unlock(&s->pend_mu);
+            ADD(s->write_errors, 1);
+            free(o);
+            fuse_reply_err(req, EIO);
+            return;
+        }
+    }
 
     unsigned idx[2];
     extents_lock(s, (uint64_t)off, size, idx);
@@ -912,6 +935,37 @@ int mrd_server_set_peer_timeout(struct mrd_server *s, uint32_t timeout_ms)
     if (!s || timeout_ms < 100)
         return -EINVAL;
     s->peer_timeout_ms = timeout_ms;
+    return 0;
+}
+
+int mrd_server_set_activity_log(struct mrd_server *s, const char *path, uint64_t extent_size,
+                                uint32_t slots)
+{
+    if (!s || !path)
+        return -EINVAL;
+    if (s->se || s->al)
+        return MRD_ESTATE;
+    /* A write needs all its extents hot at once (at most 2 for extents of
+     * at least MAX_WRITE). */
+    if (extent_size && slots < (MAX_WRITE + extent_size - 2) / extent_size + 1)
+        return -EINVAL;
+    struct mrd_al *al;
+    int rc = mrd_al_open(path, extent_size, slots, &al);
+    if (rc)
+        return rc;
+    /* Extents a crash left hot may hold writes the peer never got: resync
+     * them (DRBD replays its activity log into the bitmap the same way). */
+    uint64_t hot[MRD_AL_MAX_SLOTS];
+    long n = mrd_al_hot(al, hot, MRD_AL_MAX_SLOTS);
+    for (long i = 0; i < n; i++) {
+        uint64_t off = hot[i] * extent_size, len = extent_size;
+        if (off >= s->size)
+            continue;
+        if (len > s->size - off)
+            len = s->size - off;
+        mrd_bitmap_set_range(s->bm, off, len);
+    }
+    s->al = al;
     return 0;
 }
 
@@ -1254,6 +1308,14 @@ int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *o)
     o->failed_io = s->io_state == IO_FAILED;
     memcpy(o->last_error, s->last_error, sizeof o->last_error);
     pthread_mutex_unlock(&s->pend_mu);
+    struct mrd_al_stats al;
+    if (s->al && mrd_al_stats(s->al, &al) == 0) {
+        o->al_updates = al.updates;
+        o->al_waits = al.waits;
+        o->al_hot = al.hot;
+        o->al_slots = al.slots;
+        o->al_extent_size = al.extent_size;
+    }
     return 0;
 }
 
@@ -1324,10 +1386,8 @@ static void abort_connection(struct mrd_server *s)
     }
 }
 
-int mrd_server_stop(struct mrd_server *s)
+static int stop_serving(struct mrd_server *s)
 {
-    if (!s)
-        return -EINVAL;
     mrd_server_stop_sync(s);
     /* Give in-flight frames a moment to be acked so a clean stop does not
      * leave dirty blocks behind. */
@@ -1370,6 +1430,28 @@ int mrd_server_stop(struct mrd_server *s)
     return 0;
 }
 
+int mrd_server_stop(struct mrd_server *s)
+{
+    if (!s)
+        return -EINVAL;
+    int rc = stop_serving(s);
+    if (rc || !s->al)
+        return rc;
+    /* Clean stop: every write is answered. If the peer also has every one
+     * (nothing dirty), no extent can differ: persist an empty log. With
+     * dirty blocks the log stays as it is, a superset of the latest hot
+     * extents (the dirty bitmap, not the log, tracks writes the peer lost). */
+    if (mrd_bitmap_count(s->bm) == 0) {
+        rc = mrd_al_clear(s->al);
+        if (rc) {
+            pthread_mutex_lock(&s->pend_mu);
+            set_error_locked(s, "clearing the activity log: %s", mrd_strerror(rc));
+            pthread_mutex_unlock(&s->pend_mu);
+        }
+    }
+    return rc;
+}
+
 void mrd_server_free(struct mrd_server *s)
 {
     if (!s)
@@ -1379,6 +1461,7 @@ void mrd_server_free(struct mrd_server *s)
     if (s->disk_fd >= 0)
         close(s->disk_fd);
     mrd_bitmap_free(s->bm);
+    mrd_al_close(s->al);
     free(s->sync_buf);
     free(s->disk_path);
     free(s->mountpoint);

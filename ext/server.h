@@ -83,6 +83,11 @@ struct mrd_server_stats {
     int32_t verifying;                /* the running "sync" is a verify */
     int32_t pad1;
     char last_error[256];
+    /* Activity log (zero without one): records written, writes that waited
+     * for a free slot, extents hot now, slots, extent size. */
+    uint64_t al_updates, al_waits;
+    uint32_t al_hot, al_slots;
+    uint64_t al_extent_size;
 };
 
 /* Prepare a server for disk_path (opened O_RDWR) exposed at mountpoint (a
@@ -93,6 +98,18 @@ int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
 /* How long a peer may leave a frame unacknowledged (and a send may block)
  * before it is declared gone; default 10000 ms. Takes effect on attach. */
 int mrd_server_set_peer_timeout(struct mrd_server *s, uint32_t timeout_ms);
+/* Keep an activity log (activity_log.h) at path, before start; MRD_ESTATE
+ * after start or when one is set. Every write makes its extents hot (record
+ * persisted first) before it is sent or written locally, and they count it
+ * in flight until it is complete: local write done and the peer acked it or
+ * is gone. Sync reads need none: a sync only copies what this disk already
+ * holds to the peer, it never makes this disk differ. Extents a previous run
+ * left hot are marked dirty here (they may hold writes the peer never got)
+ * and stay in the log. -EINVAL when slots cannot hold the extents of one
+ * largest write (2 for extents >= 1 MiB). A clean mrd_server_stop with no
+ * dirty block persists an empty log. */
+int mrd_server_set_activity_log(struct mrd_server *s, const char *path, uint64_t extent_size,
+                                uint32_t slots);
 /* Mount and start serving (returns once the mount is live). */
 int mrd_server_start(struct mrd_server *s);
 /* Hand over a connected, handshaken TCP socket (dup'ed; the caller must not

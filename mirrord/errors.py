@@ -13,7 +13,8 @@ The tree (exit code in brackets)::
     │   └── HandshakeRefused [1]    the peer is incompatible (version, disk size, secret)
     └── NativeError [1]             the C data path returned an error code
         ├── FrameError [1]          a frame failed its length or CRC32C check
-        └── FuseError [1]           libfuse could not mount or serve the disk
+        ├── FuseError [1]           libfuse could not mount or serve the disk
+        └── ActivityLogError [1]    the activity log file is unreadable or of another geometry
 
 Third-party and OS errors are translated into this tree at the boundary that
 calls them (``raise ... from``), so the CLI can map any failure to one exit
@@ -70,4 +71,8 @@ class FrameError(NativeError):
 
 
 class FuseError(NativeError):
+    pass
+
+
+class ActivityLogError(NativeError):
     pass

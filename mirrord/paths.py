@@ -44,6 +44,10 @@ class Home:
     def meta_file(self, volume: str) -> Path:
         return self.root / f"{volume}.meta"
 
+    def activity_log(self, volume: str) -> Path:
+        """The primary's hot extents (ext/activity_log.h), beside the metadata, never on the disk."""
+        return self.root / f"{volume}.al"
+
     def device(self, volume: str) -> Path:
         return self.dev_dir / volume
 

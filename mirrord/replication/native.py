@@ -6,6 +6,7 @@ becomes a typed exception:
 
 * frame codes (bad magic, type, length, flags, CRC, truncation) -> ``FrameError``
 * libfuse refusing to create or mount the session -> ``FuseError``
+* an activity log with no valid record, or of another geometry -> ``ActivityLogError``
 * everything else (errno values and other mirrord codes) -> ``NativeError``
 
 Every exception carries ``code`` (the raw negative code) and ``errno`` (the
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from mirrord._native import ffi, lib
-from mirrord.errors import FrameError, FuseError, NativeError
+from mirrord.errors import ActivityLogError, BadInput, FrameError, FuseError, NativeError
 
 HEADER_SIZE: int = lib.MRD_FRAME_HEADER_SIZE
 MAX_PAYLOAD: int = lib.MRD_FRAME_MAX_PAYLOAD
@@ -65,6 +66,8 @@ E_STATE = -(_BASE + 8)
 E_FUSE = -(_BASE + 9)
 E_RANGE = -(_BASE + 10)
 E_NOPEER = -(_BASE + 11)
+E_ALBAD = -(_BASE + 12)
+E_ALGEOM = -(_BASE + 13)
 _FRAME_CODES = frozenset({E_TRUNC, E_MAGIC, E_TYPE, E_LEN, E_CRC, E_FLAGS})
 
 SYNC_DIRTY_ONLY: int = lib.MRD_SYNC_DIRTY_ONLY
@@ -84,6 +87,8 @@ def _error(code: int, what: str) -> NativeError:
         cls = FrameError
     elif code == E_FUSE:
         cls = FuseError
+    elif code in (E_ALBAD, E_ALGEOM):
+        cls = ActivityLogError
     exc = cls(f"{what}: {strerror(code)}")
     exc.code = code  # type: ignore[attr-defined]
     exc.errno = -code if -_BASE < code < 0 else None  # type: ignore[attr-defined]
@@ -246,6 +251,26 @@ class Bitmap:
         _check(lib.mrd_bitmap_load(self._bm, ffi.from_buffer(data), len(data)), "bitmap load")
 
 
+# ---- activity log -----------------------------------------------------------
+
+AL_DEFAULT_EXTENT_SIZE: int = lib.MRD_AL_DEFAULT_EXTENT
+AL_DEFAULT_SLOTS: int = lib.MRD_AL_DEFAULT_SLOTS
+AL_MAX_SLOTS: int = lib.MRD_AL_MAX_SLOTS
+
+
+def read_activity_log(path: str) -> list[tuple[int, int]]:
+    """(offset, length) of each extent the activity log at path lists as hot.
+
+    Least recently used first, as persisted (ext/activity_log.h). Empty for a
+    missing or empty file; ActivityLogError when neither record is valid.
+    """
+    rec = ffi.new("struct mrd_al_record *")
+    if _check(lib.mrd_al_read(path.encode(), rec, ffi.NULL), f"read activity log {path}") == 0:
+        return []
+    size = int(rec.extent_size)
+    return [(int(rec.extents[i]) * size, size) for i in range(rec.count)]
+
+
 # ---- stats ----------------------------------------------------------------
 
 class _Stats:
@@ -318,6 +343,22 @@ class DurabilityStats(_Stats):
 
 
 @dataclass(frozen=True)
+class ActivityLogStats(_Stats):
+    """The primary's activity log (all zero without one).
+
+    al_updates: records written (each a pwrite + fdatasync before a write to
+    a cold extent); al_waits: writes that waited for a slot with nothing in
+    flight; al_hot: extents hot now, of al_slots.
+    """
+
+    al_updates: int
+    al_waits: int
+    al_hot: int
+    al_slots: int
+    al_extent_size: int
+
+
+@dataclass(frozen=True)
 class ReceiverStats(_Stats):
     frames: int
     writes: int
@@ -359,13 +400,38 @@ def _take_fd(sock_fd: int) -> None:
 
 # ---- primary server -------------------------------------------------------
 
+_MAX_WRITE = 1 << 20  # the largest FUSE write (MAX_WRITE in ext/server.c)
+
+
+def _check_al_geometry(extent_size: int, slots: int) -> None:
+    """One sentence for each way the activity log settings can be wrong (C says only EINVAL)."""
+    lo, hi = lib.MRD_AL_MIN_EXTENT, lib.MRD_AL_MAX_EXTENT
+    if not lo <= extent_size <= hi or extent_size & (extent_size - 1):
+        raise BadInput(f"The activity log extent size must be a power of two from {lo} to {hi} bytes, "
+                       f"not {extent_size}.")
+    # A write needs every extent it touches hot at once.
+    need = (_MAX_WRITE + extent_size - 2) // extent_size + 1
+    if not need <= slots <= AL_MAX_SLOTS:
+        raise BadInput(f"The activity log needs {need} to {AL_MAX_SLOTS} slots with {extent_size}-byte "
+                       f"extents, not {slots}.")
+
+
 class PrimaryServer:
     """The disk at disk_path served as the regular file mountpoint, replicated to a peer.
 
     Control calls are serialised by a lock; none of them is on the I/O path.
+
+    activity_log: path of the activity log file (ext/activity_log.h); the
+    product always passes one. Without it nothing records which extents may
+    hold writes the peer never got, so a crash of this primary could leave
+    blocks that no resync overwrites: only for tests and benches.
     """
 
-    def __init__(self, disk_path: str, mountpoint: str, size: int = 0, peer_timeout_ms: int = 10000) -> None:
+    def __init__(self, disk_path: str, mountpoint: str, size: int = 0, peer_timeout_ms: int = 10000,
+                 activity_log: str | None = None, al_extent_size: int = AL_DEFAULT_EXTENT_SIZE,
+                 al_slots: int = AL_DEFAULT_SLOTS) -> None:
+        if activity_log is not None:
+            _check_al_geometry(al_extent_size, al_slots)
         out = ffi.new("struct mrd_server **")
         _check(lib.mrd_server_new(disk_path.encode(), mountpoint.encode(), size, out),
                f"open {disk_path}")
@@ -373,7 +439,16 @@ class PrimaryServer:
         self._lock = threading.Lock()
         self.disk_path = disk_path
         self.mountpoint = mountpoint
-        _check(lib.mrd_server_set_peer_timeout(self._s, peer_timeout_ms), "set peer timeout")
+        self.activity_log = activity_log
+        try:
+            _check(lib.mrd_server_set_peer_timeout(self._s, peer_timeout_ms), "set peer timeout")
+            if activity_log is not None:
+                _check(lib.mrd_server_set_activity_log(self._s, activity_log.encode(), al_extent_size, al_slots),
+                       f"open activity log {activity_log}")
+        except NativeError:
+            lib.mrd_server_free(self._s)
+            self._s = None
+            raise
 
     def _ptr(self) -> Any:
         if self._s is None:
@@ -439,18 +514,22 @@ class PrimaryServer:
         with self._lock:
             _check(lib.mrd_server_stop_sync(self._ptr()), "stop sync")
 
-    def stats(self) -> ServerStats:
+    def _read_stats(self, cls: type[_Stats]) -> Any:
         c = ffi.new("struct mrd_server_stats *")
         with self._lock:
             _check(lib.mrd_server_stats(self._ptr(), c), "server stats")
-        result: ServerStats = _stats(ServerStats, c)
+        return _stats(cls, c)
+
+    def stats(self) -> ServerStats:
+        result: ServerStats = self._read_stats(ServerStats)
         return result
 
     def durability_stats(self) -> DurabilityStats:
-        c = ffi.new("struct mrd_server_stats *")
-        with self._lock:
-            _check(lib.mrd_server_stats(self._ptr(), c), "server stats")
-        result: DurabilityStats = _stats(DurabilityStats, c)
+        result: DurabilityStats = self._read_stats(DurabilityStats)
+        return result
+
+    def activity_log_stats(self) -> ActivityLogStats:
+        result: ActivityLogStats = self._read_stats(ActivityLogStats)
         return result
 
     def dirty_bitmap(self) -> bytes:

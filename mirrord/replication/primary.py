@@ -66,7 +66,8 @@ class PrimarySide:
         self.home.dev_dir.mkdir(parents=True, exist_ok=True)
         self.device_file.touch(exist_ok=True)
         self.server = PrimaryServer(str(self.settings.disk), str(self.device_file), self.disk_size,
-                                    peer_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000))
+                                    peer_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000),
+                                    activity_log=str(self.home.activity_log(self.settings.volume)))
         # Fencing: losing the secondary holds writes until the supervisor decides (see supervisor.py).
         self.server.set_fencing(True)
         self.server.start()

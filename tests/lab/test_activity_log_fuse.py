@@ -1,0 +1,258 @@
+"""The activity log on the real data path: FUSE, real files, a real crash (SIGKILL).
+
+Each test serves a sparse image through PrimaryServer with an activity log
+(4 MiB extents) and checks the file with read_activity_log, the way a
+rejoining node will read it: the extents written are listed while serving,
+only the most recent ones once more than the slots were written, nothing
+after a clean stop, and after a SIGKILL every extent whose data reached the
+disk without being complete is listed. Needs root and /dev/fuse; skips
+without them, fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from test_datapath_local import _aligned, _mounted, _require, _socket_pair
+
+from mirrord.replication import volume
+from mirrord.replication.native import PrimaryServer, Receiver, read_activity_log
+
+pytestmark = pytest.mark.lab
+
+KiB = 1 << 10
+MiB = 1 << 20
+EXT = 4 * MiB
+SIZE = 512 * MiB
+CHILD = str(Path(__file__).with_name("al_server.py"))
+
+
+def _image(path: Path) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    return path
+
+
+def _hot(al: Path) -> list[int]:
+    """The extent numbers the file lists, least recently used first."""
+    listed = read_activity_log(str(al))
+    assert all(length == EXT and off % EXT == 0 for off, length in listed)
+    return [off // EXT for off, _ in listed]
+
+
+def _write(dev: Path, off: int, length: int = 4 * KiB, fill: int = 0x5A) -> None:
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+    try:
+        assert os.pwrite(fd, _aligned(bytes([fill]) * length), off) == length
+    finally:
+        os.close(fd)
+
+
+def _unmount(dev: Path) -> None:
+    if _mounted(dev):
+        subprocess.run(["umount", "-l", str(dev)], check=False)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., PrimaryServer]]:
+    """A started server on a.img at r0 with its log at v.al; peer=True adds a Receiver on b.img."""
+    servers: list[PrimaryServer] = []
+    receivers: list[Receiver] = []
+
+    def make(slots: int = 8, peer: bool = True) -> PrimaryServer:
+        _require()
+        dev = tmp_path / "r0"
+        dev.touch()
+        server = PrimaryServer(str(_image(tmp_path / "a.img")), str(dev), SIZE,
+                               activity_log=str(tmp_path / "v.al"), al_slots=slots)
+        servers.append(server)
+        server.start()
+        if peer:
+            primary_end, secondary_end = _socket_pair()
+            receivers.append(Receiver(str(_image(tmp_path / "b.img")), SIZE, secondary_end.detach()))
+            server.attach_peer(primary_end.detach())
+        return server
+
+    yield make
+    try:
+        for server in servers:
+            server.close()
+    finally:
+        for receiver in receivers:
+            receiver.close()
+        _unmount(tmp_path / "r0")
+
+
+def test_log_follows_the_writes_and_clean_stop_empties_it(tmp_path: Path,
+                                                          serve: Callable[..., PrimaryServer]) -> None:
+    server = serve(slots=8)
+    al, dev = tmp_path / "v.al", tmp_path / "r0"
+    assert _hot(al) == []
+    for e in (3, 17, 40):
+        _write(dev, e * EXT + 12 * KiB)
+    assert _hot(al) == [3, 17, 40]
+    # One 1 MiB write across the boundary of extents 60 and 61: both, in one record.
+    _write(dev, 61 * EXT - 512 * KiB, MiB)
+    assert sorted(_hot(al)) == [3, 17, 40, 60, 61]
+    assert server.activity_log_stats().al_updates == 4
+    # More distinct extents than slots: only the 8 most recently used stay.
+    for e in range(70, 80):
+        _write(dev, e * EXT)
+    assert _hot(al) == list(range(72, 80))
+    # Writes to hot extents cost no record: the file does not change.
+    assert server.activity_log_stats().al_updates == 14
+    for e in (78, 79, 72):
+        _write(dev, e * EXT + 64 * KiB)
+    st = server.activity_log_stats()
+    assert st.al_updates == 14 and st.al_hot == 8 and st.al_waits == 0
+    assert _hot(al) == list(range(72, 80))
+    stats = server.stats()
+    assert stats.peer_connected and stats.dirty_blocks == 0 and stats.write_errors == 0
+    server.stop()
+    assert _hot(al) == []
+
+
+def test_stop_with_writes_the_peer_lacks_keeps_the_log(tmp_path: Path,
+                                                       serve: Callable[..., PrimaryServer]) -> None:
+    server = serve(slots=8, peer=False)
+    al, dev = tmp_path / "v.al", tmp_path / "r0"
+    for e in (5, 9):
+        _write(dev, e * EXT)
+    assert server.stats().dirty_blocks == 2
+    server.stop()
+    assert _hot(al) == [5, 9]
+
+
+# ---- crash ----------------------------------------------------------------------
+
+class Child:
+    """al_server.py in its own process; killed with SIGKILL, never stopped cleanly."""
+
+    def __init__(self, tmp_path: Path, slots: int) -> None:
+        _require("losetup", loop=True)
+        self.loop: str | None = None
+        self.dev, self.al, self.img = tmp_path / "r0", tmp_path / "v.al", _image(tmp_path / "a.img")
+        self.dev.touch()
+        argv = [sys.executable, CHILD, str(self.img), str(self.dev), str(self.al), str(slots)]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            self._expect("ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def _expect(self, word: str) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # ends with the child: bounded by its life
+        if line.strip() != word:
+            raise AssertionError(f"the server process did not say {word!r} (exit {self.proc.poll()})")
+
+    def attach_silent_peer(self) -> None:
+        """From now on every write stays in flight (see al_server.py)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("silent-peer\n")
+        self.proc.stdin.flush()
+        self._expect("attached")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def attach_loop(self) -> str:
+        """A loop device with direct I/O on the FUSE file, as the product uses it: unlike
+        pwrites on the FUSE file itself (one at a time under the inode lock), its
+        writes reach the server concurrently."""
+        self.loop = volume.attach_loop(self.dev)
+        return self.loop
+
+    def close(self) -> None:
+        self.kill()
+        if self.loop is not None:
+            volume.detach_loop(self.loop)
+        _unmount(self.dev)
+
+
+@pytest.fixture
+def child(tmp_path: Path) -> Iterator[Callable[..., Child]]:
+    children: list[Child] = []
+
+    def make(slots: int) -> Child:
+        c = Child(tmp_path, slots)
+        children.append(c)
+        return c
+
+    yield make
+    for c in children:
+        c.close()
+
+
+def test_crash_leaves_every_written_extent_listed(child: Callable[..., Child]) -> None:
+    c = child(slots=61)
+    written = [2, 7, 33, 90, 127, 64]
+    for e in written:
+        _write(c.dev, e * EXT + 8 * KiB, fill=0x40 + e)
+    c.kill()
+    assert set(written) <= set(_hot(c.al))
+
+
+def _on_disk(img: Path, off: int, data: bytes) -> bool:
+    with open(img, "rb") as f:
+        f.seek(off)
+        return f.read(len(data)) == data
+
+
+def test_crash_with_writes_in_flight_lists_their_extents(child: Callable[..., Child]) -> None:
+    """Writes on the local disk but never acknowledged by the peer: the case the log exists for."""
+    slots = 4
+    c = child(slots=slots)
+    # The loop device first: attaching it flushes, and a flush would wait forever for the peer.
+    loop = c.attach_loop()
+    c.attach_silent_peer()
+    # One more writer than slots: the last cold write must wait, since every
+    # slot has a write in flight and none may be evicted.
+    extents = [11, 23, 42, 57, 99]
+    blocks = {e: bytes([0x80 + i]) * (64 * KiB) for i, e in enumerate(extents)}
+    errors: dict[int, str] = {}
+
+    def writer(e: int) -> None:
+        fd = os.open(loop, os.O_WRONLY | os.O_DIRECT)
+        try:
+            os.pwrite(fd, _aligned(blocks[e]), e * EXT + 128 * KiB)
+            errors[e] = "acknowledged, with a peer that never acks"
+        except OSError as exc:
+            errors[e] = exc.strerror or str(exc)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=writer, args=(e,), daemon=True) for e in extents]
+    for t in threads:
+        t.start()
+    try:
+        # The first `slots` writes reach the disk (in flight, unacknowledged); which
+        # ones go first is up to the scheduler, so wait for any `slots` of them.
+        deadline = time.monotonic() + 30
+        while sum(_on_disk(c.img, e * EXT + 128 * KiB, blocks[e]) for e in extents) < slots:
+            assert time.monotonic() < deadline, "the writes did not reach the disk"
+            assert c.proc.poll() is None
+            time.sleep(0.01)
+        landed = [e for e in extents if _on_disk(c.img, e * EXT + 128 * KiB, blocks[e])]
+        assert len(landed) == slots  # the fifth waits for a slot: not issued
+    finally:
+        c.kill()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert "acknowledged, with a peer that never acks" not in errors.values()
+    assert set(landed) <= set(_hot(c.al))
+    # Nothing of the waiting write reached the disk after the kill either.
+    waiting = [e for e in extents if e not in landed]
+    assert not any(_on_disk(c.img, e * EXT + 128 * KiB, blocks[e]) for e in waiting)
