@@ -507,7 +507,10 @@ class Daemon:
                 "summary": self._last_sentence,
                 "settings": settings.to_json() if settings else None,
             }
-        return self._last_sentence or f"Mode {self.mode}.", data
+        summary = self._last_sentence or f"Mode {self.mode}."
+        if data["split_brain"] and data["split_brain"] != peer_error:  # HAstatus's text shows a refusal once
+            summary = f"{summary} {data['split_brain']}"
+        return summary, data
 
     def _peer_mode_now(self, settings: Settings, wait: float) -> str | None:
         """What the peer says it is, listening to its heartbeats for at most ``wait`` seconds."""

@@ -166,19 +166,21 @@ class SecondarySide:
                          "disk_state": str(self.meta.disk_state), "state": mine,
                          "plan": {"kind": str(plan.kind), "source": plan.source}})
 
-    def own_changes(self) -> list[extents.Range]:
-        """The blocks this disk changed on its own (its persisted bitmap), for the primary to resend."""
+    def own_changes(self, primary_size: int) -> list[extents.Range]:
+        """The blocks this disk changed on its own (its persisted bitmap), for the primary to resend;
+        only those within the primary's disk, which may be smaller than ours."""
         try:
             data = extents.bitmap_file(self.home, self.settings.volume).read_bytes()
         except FileNotFoundError:
             return []
-        return extents.coarsen(extents.ranges_from_bitmap(data, self.disk_size))
+        return extents.coarsen(extents.ranges_from_bitmap(data, min(self.disk_size, primary_size)))
 
     def _plan(self, conn: socket.socket, msg: dict[str, object]) -> tuple[Plan | None, dict[str, object]]:
         """Compare generations with the (authenticated) primary; refuse it on a conflict."""
         me = Side(gen=self.meta.gen, primary=False, bitmap_trusted=self.meta.bitmap_trusted,
                   discard_my_data=self.discard_my_data)
-        mine = link.state(me, self.own_changes() if self.meta.bitmap_trusted else None)
+        # check_hello has validated disk_size (a positive int, at most ours).
+        mine = link.state(me, self.own_changes(int(msg["disk_size"])) if self.meta.bitmap_trusted else None)
         try:
             peer, _ = link.parse_state(msg.get("state"), primary=True, disk_size=self.disk_size)
             if not generations.is_uuid(msg.get("sync_uuid")):

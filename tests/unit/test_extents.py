@@ -7,6 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mirrord.errors import HandshakeRefused
 from mirrord.paths import Home
@@ -84,6 +86,31 @@ def test_link_state_round_trip_and_refusals() -> None:
                 {**link.state(me), "gen": {"current": "x", "bitmap": "", "history": []}}):
         with pytest.raises(HandshakeRefused):
             link.parse_state(bad, primary=True, disk_size=SIZE)
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=20)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+    max_leaves=20,
+)
+states = st.fixed_dictionaries({}, optional={
+    "gen": st.one_of(json_values, st.fixed_dictionaries({
+        "current": st.sampled_from(["", "a" * 16, "A" * 16, 7]), "bitmap": st.sampled_from(["", "b" * 16, None]),
+        "history": st.lists(st.sampled_from(["c" * 16, "", 1]), max_size=3)})),
+    "bitmap_trusted": json_values, "discard_my_data": json_values,
+    "extra_dirty": st.one_of(json_values, st.lists(st.lists(st.integers(-5, SIZE + 5), max_size=3), max_size=5)),
+})
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=st.one_of(json_values, states))
+def test_a_peers_state_is_parsed_or_refused_never_anything_else(value: object) -> None:
+    try:
+        peer, extra = link.parse_state(value, primary=True, disk_size=SIZE)
+    except HandshakeRefused:
+        return
+    assert all(0 <= off and 0 < length and off + length <= SIZE for off, length in extra)
+    assert len(peer.gen.history) <= 2
 
 
 # -- the meta file -------------------------------------------------------------------------
