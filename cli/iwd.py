@@ -56,9 +56,14 @@ Example:
 
 @click.command("start-ha", epilog=_START_EPILOG)
 @ha_options
-def start_ha(**options: Any) -> None:
+@click.option("--discard-my-data", "-discardMyData", "discard_my_data", is_flag=True, default=None,
+              help="Resolve a split brain: this appliance becomes the secondary and its own changes are "
+                   "overwritten by the peer's data (a copy of its disk is saved first, in $MIRRORD_HOME/splitbrain/).")
+def start_ha(discard_my_data: bool | None, **options: Any) -> None:
     """Start high availability on this appliance (startHA)."""
     options = {k: v for k, v in options.items() if v is not None}
+    # Not a setting: it applies to this one start and is never saved.
+    extra = {"discard_my_data": True} if discard_my_data else {}
 
     def action(client: ControlClient) -> tuple[str, dict[str, Any]]:
         # Check everything that can be checked here before a daemon is started, so bad
@@ -66,9 +71,9 @@ def start_ha(**options: Any) -> None:
         settings = config.parse(options)
         config.check_local(settings, local_addresses())
         ensure_daemon(client)
-        return client.call("start_ha", **options)
+        return client.call("start_ha", **options, **extra)
 
-    run("startHA", options, action)
+    run("startHA", {**options, **extra}, action)
 
 
 @click.command("configure-ha")

@@ -42,7 +42,7 @@
 #define MRD_AL_MIN_EXTENT (64u << 10)
 #define MRD_AL_MAX_EXTENT (1u << 30)
 #define MRD_AL_DEFAULT_EXTENT (4u << 20)
-#define MRD_AL_DEFAULT_SLOTS 61
+#define MRD_AL_DEFAULT_SLOTS 507 /* 2 GiB hot at 4 MiB (DRBD: 1237 x 4 MiB) */
 
 struct mrd_al_record {
     uint64_t seq;

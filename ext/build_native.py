@@ -86,7 +86,7 @@ int mrd_bitmap_load(struct mrd_bitmap *bm, const void *buf, size_t buflen);
 #define MRD_AL_MIN_EXTENT 65536
 #define MRD_AL_MAX_EXTENT 1073741824
 #define MRD_AL_DEFAULT_EXTENT 4194304
-#define MRD_AL_DEFAULT_SLOTS 61
+#define MRD_AL_DEFAULT_SLOTS 507
 struct mrd_al_record {
     uint64_t seq;
     uint64_t extent_size;

@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from mirrord import __version__, app, atomicfile, config
@@ -36,9 +37,10 @@ from mirrord.net.heartbeat import Heartbeat
 from mirrord.net.links import any_link_up
 from mirrord.net.witness import Witness
 from mirrord.paths import Home
-from mirrord.replication import volume
+from mirrord.replication import generations, keepcopy, volume
+from mirrord.replication.generations import Generations, Kind
 from mirrord.replication.meta import DiskState, VolumeMeta
-from mirrord.replication.primary import PrimarySide
+from mirrord.replication.primary import PrimarySide, plan_sentence
 from mirrord.replication.secondary import SecondarySide
 from mirrord.supervisor import Action, Facts, decide
 from mirrord.trace import write_trace
@@ -185,15 +187,37 @@ class Daemon:
         fresher = "sync" if silent_sync <= silent_public else "public"
         return silent_sync, silent_public, self.heartbeat.peer_state(fresher)
 
+    def _split_brain(self, peer: dict[str, Any] | None, heard: bool) -> bool:
+        """Two primaries that hear each other (a partition healed) never connect for a handshake: they
+        compare generations from the heartbeats, so a split brain is recorded and logged on both at
+        once. Otherwise the handshake decides (a heartbeat may be a moment older than the identifiers
+        it just agreed on). Only a sync clears it."""
+        if self.meta is None or self.settings is None or not heard or not isinstance(peer, dict) \
+                or self.mode is not Mode.PRIMARY or peer.get("mode") != "primary":
+            return bool(self.meta and self.meta.split_brain)
+        try:
+            theirs = Generations.from_json(peer.get("gen"))
+        except ValueError:
+            return bool(self.meta.split_brain)
+        plan = generations.relation(self.meta.gen, theirs)
+        if plan.kind in (Kind.SPLIT_BRAIN, Kind.UNRELATED):
+            sentence = plan_sentence(plan)
+            if self.meta.split_brain != sentence:
+                self.meta.split_brain = sentence
+                self.meta.save(self.home, self.settings.volume)
+                self.log.log(sentence)
+        return bool(self.meta.split_brain)
+
     def _facts(self, stall: float) -> Facts:
         silent_sync, silent_public, peer = self._peer_view()
         ping = self.settings.ping_interval if self.settings else 1.0
+        split_brain = self._split_brain(peer, min(silent_sync, silent_public) < ping)
         common = dict(
             mode=self.mode, ping_interval=ping, silent_sync=silent_sync, silent_public=silent_public,
             peer_mode=(peer or {}).get("mode"), peer_disk=(peer or {}).get("disk"),
             peer_wants_outdate=bool((peer or {}).get("outdate_request")),
             epoch=self.meta.epoch if self.meta else 0, peer_epoch=int((peer or {}).get("epoch") or 0),
-            clock_gap=stall, busy=self._busy,
+            clock_gap=stall, busy=self._busy, split_brain=split_brain,
             witness_ok=None if self.witness is None else self.witness.ok,
             my_links_up=any_link_up([self.ends.my_sync, self.ends.my_public]) if self.ends else True,
         )
@@ -220,6 +244,7 @@ class Daemon:
         shared = {k: v for k, v in (self.settings.to_json() if self.settings else {}).items() if k in SHARED_SETTINGS}
         return {"mode": str(self.mode), "disk": str(disk) if disk else None, "mac": self.my_mac,
                 "epoch": self.meta.epoch if self.meta else 0,
+                "gen": self.meta.gen.to_json() if self.meta else None,
                 "outdate_request": self.outdate_request, "settings": shared, "version": __version__}
 
     def _compare_settings(self) -> None:
@@ -252,6 +277,7 @@ class Daemon:
             self.outdate_request = True
         elif action is Action.RESUME_DEGRADED:
             assert self.primary is not None and self.primary.server is not None
+            self.primary.start_writing_alone()  # persisted before the first write is acknowledged
             self.primary.server.resume(degraded=True)
             self.outdate_request = False
         elif action is Action.TAKEOVER:
@@ -302,7 +328,7 @@ class Daemon:
             ip_at = time.monotonic()
             self._new_term()
             side = PrimarySide(self.home, settings, self.log, config.check_disk(settings.disk), ends,
-                               self._on_failover_request, self.secret, self._lineage())
+                               self._on_failover_request, self.secret, meta)
             try:
                 side.start()
             except MirrordError:
@@ -346,10 +372,6 @@ class Daemon:
         peer = self._peer_view()[2] or {}
         self.meta.epoch = max(self.meta.epoch, int(peer.get("epoch") or 0)) + 1
         self.meta.save(self.home, self.settings.volume)
-
-    def _lineage(self) -> str:
-        assert self.meta is not None
-        return f"{self.meta.node_id}:{self.meta.epoch}"
 
     def _mark_outdated(self) -> None:
         if self.meta is not None and self.settings is not None:
@@ -476,6 +498,8 @@ class Daemon:
                 "settings_mismatch": self.mismatch,
                 "peer_error": peer_error,
                 "last_takeover": self.last_takeover,
+                "split_brain": (self.meta.split_brain or None) if self.meta else None,
+                "resync": dict(self.primary.resync) if self.primary is not None else {},
                 "app": {"monitored": self.app_monitor is not None,
                         "healthy": self.app_monitor.healthy if self.app_monitor else None,
                         "restarts": self.app_restarts},
@@ -483,7 +507,10 @@ class Daemon:
                 "summary": self._last_sentence,
                 "settings": settings.to_json() if settings else None,
             }
-        return self._last_sentence or f"Mode {self.mode}.", data
+        summary = self._last_sentence or f"Mode {self.mode}."
+        if data["split_brain"] and data["split_brain"] != peer_error:  # HAstatus's text shows a refusal once
+            summary = f"{summary} {data['split_brain']}"
+        return summary, data
 
     def _peer_mode_now(self, settings: Settings, wait: float) -> str | None:
         """What the peer says it is, listening to its heartbeats for at most ``wait`` seconds."""
@@ -496,7 +523,7 @@ class Daemon:
             time.sleep(0.02)
         return None
 
-    def start_ha(self, **options: Any) -> tuple[str, dict[str, Any]]:
+    def start_ha(self, discard_my_data: bool = False, **options: Any) -> tuple[str, dict[str, Any]]:
         settings = config.parse(options)
         with self._lock:
             side = config.check_local(settings, local_addresses())
@@ -509,6 +536,12 @@ class Daemon:
             self._stop_companions()
             volume.ensure_unused(settings.disk)
             meta = VolumeMeta.load(self.home, settings.volume)
+            if discard_my_data and not meta.split_brain:
+                raise Refused("There is no split brain to resolve: this appliance has not found one with its peer "
+                              "(HAstatus shows it when it has); run startHA without --discard-my-data.")
+            recovered = meta.recover(self.home, settings.volume, size)
+            if recovered:
+                self.log.log(recovered)
             ends = settings.endpoints(side)
             self.settings, self.side, self.ends, self.meta = settings, side, ends, meta
             try:
@@ -522,6 +555,10 @@ class Daemon:
                     if self.mode is Mode.IDLE and role == "primary":
                         raise Refused("This appliance is idle after a failOver and the peer is not primary: it "
                                       "cannot become primary again by itself. Run stopHA here, then startHA.")
+                saved: Path | None = None
+                if discard_my_data and role == "primary":
+                    raise Refused("--discard-my-data makes this appliance the secondary of the peer's data, but the "
+                                  "peer is not primary: run startHA on the appliance whose data to keep first.")
                 event = Event.START_PRIMARY if role == "primary" else Event.START_SECONDARY
                 next_mode = transition(self.mode, event)
                 if role == "primary":
@@ -530,7 +567,7 @@ class Daemon:
                                       "Make it the secondary of an UpToDate primary first.")
                     self._new_term()
                     primary = PrimarySide(self.home, settings, self.log, size, ends, self._on_failover_request,
-                                          self.secret, self._lineage())
+                                          self.secret, meta)
                     primary.start()
                     try:
                         floatip.add(settings.floating_ip, ends.my_public)
@@ -542,8 +579,10 @@ class Daemon:
                         raise
                     self.primary = primary
                 else:
+                    if discard_my_data:
+                        saved = self._keep_copy(settings, size)
                     secondary = SecondarySide(self.home, settings, self.log, size, meta, ends, self._on_promote,
-                                              self.secret)
+                                              self.secret, discard_my_data=discard_my_data)
                     try:
                         secondary.start()
                     except OSError as exc:
@@ -562,8 +601,18 @@ class Daemon:
             else:
                 message = (f"HA started: this appliance ({ends.my_public}) is the secondary; waiting for the "
                            f"primary {ends.peer_sync} to sync {settings.disk}.")
+                if saved is not None:
+                    message += (f" Its own changes since the split brain will be overwritten; its copy of the disk "
+                                f"was saved to {saved} first.")
             self.log.log(message)
             return message, self.status()[1]
+
+    def _keep_copy(self, settings: Settings, size: int) -> Path:
+        """--discard-my-data: nothing of this appliance's data is overwritten before a copy exists."""
+        self.log.log(f"Saving a copy of {settings.disk} before discarding this appliance's changes.")
+        saved = keepcopy.save_copy(self.home, settings.volume, settings.disk, size)
+        self.log.log(f"Saved this appliance's copy of {settings.disk} to {saved}.")
+        return saved
 
     def _start_companions(self, settings: Settings, ends: Endpoints) -> None:
         """Heartbeats, log shipping and the witness: what runs whatever the role."""

@@ -40,6 +40,10 @@ fail and nothing more is acknowledged. Terms settle who yields when both
 are primary for a moment (a hung primary wakes up and
 says "primary" once before it notices): every promotion takes a term higher
 than any it has heard of, so the newer primary never yields to the older.
+After a partition both may have been primary for long and both copies
+changed: the generation identifiers say split brain. The older term still
+steps down, which only stops serving: the handshake refuses to sync over
+either copy until an operator runs ``startHA --discard-my-data`` on one.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class Facts:
     peer_epoch: int = 0
     peer_wants_outdate: bool = False      # the primary asks us (secondary) to mark our disk Outdated
     clock_gap: float = 0.0                # longest stall of this process since the previous tick
+    split_brain: bool = False             # the generation identifiers say both copies changed alone
     my_links_up: bool = True
     io_suspended: bool = False            # the C data path holds writes after losing the peer
     witness_ok: bool | None = None        # None: no witness configured
@@ -186,6 +191,10 @@ def _primary(f: Facts) -> Decision:
             return Decision(Action.STEP_DOWN, f"{stalled} and the replication link is gone: the secondary may "
                                               "have taken over. Stepping down.")
         # A secondary that was not UpToDate could not have taken over: the rules below apply.
+    if f.peer_mode == "primary" and _heard(f) and f.peer_epoch >= f.epoch and f.split_brain:
+        return Decision(Action.STEP_DOWN, f"The other appliance says it is primary with term {f.peer_epoch} "
+                        f"(ours is {f.epoch}) and both copies changed on their own (split brain): stepping down "
+                        "at once; this copy is kept as it is and nothing is synced until an operator resolves it.")
     if f.peer_mode == "primary" and _heard(f) and f.peer_epoch >= f.epoch:
         return Decision(Action.STEP_DOWN, f"The other appliance says it is primary with term {f.peer_epoch} "
                         f"(ours is {f.epoch}): stepping down at once; nothing more is acknowledged here.")

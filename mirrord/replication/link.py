@@ -33,9 +33,13 @@ import struct
 from typing import Any
 
 from mirrord.errors import HandshakeRefused, PeerError
+from mirrord.replication import extents
+from mirrord.replication.generations import Generations, Side
 
-#: Bumped whenever the frame layout or the handshake changes incompatibly.
-PROTOCOL_VERSION = 4
+#: Bumped whenever the frame layout or the handshake changes incompatibly
+#: (3: generation identifiers replace the lineage in hello / welcome;
+#: 4: SYNC_ZERO and VERIFY frames; 5: both together).
+PROTOCOL_VERSION = 5
 MAX_MESSAGE = 64 * 1024
 _LEN = struct.Struct(">I")
 
@@ -124,3 +128,27 @@ def proof(secret: bytes | None, role: str, *parts: str) -> str:
 def proof_ok(secret: bytes | None, role: str, given: object, *parts: str) -> bool:
     # compare_digest refuses non-ASCII str: such a proof is simply wrong.
     return isinstance(given, str) and given.isascii() and hmac.compare_digest(proof(secret, role, *parts), given)
+
+
+def state(side: Side, extra_dirty: list[extents.Range] | None = None) -> dict[str, Any]:
+    """What each side tells the other about its copy (in hello and in welcome / refuse)."""
+    out: dict[str, Any] = {"gen": side.gen.to_json(), "bitmap_trusted": side.bitmap_trusted,
+                           "discard_my_data": side.discard_my_data}
+    if extra_dirty is not None:
+        out["extra_dirty"] = [list(r) for r in extra_dirty]
+    return out
+
+
+def parse_state(value: object, *, primary: bool, disk_size: int) -> tuple[Side, list[extents.Range]]:
+    """The peer's state, validated; anything malformed refuses the handshake."""
+    try:
+        if not isinstance(value, dict):
+            raise ValueError("the peer did not describe its copy (generation identifiers missing)")
+        gen = Generations.from_json(value.get("gen"))
+        trusted, discard = value.get("bitmap_trusted"), value.get("discard_my_data")
+        if type(trusted) is not bool or type(discard) is not bool:
+            raise ValueError("bitmap_trusted and discard_my_data must be true or false")
+        extra = extents.validate(value.get("extra_dirty", []), disk_size)
+    except ValueError as exc:
+        raise HandshakeRefused(f"The peer's handshake is malformed: {exc}.") from None
+    return Side(gen=gen, primary=primary, bitmap_trusted=trusted, discard_my_data=discard), extra

@@ -7,26 +7,40 @@ What a node must remember across crashes about its copy of the volume:
   ``Outdated`` (complete but known to be behind the peer);
 * ``epoch``: the highest primary term this copy has served or followed;
   each promotion takes a higher one, so two primaries can tell which is newer;
-* ``source``: on a secondary, the lineage (primary's node id and term) of
-  the last sync into this disk, finished or not; a primary with the same
-  lineage still holds the bitmap of every block this disk lacks, so a
-  reconnect sends only those (and an interrupted sync resumes);
-* ``node_id``: a random identity for this copy of the data, chosen on first use.
+* ``gen``: the generation identifiers (see generations.py) that decide, on
+  every connect, what must be synced or whether the copies split;
+* ``primary_open``: set before this node serves as primary, cleared after a
+  clean stop has persisted its dirty bitmap (``<volume>.bitmap`` beside this
+  file). Found set at start, it means the node crashed as primary: the
+  bitmap file is stale (DRBD's "crashed primary" flag);
+* ``bitmap_trusted``: the persisted bitmap (plus the activity log after a
+  crash) holds every block this copy changed since ``gen.bitmap``; false
+  after a crash that nothing recorded, until a full sync starts afresh;
+* ``split_brain``: the sentence of the last split brain (or unrelated data)
+  detected with the peer, until a sync succeeds; ``startHA --discard-my-data``
+  needs it.
 
 The file is replaced atomically (temp + fsync + rename + directory fsync), so
 after a crash it is either the old or the new version. A sync target marks
 itself Inconsistent *before* the first sync byte lands, and UpToDate only
 after the source says the sync is complete.
+
+Meta files written before generation identifiers existed (``source`` and
+``node_id`` keys, no ``gen``) are read as "just created": their disk state
+is kept, and the first connect after the upgrade is a full sync from the
+primary, as a new lineage was before.
 """
 
 from __future__ import annotations
 
 import enum
-import uuid
-from dataclasses import asdict, dataclass, field
+import threading
+from dataclasses import dataclass, field
 
 from mirrord import atomicfile
 from mirrord.paths import Home
+from mirrord.replication import extents
+from mirrord.replication.generations import Generations
 
 
 class DiskState(str, enum.Enum):
@@ -42,8 +56,12 @@ class DiskState(str, enum.Enum):
 class VolumeMeta:
     disk_state: DiskState = DiskState.UP_TO_DATE
     epoch: int = 0
-    source: str = ""
-    node_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    gen: Generations = field(default_factory=Generations)
+    primary_open: bool = False
+    bitmap_trusted: bool = True
+    split_brain: str = ""
+    # The daemon's thread and the replication threads both change and save it.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def load(cls, home: Home, volume: str) -> "VolumeMeta":
@@ -52,10 +70,37 @@ class VolumeMeta:
             meta = cls()
             meta.save(home, volume)
             return meta
-        return cls(disk_state=DiskState(data["disk_state"]), epoch=int(data.get("epoch", 0)), source=str(data.get("source", "")),
-                   node_id=str(data["node_id"]))
+        return cls(disk_state=DiskState(data["disk_state"]), epoch=int(data.get("epoch", 0)),
+                   gen=Generations.from_json(data["gen"]) if "gen" in data else Generations(),
+                   primary_open=bool(data.get("primary_open", False)),
+                   bitmap_trusted=bool(data.get("bitmap_trusted", True)),
+                   split_brain=str(data.get("split_brain", "")))
 
     def save(self, home: Home, volume: str) -> None:
-        data = asdict(self)
-        data["disk_state"] = str(self.disk_state)
-        atomicfile.write_json(home.meta_file(volume), data)
+        with self._lock:
+            data = {"disk_state": str(self.disk_state), "epoch": self.epoch, "gen": self.gen.to_json(),
+                    "primary_open": self.primary_open, "bitmap_trusted": self.bitmap_trusted,
+                    "split_brain": self.split_brain}
+            atomicfile.write_json(home.meta_file(volume), data)
+
+    def recover(self, home: Home, volume: str, disk_size: int) -> str:
+        """At start: if this node crashed as primary, what its bitmap is worth now (a sentence for ha.log)."""
+        if not self.primary_open:
+            return ""
+        self.primary_open = False
+        in_flight = extents.activity_log_extents(home, volume)
+        if in_flight is None or self.gen.bitmap:
+            # Without a record of the blocks it was writing (or of everything since it lost
+            # its peer) no bitmap can say what differs: the next sync with it is a full one.
+            self.bitmap_trusted = False
+            self.save(home, volume)
+            extents.forget_activity_log(home, volume)
+            return ("This appliance crashed as primary and nothing recorded every block it changed: its dirty "
+                    "bitmap cannot be trusted, so its next sync with the peer is a full one.")
+        path = extents.bitmap_file(home, volume)
+        saved = path.read_bytes() if path.exists() else b""
+        atomicfile.write_bytes(path, extents.add_to_bitmap(saved, disk_size, in_flight))
+        self.save(home, volume)
+        extents.forget_activity_log(home, volume)
+        return (f"This appliance crashed as primary: the {len(in_flight)} extent(s) named by its activity log "
+                "are resynced at the next connect with the peer.")

@@ -5,6 +5,12 @@ only starts and stops it, builds the loop device and filesystem on top, and
 runs one *connector* thread that (re)connects to the secondary, performs the
 handshake, hands the data socket to C and reports sync progress over the
 control connection. Nothing here runs per write.
+
+It also keeps this copy's generation identifiers (generations.py) as a
+primary must: a new data generation when it starts serving without its peer,
+the sync identifier when a sync starts, history when it completes; and it
+persists the C server's dirty bitmap on every clean stop, so a later start
+(or a step-down followed by a rejoin) knows exactly which blocks differ.
 """
 
 from __future__ import annotations
@@ -18,18 +24,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirrord import __version__
-from typing import Callable
+from typing import Any, Callable
 
+from mirrord import __version__, atomicfile
 from mirrord.config import Endpoints, Settings
-from mirrord.errors import HandshakeRefused, MirrordError, PeerError, Refused
+from mirrord.errors import HandshakeRefused, MirrordError, PeerError, Refused, SplitBrain
 from mirrord.halog import HALog
 from mirrord.paths import Home
-from mirrord.replication import link, volume
+from mirrord.replication import extents, generations, link, volume
+from mirrord.replication.generations import Kind, Plan, Side
+from mirrord.replication.meta import VolumeMeta
 from mirrord.replication.native import PrimaryServer
 
 RETRY_SECONDS = 0.5
+#: After a split brain or unrelated data the answer cannot change until an operator acts
+#: (startHA --discard-my-data on the other appliance): retry slowly, log once.
+CONFLICT_RETRY_SECONDS = 3.0
 PROGRESS_SECONDS = 0.2
+RESOLVE_COMMAND = "stopHA, then startHA --discard-my-data"
+
+
+def plan_sentence(plan: Plan) -> str:
+    """The one sentence both ha.log and HAstatus show for a refused connection."""
+    return generations.describe(plan, command=RESOLVE_COMMAND)
 
 
 @dataclass
@@ -42,9 +59,9 @@ class PeerView:
 
 class PrimarySide:
     def __init__(self, home: Home, settings: Settings, log: HALog, disk_size: int, ends: Endpoints,
-                 on_failover_request: Callable[[], None], secret: bytes | None, lineage: str) -> None:
+                 on_failover_request: Callable[[], None], secret: bytes | None, meta: VolumeMeta) -> None:
         self.secret = secret
-        self.lineage = lineage
+        self.meta = meta
         self.home = home
         self.settings = settings
         self.log = log
@@ -57,6 +74,8 @@ class PrimarySide:
         self.server: PrimaryServer | None = None
         self.loop_device: str | None = None
         self.peer = PeerView()
+        #: the last sync's plan and counters (HAstatus "resync")
+        self.resync: dict[str, Any] = {}
         self._stop = threading.Event()
         self._connector: threading.Thread | None = None
 
@@ -70,7 +89,18 @@ class PrimarySide:
                                     activity_log=str(self.home.activity_log(self.settings.volume)))
         # Fencing: losing the secondary holds writes until the supervisor decides (see supervisor.py).
         self.server.set_fencing(True)
-        self.server.start()
+        self._load_bitmap()
+        # Serving without the peer: a new data generation, and a crash from here on is a
+        # crash as primary (the bitmap file goes stale with the first write).
+        self.meta.gen = generations.start_writing_alone(self.meta.gen, generations.new_uuid())
+        self.meta.primary_open = True
+        self.meta.save(self.home, self.settings.volume)
+        try:
+            self.server.start()
+        except MirrordError:
+            self.meta.primary_open = False  # nothing was served: the bitmap file is still current
+            self.meta.save(self.home, self.settings.volume)
+            raise
         self.log.log(f"Exposed {self.settings.disk} ({self.disk_size} bytes) as {self.device_file}.")
         try:
             if self.settings.mount is not None:
@@ -140,16 +170,50 @@ class PrimarySide:
             self._connector.join(timeout=10)
         if self.server is not None:
             self.server.stop()
+            self._save_bitmap()
             self.server = None
             self.log.log(f"Stopped exposing {self.settings.disk}.")
+
+    # -- the persisted dirty bitmap -----------------------------------------
+    def _load_bitmap(self) -> None:
+        assert self.server is not None
+        try:
+            data = extents.bitmap_file(self.home, self.settings.volume).read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            self.server.load_dirty_bitmap(data)
+        except MirrordError as exc:  # another disk size: the file describes another disk
+            self.meta.bitmap_trusted = False
+            self.log.log(f"Ignored the saved dirty bitmap ({exc}); the next sync is a full one.")
+
+    def _save_bitmap(self) -> None:
+        """Clean stop: the bitmap file first, then the meta file that says it is current."""
+        assert self.server is not None
+        atomicfile.write_bytes(extents.bitmap_file(self.home, self.settings.volume), self.server.dirty_bitmap())
+        self.meta.primary_open = False
+        self.meta.save(self.home, self.settings.volume)
+
+    def start_writing_alone(self) -> None:
+        """The supervisor lets this primary acknowledge writes its lost secondary does not get."""
+        if not self.meta.gen.bitmap:
+            self.meta.gen = generations.start_writing_alone(self.meta.gen, generations.new_uuid())
+            self.meta.save(self.home, self.settings.volume)
 
     # -- the replication link ----------------------------------------------
     def _connect_forever(self) -> None:
         reported = False  # one line per outage in ha.log, not one per retry
         while not self._stop.is_set():
+            pause = RETRY_SECONDS
             try:
                 self._session()
                 reported = False
+            except SplitBrain as exc:
+                self.peer.last_error = str(exc)
+                if not reported:
+                    self.log.log(f"Secondary {self.ends.peer_sync} refused: {exc}")
+                    reported = True
+                pause = CONFLICT_RETRY_SECONDS
             except (PeerError, OSError) as exc:
                 reason = str(exc)
                 was_connected = self.peer.connected
@@ -158,7 +222,7 @@ class PrimarySide:
                     self.log.log(f"Secondary {self.ends.peer_sync} not replicating: {reason}")
                     reported = True
             self.peer.connected = False
-            self._stop.wait(RETRY_SECONDS)
+            self._stop.wait(pause)
 
     def _dial(self) -> socket.socket:
         s = socket.create_connection((str(self.ends.peer_sync), self.settings.sync_port),
@@ -174,7 +238,9 @@ class PrimarySide:
             mine = secrets.token_hex(16)
             hello = link.hello(node=str(self.ends.my_sync), role="primary", volume=self.settings.volume,
                                disk_size=self.disk_size, version=__version__, settings=self.settings.to_json())
-            link.send(control, {**hello, "nonce": mine, "lineage": self.lineage})
+            me = Side(gen=self.meta.gen, primary=True, bitmap_trusted=self.meta.bitmap_trusted)
+            sync_uuid = generations.new_uuid()
+            link.send(control, {**hello, "nonce": mine, "state": link.state(me), "sync_uuid": sync_uuid})
             reply = self._expect(control, "challenge")
             theirs = str(reply.get("nonce"))
             if not link.proof_ok(self.secret, "secondary", reply.get("proof"), mine, theirs):
@@ -182,7 +248,15 @@ class PrimarySide:
                 link.send(control, {"type": "refuse", "reason": reason})
                 raise HandshakeRefused(reason)
             link.send(control, {"type": "auth", "proof": link.proof(self.secret, "primary", theirs, mine)})
-            reply = self._expect(control, "welcome")
+            reply, plan, extra = self._agree(control, me)
+            if plan.kind is not Kind.IN_SYNC:
+                # Before the secondary adopts the sync identifier (when the data connection is
+                # accepted): a sync cut short from here on resumes from this bitmap.
+                self.meta.gen = generations.begin_sync_source(self.meta.gen, sync_uuid)
+                if plan.kind is Kind.FULL:
+                    self.meta.bitmap_trusted = True  # every block is marked below
+            self.meta.split_brain = ""
+            self.meta.save(self.home, self.settings.volume)
             data = self._dial()
             token = str(reply["session"])
             link.send(data, {"type": "data", "session": token, "proof": link.proof(self.secret, "data", token)})
@@ -195,20 +269,26 @@ class PrimarySide:
             # fencing (held writes), never a silent switch to local-only writes.
             guard = socket.socket(fileno=os.dup(data.fileno()))
             self.server.attach_peer(data.detach())
-            # Every sync is a bitmap sync (DRBD's way). Same lineage: our bitmap holds exactly
-            # what the secondary lacks, whether it was UpToDate when it left or cut off in the
-            # middle of a sync (then the sync resumes where it stopped). Otherwise every block
-            # is marked first: a full sync that is cut short leaves only the rest dirty.
-            bitmap = reply.get("source") == self.lineage
-            if not bitmap:
+            # Every sync is a bitmap sync (DRBD's way): our bitmap holds what the secondary
+            # lacks since the generation it holds (or since the sync that was cut short),
+            # plus the blocks it changed on its own; a full sync marks every block first,
+            # so one that is cut short leaves only the rest dirty.
+            if plan.kind is Kind.FULL:
                 self.server.mark_dirty(0, self.disk_size)
+            for offset, length in extra:
+                self.server.mark_dirty(offset, length)
             self.server.start_sync(0, dirty_only=True)
             self.peer = PeerView(connected=True)
             self._control = control
             total = self.server.stats().sync_total
-            kind = (f"bitmap resync of {total} bytes the secondary lacks" if bitmap
-                    else f"full sync of {total} bytes")
-            self.log.log(f"Connected to secondary {self.ends.peer_sync}; {kind} started while serving.")
+            self.resync = {"kind": "full" if plan.kind is Kind.FULL else "bitmap", "plan": str(plan.kind),
+                           "rule": plan.rule, "why": plan.why, "dirty_bytes_at_start": total,
+                           "extra_bytes": sum(length for _, length in extra), "bytes_sent": 0, "done": False}
+            what = (f"full sync of {total} bytes" if plan.kind is Kind.FULL
+                    else f"bitmap resync of {total} bytes the secondary lacks")
+            why = f" ({plan.why})" if plan.why else ""
+            resolves = " to resolve the split brain" if plan.resolves else ""
+            self.log.log(f"Connected to secondary {self.ends.peer_sync}; {what}{resolves}{why} started while serving.")
             try:
                 self._watch(control)
             finally:
@@ -218,6 +298,33 @@ class PrimarySide:
             with self._send_lock:
                 self._control = None
             control.close()
+
+    def _agree(self, control: socket.socket, me: Side) -> tuple[dict[str, Any], Plan, list[extents.Range]]:
+        """The secondary's state and both sides' plan: the same one, or the connection is refused."""
+        reply = link.recv(control)
+        if reply["type"] not in ("welcome", "refuse"):
+            raise PeerError(f"expected 'welcome' from the secondary, got {reply['type']!r}")
+        if reply["type"] == "refuse" and "state" not in reply:
+            raise HandshakeRefused(f"the secondary refused: {reply.get('reason')}")
+        peer, extra = link.parse_state(reply.get("state"), primary=False, disk_size=self.disk_size)
+        plan = generations.compare(me, peer)
+        if plan.refused:
+            sentence = plan_sentence(plan)
+            if reply["type"] == "welcome":
+                link.send(control, {"type": "refuse", "reason": sentence})
+            if self.meta.split_brain != sentence:
+                self.meta.split_brain = sentence
+                self.meta.save(self.home, self.settings.volume)
+            raise SplitBrain(sentence)
+        if reply["type"] == "refuse":
+            raise HandshakeRefused(f"the secondary refused: {reply.get('reason')}")
+        theirs = reply.get("plan")
+        mine = plan.mirrored()
+        if not isinstance(theirs, dict) or theirs.get("kind") != str(mine.kind) or theirs.get("source") != mine.source:
+            reason = f"the secondary computed another sync plan ({theirs!r}, here {plan.kind}/{plan.source})"
+            link.send(control, {"type": "refuse", "reason": reason})
+            raise PeerError(reason)
+        return reply, plan, extra
 
     @staticmethod
     def _expect(control: socket.socket, kind: str) -> dict[str, object]:
@@ -240,10 +347,17 @@ class PrimarySide:
             percent = 100.0 * (1 - stats.dirty_bytes / self.disk_size)
             done = stats.sync_done and not stats.sync_active
             self.peer.sync_percent = 100.0 if done else percent
+            self.resync["bytes_sent"] = stats.bytes_synced
+            if done and not self.peer.sync_done:
+                # History first, then tell the secondary, which adopts these identifiers.
+                self.meta.gen = generations.finish_sync_source(self.meta.gen)
+                self.meta.bitmap_trusted = True
+                self.meta.save(self.home, self.settings.volume)
+                self.resync["done"] = True
             with self._send_lock:
                 link.send(control, {"type": "progress", "percent": self.peer.sync_percent})
                 if done and not self.peer.sync_done:
-                    link.send(control, {"type": "sync_done", "source": self.lineage})
+                    link.send(control, {"type": "sync_done", "gen": self.meta.gen.to_json()})
             if done and not self.peer.sync_done:
                 self.peer.sync_done = True
                 self.log.log(f"Sync to {self.ends.peer_sync} complete ({stats.bytes_synced} bytes sent in "

@@ -9,6 +9,12 @@ acknowledges them. The disk is marked ``Inconsistent`` in the metadata
 *before* the receiver may write, and ``UpToDate`` only when the primary says
 the sync is complete: a crash in between leaves an appliance that knows it
 must not be promoted.
+
+Before any of that, both sides compare generation identifiers
+(generations.py) and must reach the same plan; a split brain or unrelated
+data refuses the primary and leaves this disk untouched. This side also
+sends the blocks it changed on its own (its persisted bitmap: a primary that
+stepped down, or the victim of a split brain) so the primary resends them.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from mirrord.config import Endpoints, Settings
 from mirrord.errors import HandshakeRefused, PeerError, Refused
 from mirrord.halog import HALog
 from mirrord.paths import Home
-from mirrord.replication import link
+from mirrord.replication import extents, generations, link
+from mirrord.replication.generations import Generations, Kind, Plan, Side
 from mirrord.replication.meta import DiskState, VolumeMeta
+from mirrord.replication.primary import plan_sentence
 from mirrord.replication.native import Receiver
 
 ACCEPT_POLL = 0.2
@@ -43,8 +51,10 @@ class PrimaryView:
 
 class SecondarySide:
     def __init__(self, home: Home, settings: Settings, log: HALog, disk_size: int, meta: VolumeMeta,
-                 ends: Endpoints, on_promote: Callable[[], None], secret: bytes | None) -> None:
+                 ends: Endpoints, on_promote: Callable[[], None], secret: bytes | None,
+                 discard_my_data: bool = False) -> None:
         self.secret = secret
+        self.discard_my_data = discard_my_data
         self.home = home
         self.settings = settings
         self.ends = ends
@@ -56,7 +66,7 @@ class SecondarySide:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._pending: str | None = None
-        self._pending_source = ""
+        self._pending_sync: tuple[Plan, str] | None = None  # the agreed plan and the sync identifier
         self._control: socket.socket | None = None
         self._receiver: Receiver | None = None
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -143,15 +153,56 @@ class SecondarySide:
             link.send(conn, {"type": "refuse", "reason": reason})
             conn.close()
             return
+        plan, mine = self._plan(conn, msg)
+        if plan is None:
+            return
         self._end_session("the primary reconnected")
         token = secrets.token_hex(16)
         with self._lock:
             self._pending = token
-            self._pending_source = str(msg.get("lineage", ""))
+            self._pending_sync = (plan, str(msg["sync_uuid"]))
             self._control = conn
         link.send(conn, {"type": "welcome", "session": token, "disk_size": self.disk_size,
-                         "disk_state": str(self.meta.disk_state), "node": self.meta.node_id,
-                         "source": self.meta.source})
+                         "disk_state": str(self.meta.disk_state), "state": mine,
+                         "plan": {"kind": str(plan.kind), "source": plan.source}})
+
+    def own_changes(self, primary_size: int) -> list[extents.Range]:
+        """The blocks this disk changed on its own (its persisted bitmap), for the primary to resend;
+        only those within the primary's disk, which may be smaller than ours."""
+        try:
+            data = extents.bitmap_file(self.home, self.settings.volume).read_bytes()
+        except FileNotFoundError:
+            return []
+        return extents.coarsen(extents.ranges_from_bitmap(data, min(self.disk_size, primary_size)))
+
+    def _plan(self, conn: socket.socket, msg: dict[str, object]) -> tuple[Plan | None, dict[str, object]]:
+        """Compare generations with the (authenticated) primary; refuse it on a conflict."""
+        me = Side(gen=self.meta.gen, primary=False, bitmap_trusted=self.meta.bitmap_trusted,
+                  discard_my_data=self.discard_my_data)
+        # check_hello has validated disk_size (a positive int, at most ours).
+        mine = link.state(me, self.own_changes(int(msg["disk_size"])) if self.meta.bitmap_trusted else None)
+        try:
+            peer, _ = link.parse_state(msg.get("state"), primary=True, disk_size=self.disk_size)
+            if not generations.is_uuid(msg.get("sync_uuid")):
+                raise HandshakeRefused("The peer's handshake is malformed: no sync identifier.")
+        except HandshakeRefused as exc:
+            self.primary.last_error = str(exc)
+            self.log.log(f"Refused the primary: {exc}")
+            link.send(conn, {"type": "refuse", "reason": str(exc)})
+            conn.close()
+            return None, mine
+        plan = generations.compare(me, peer)
+        if plan.refused:
+            sentence = plan_sentence(plan)
+            self.primary.last_error = sentence
+            if self.meta.split_brain != sentence:  # one line per conflict, not one per retry
+                self.meta.split_brain = sentence
+                self.meta.save(self.home, self.settings.volume)
+                self.log.log(f"Refused the primary {self.ends.peer_sync}: {sentence}")
+            link.send(conn, {"type": "refuse", "reason": sentence, "state": mine})
+            conn.close()
+            return None, mine
+        return plan, mine
 
     def _on_data(self, conn: socket.socket, msg: dict[str, object]) -> None:
         with self._lock:
@@ -160,12 +211,16 @@ class SecondarySide:
                     or msg.get("session") != token:
                 raise PeerError("a data connection presented an unknown or unauthenticated session")
             self._pending = None
-            control = self._control
-        assert control is not None
-        # Mark the copy incomplete before the first sync byte can land, and note whose
-        # sync it is: if it is cut short, the same primary can resume it.
+            control, agreed = self._control, self._pending_sync
+        assert control is not None and agreed is not None
+        plan, sync_uuid = agreed
+        # Mark the copy incomplete before the first sync byte can land, and move to the sync
+        # identifier: if the sync is cut short, the primary's bitmap resumes it.
         self.meta.disk_state = DiskState.INCONSISTENT
-        self.meta.source = self._pending_source
+        if plan.kind is not Kind.IN_SYNC:
+            self.meta.gen = generations.begin_sync_target(self.meta.gen, sync_uuid)
+        if plan.resolves:
+            self.log.log(f"Discarding this appliance's changes: {plan_sentence(plan)}")
         self.meta.save(self.home, self.settings.volume)
         link.tune(conn, user_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000))
         link.send(conn, {"type": "ok"})
@@ -189,8 +244,16 @@ class SecondarySide:
                 if msg["type"] == "progress":
                     self.primary.sync_percent = float(msg.get("percent", 0.0))
                 elif msg["type"] == "sync_done":
+                    try:
+                        gen = Generations.from_json(msg.get("gen"))
+                    except ValueError as exc:
+                        raise PeerError(f"the primary's sync_done is malformed: {exc}") from None
+                    # A copy of the primary's generation now: our own changes are gone.
+                    extents.bitmap_file(self.home, self.settings.volume).unlink(missing_ok=True)
+                    self.meta.gen = gen
                     self.meta.disk_state = DiskState.UP_TO_DATE
-                    self.meta.source = str(msg.get("source", ""))
+                    self.meta.bitmap_trusted = True
+                    self.meta.split_brain = ""
                     self.meta.save(self.home, self.settings.volume)
                     self.primary.sync_percent = 100.0
                     self.primary.synced = True

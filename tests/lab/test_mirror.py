@@ -125,7 +125,7 @@ def test_protocol_version_mismatch_is_refused(pair: Any) -> None:
     start_ha(pair, "a2")
     done = pair.run("a1", [sys.executable, "-c", HELLO_V99], check=True)
     assert "'type': 'refuse'" in done.stdout and "Protocol version mismatch" in done.stdout
-    assert "the peer speaks 99, this appliance speaks 2" in ha_log(pair, "a2")
+    assert "the peer speaks 99, this appliance speaks 3" in ha_log(pair, "a2")
 
 
 def test_disk_in_use_is_refused(pair: Any) -> None:

@@ -209,3 +209,12 @@ def test_failing_application(healthy: bool | None, restarts: int, connected: boo
     d = decide(facts(Mode.PRIMARY, peer_mode="secondary", app_healthy=healthy, app_restarts=restarts,
                      restart_limit=3, peer_connected=connected, sync_percent=sync))
     assert d.action is expected
+
+
+@pytest.mark.parametrize("split_brain", [True, False])
+def test_two_primaries_after_a_partition_step_down_without_touching_the_data(split_brain: bool) -> None:
+    d = decide(facts(Mode.PRIMARY, peer_mode="primary", epoch=1, peer_epoch=2, split_brain=split_brain))
+    assert d.action is Action.STEP_DOWN
+    assert ("split brain" in d.sentence and "nothing is synced" in d.sentence) == split_brain
+    assert decide(facts(Mode.PRIMARY, peer_mode="primary", epoch=2, peer_epoch=1,
+                        split_brain=split_brain)).action is not Action.STEP_DOWN

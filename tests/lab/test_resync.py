@@ -1,0 +1,208 @@
+"""Generation identifiers in the namespace lab (issue 5's acceptance tests 1, 2, 3 and 6).
+
+Every test writes to the raw mirrored device with writer.py, which prints
+``ACK block n`` only after an O_DIRECT|O_DSYNC write returned: a printed line
+is a write the application was told is safe.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from hactl import HA_ARGS, ha_log, in_sync, reset_pair, start_ha, status, stop_all, stop_ha, wait_status
+from writer import BLOCK, block_bytes
+
+pytestmark = pytest.mark.lab
+WRITER = str(Path(__file__).with_name("writer.py"))
+#: The same pair with the roles of the addresses swapped: a2 is the configured primary.
+SWAPPED_ARGS = (HA_ARGS.replace("--primary-ip 198.18.0.11 --secondary-ip 198.18.0.12",
+                                "--primary-ip 198.18.0.12 --secondary-ip 198.18.0.11")
+                .replace("--primary-sync-ip 198.19.0.1 --secondary-sync-ip 198.19.0.2",
+                         "--primary-sync-ip 198.19.0.2 --secondary-sync-ip 198.19.0.1"))
+
+
+@pytest.fixture(scope="module")
+def lab256(make_lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with make_lab(tmp_path_factory.mktemp("resync"), "256M") as handle:
+        yield handle
+
+
+@pytest.fixture
+def pair(lab256: Any) -> Iterator[Any]:
+    yield lab256
+    reset_pair(lab256)
+    for node in ("a1", "a2"):
+        (lab256.home(node) / "r0.bitmap").unlink(missing_ok=True)
+
+
+def image(lab: Any, node: str) -> bytes:
+    return (lab.home(node) / "disk.img").read_bytes()
+
+
+def identical(lab: Any) -> bool:
+    return filecmp.cmp(lab.home("a1") / "disk.img", lab.home("a2") / "disk.img", shallow=False)
+
+
+def write_blocks(lab: Any, node: str, first: int, count: int, tag: str) -> None:
+    lab.run(node, [sys.executable, WRITER, f"{lab.home(node)}/dev/r0", str(first), str(count), tag],
+            check=True, timeout=120)
+
+
+def holds(data: bytes, first: int, count: int, tag: str) -> bool:
+    return all(data[b * BLOCK:(b + 1) * BLOCK] == block_bytes(tag, b, b - first) for b in range(first, first + count))
+
+
+def resync_done(s: dict[str, Any]) -> bool:
+    return in_sync(s) and bool(s["resync"].get("done"))
+
+
+def test_returning_secondary_gets_only_the_dirty_bytes(pair: Any) -> None:
+    """(1) lab crash a2; a1 writes 16 MiB at random offsets; a2 rejoins: only the dirty blocks are sent."""
+    start_ha(pair, "a2")
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", resync_done)
+    pair.crash("a2")
+    writer = pair.popen("a1", [sys.executable, WRITER, f"{pair.home('a1')}/dev/r0", "0", "65536", "away", "random"],
+                        stdout=subprocess.DEVNULL)
+    try:
+        wait_status(pair, "a1", lambda s: s["replication"].get("dirty_blocks", 0) >= 4096, timeout=180)
+    finally:
+        writer.kill()
+        writer.wait(timeout=10)
+    s1 = status(pair, "a1")
+    dirty = s1["replication"]["dirty_blocks"] * s1["replication"]["dirty_granularity"]
+    assert s1["mode"] == "primary" and not s1["peer_connected"] and dirty >= 16 << 20
+    pair.boot("a2")
+    start_ha(pair, "a2")
+    resync = wait_status(pair, "a1", resync_done, timeout=120)["resync"]
+    print(f"dirty {dirty} bytes; resync {resync}")
+    assert resync["kind"] == "bitmap", resync
+    assert resync["dirty_bytes_at_start"] <= 1.05 * dirty, resync
+    assert resync["bytes_sent"] <= 1.05 * resync["dirty_bytes_at_start"], resync
+    assert resync["bytes_sent"] <= 1.05 * dirty, resync
+    stop_all(pair)
+    assert identical(pair)
+
+
+def test_old_primary_rejoins_after_a_crash_under_a_writer(pair: Any) -> None:
+    """(2) a1 crashes under a writer, a2 takes over and writes, a1 rejoins as secondary."""
+    start_ha(pair, "a2")
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", resync_done)
+    writer = pair.popen("a1", [sys.executable, WRITER, f"{pair.home('a1')}/dev/r0", "0", "20000", "before-crash"],
+                        stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    pair.crash("a1")
+    out, _ = writer.communicate(timeout=30)
+    acked = [tuple(map(int, line.split()[1:])) for line in out.splitlines() if line.startswith("ACK ")]
+    assert len(acked) > 20, f"only {len(acked)} writes were acknowledged before the crash"
+    wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=60)
+    write_blocks(pair, "a2", 30000, 500, "after-takeover")
+    pair.boot("a1")
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", lambda s: s["mode"] == "secondary" and s["disk"]["state"] == "UpToDate", timeout=120)
+    resync = wait_status(pair, "a2", resync_done, timeout=120)["resync"]
+    stop_all(pair)
+    assert identical(pair), "a1 and a2 differ after a1 rejoined"
+    data = image(pair, "a1")
+    lost = [(b, n) for b, n in acked if data[b * BLOCK:(b + 1) * BLOCK] != block_bytes("before-crash", b, n)]
+    assert not lost, f"{len(lost)} acknowledged writes lost, e.g. {lost[:3]}"
+    assert holds(data, 30000, 500, "after-takeover")
+    if resync["kind"] == "full" and "crashed as primary" in resync["why"]:
+        pytest.xfail("waiting for the activity-log integration: without it a primary that crashed is resynced "
+                     f"in full ({resync['why']})")
+    assert resync["kind"] == "bitmap", resync
+
+
+def test_idle_old_primary_becomes_secondary_with_a_bitmap_resync(pair: Any) -> None:
+    """After failOver the idle appliance rejoins with the new primary's changes only, never a full sync."""
+    start_ha(pair, "a2")
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", resync_done)
+    done = pair.run("a1", "failOver", timeout=120)
+    assert done.returncode == 0, done.stderr
+    wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=60)
+    write_blocks(pair, "a2", 500, 64, "after-failover")
+    assert status(pair, "a1")["mode"] == "idle"
+    start_ha(pair, "a1")
+    resync = wait_status(pair, "a2", resync_done, timeout=120)["resync"]
+    assert resync["kind"] == "bitmap" and resync["bytes_sent"] <= 1.05 * 64 * BLOCK, resync
+    stop_all(pair)
+    assert identical(pair)
+
+
+def test_split_brain_is_refused_then_resolved_on_the_victim(pair: Any) -> None:
+    """(3) both appliances primary during a partition, each written; heal; refuse; resolve on a1."""
+    start_ha(pair, "a2")
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", resync_done)
+    pair.cut("a1", "all")
+    wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=60)
+    wait_status(pair, "a1", lambda s: s["mode"] == "primary" and s["serving"], timeout=60)  # continued alone
+    write_blocks(pair, "a1", 0, 100, "a1-alone")
+    write_blocks(pair, "a2", 100, 200, "a2-alone")
+    pair.heal("a1", "all")
+    # The older term steps down (it stops serving) and both say why; nothing is synced.
+    s1 = wait_status(pair, "a1", lambda s: s["mode"] == "standalone" and bool(s["split_brain"]), timeout=60)
+    s2 = wait_status(pair, "a2", lambda s: bool(s["split_brain"]), timeout=60)
+    for s in (s1, s2):
+        assert s["split_brain"].startswith("Split brain:") and "startHA --discard-my-data" in s["split_brain"]
+    assert s2["mode"] == "primary" and "Split brain:" in ha_log(pair, "a1") and "Split brain:" in ha_log(pair, "a2")
+    # The operator restarts a1 as usual: the handshake refuses on both sides, both copies stay.
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", lambda s: s["peer_error"].startswith("Split brain:"), timeout=60)
+    wait_status(pair, "a2", lambda s: s["peer_error"].startswith("Split brain:"), timeout=60)
+    a1_data = image(pair, "a1")
+    assert holds(a1_data, 0, 100, "a1-alone") and not holds(a1_data, 100, 200, "a2-alone")
+    assert holds(image(pair, "a2"), 100, 200, "a2-alone") and not holds(image(pair, "a2"), 0, 100, "a1-alone")
+    assert status(pair, "a1")["disk"]["sync_percent"] < 100 or not status(pair, "a1")["peer_connected"]
+    # Resolution: a1's changes are discarded after a copy of its disk is saved.
+    stop_ha(pair, "a1")
+    done = start_ha(pair, "a1", "--discard-my-data")
+    saved = Path(re.search(r"saved to (\S+\.img)", done.stdout).group(1))  # type: ignore[union-attr]
+    assert saved.parent == pair.home("a1") / "splitbrain" and saved.name.startswith("r0-")
+    assert str(saved) in ha_log(pair, "a1")
+    assert saved.read_bytes() == a1_data
+    resync = wait_status(pair, "a2", resync_done, timeout=120)["resync"]
+    wait_status(pair, "a1", lambda s: s["mode"] == "secondary" and s["disk"]["state"] == "UpToDate"
+                and s["split_brain"] is None, timeout=60)
+    assert resync["kind"] == "bitmap" and resync["extra_bytes"] >= 100 * BLOCK, resync
+    assert status(pair, "a2")["split_brain"] is None
+    stop_all(pair)
+    assert identical(pair)
+    assert holds(image(pair, "a1"), 100, 200, "a2-alone") and not holds(image(pair, "a1"), 0, 100, "a1-alone")
+
+
+def test_discard_my_data_without_a_split_brain_is_refused(pair: Any) -> None:
+    before = image(pair, "a2")
+    done = start_ha(pair, "a2", "--discard-my-data", check=False)
+    assert done.returncode == 3 and "no split brain to resolve" in done.stderr, done.stderr
+    assert status(pair, "a2")["mode"] == "standalone"
+    assert not (pair.home("a2") / "splitbrain").exists() and image(pair, "a2") == before
+
+
+def test_unrelated_disks_are_refused(pair: Any) -> None:
+    """(6) each appliance used on its own as primary, then paired: refused, both disks intact."""
+    start_ha(pair, "a1")
+    write_blocks(pair, "a1", 0, 10, "a1-own")
+    stop_ha(pair, "a1")
+    done = pair.run("a2", f"startHA {SWAPPED_ARGS}", timeout=120)
+    assert done.returncode == 0 and "is the primary" in done.stdout, done.stderr
+    write_blocks(pair, "a2", 0, 10, "a2-own")
+    stop_ha(pair, "a2")
+    start_ha(pair, "a2")
+    start_ha(pair, "a1")
+    for node in ("a1", "a2"):
+        s = wait_status(pair, node, lambda s: (s["peer_error"] or "").startswith("Unrelated data:"), timeout=60)
+        assert "startHA --discard-my-data" in s["split_brain"]
+    assert "Unrelated data:" in ha_log(pair, "a1") and "Unrelated data:" in ha_log(pair, "a2")
+    assert not status(pair, "a2")["peer_connected"]
+    assert holds(image(pair, "a1"), 0, 10, "a1-own") and holds(image(pair, "a2"), 0, 10, "a2-own")
