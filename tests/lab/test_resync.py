@@ -116,9 +116,7 @@ def test_old_primary_rejoins_after_a_crash_under_a_writer(pair: Any) -> None:
     lost = [(b, n) for b, n in acked if data[b * BLOCK:(b + 1) * BLOCK] != block_bytes("before-crash", b, n)]
     assert not lost, f"{len(lost)} acknowledged writes lost, e.g. {lost[:3]}"
     assert holds(data, 30000, 500, "after-takeover")
-    if resync["kind"] == "full" and "crashed as primary" in resync["why"]:
-        pytest.xfail("waiting for the activity-log integration: without it a primary that crashed is resynced "
-                     f"in full ({resync['why']})")
+    # The new primary's bitmap since takeover plus the old primary's activity-log extents: no full sync.
     assert resync["kind"] == "bitmap", resync
 
 
