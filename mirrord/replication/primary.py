@@ -144,18 +144,19 @@ class PrimarySide:
 
     # -- the replication link ----------------------------------------------
     def _connect_forever(self) -> None:
-        reported = False  # one line per outage in ha.log, not one per retry
+        reported = ""  # one line per outage and reason in ha.log, not one per retry
         while not self._stop.is_set():
             try:
                 self._session()
-                reported = False
+                reported = ""
             except (PeerError, OSError) as exc:
                 reason = str(exc)
                 was_connected = self.peer.connected
                 self.peer.last_error = reason
-                if was_connected or not reported:
+                # A new reason is logged (e.g. "connection refused" then the secondary's refusal).
+                if was_connected or reason != reported:
                     self.log.log(f"Secondary {self.ends.peer_sync} not replicating: {reason}")
-                    reported = True
+                    reported = reason
             self.peer.connected = False
             self._stop.wait(RETRY_SECONDS)
 
