@@ -4,7 +4,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs util-linux iproute2 procps psmisc haproxy
+# vagrant: only for `vagrant validate` of vagrant/Vagrantfile in the packaging test (no VM is started).
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs util-linux iproute2 procps psmisc haproxy vagrant
 BENCH_APT_PACKAGES := rsync keepalived
 
 .PHONY: all setup demo test unit lab bench clean
