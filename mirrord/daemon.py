@@ -122,6 +122,7 @@ class Daemon:
         self._busy: str | None = None
         self._last_sentence = ""
         self._watchdog = Watchdog()
+        self._previous_mode = (atomicfile.read_json(home.state_file) or {}).get("mode")
         self._restart = self._after_restart() if resume else Restart(
             False, "Daemon started for a command (startHA): that command decides the role.")
         self._save_state()  # standalone until a resume succeeds: a failed one is not retried by a crash loop
@@ -185,27 +186,28 @@ class Daemon:
 
     # -- restart ----------------------------------------------------------------
     def _after_restart(self) -> Restart:
-        previous = atomicfile.read_json(self.home.state_file) or {}
         meta = atomicfile.read_json(self.home.meta_file(self.settings.volume)) if self.settings else None
-        return after_restart(previous.get("mode"), self.settings is not None, (meta or {}).get("disk_state"))
+        return after_restart(self._previous_mode, self.settings is not None, (meta or {}).get("disk_state"))
 
     def _release_leftovers(self) -> None:
-        """A predecessor killed as primary (kill -9, OOM) leaves its floating IP and mount behind:
-        a standalone appliance must hold neither, or two appliances answer for the address."""
+        """A predecessor killed as primary (kill -9, OOM) leaves its floating IP and mounts behind: a
+        restarted appliance must hold neither, or two appliances answer for the address. Only what
+        mirrord itself set up is touched (a mount counts if it sits on a loop over our FUSE file)."""
         settings = self.settings
-        if settings is None:
+        if settings is None or self._previous_mode != "primary":
             return
         try:
             if floatip.remove(settings.floating_ip):
                 self.log.log(f"Released the floating IP {settings.floating_ip} a previous daemon left behind.")
             device = self.home.device(settings.volume)
-            if settings.mount is not None and volume.is_mounted(settings.mount):
+            loops = volume.loops_backed_by(device)
+            if settings.mount is not None and volume.mount_source(settings.mount) in loops:
                 volume.unmount(settings.mount, lazy=True)
                 self.log.log(f"Unmounted {settings.mount}, which a previous daemon left mounted.")
-            for loop in volume.loops_backed_by(device):
+            for loop in loops:
                 volume.detach_loop(loop)
                 self.log.log(f"Detached {loop}, which a previous daemon left attached.")
-            if volume.in_mount_table(device):
+            if volume.mount_source(device) is not None:
                 volume.unmount(device, lazy=True)
                 self.log.log(f"Unmounted {device}, whose server (a previous daemon) is gone.")
         except (MirrordError, OSError) as exc:

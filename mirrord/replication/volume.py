@@ -125,8 +125,12 @@ def is_mounted(mountpoint: Path) -> bool:
     return os.path.ismount(mountpoint)
 
 
-def in_mount_table(mountpoint: Path) -> bool:
-    """Like is_mounted, but also true for a FUSE mount whose server died (stat fails on those)."""
+def mount_source(mountpoint: Path) -> str | None:
+    """What is mounted on ``mountpoint`` (its source), from the mount table; None if nothing.
+
+    Unlike is_mounted this also sees a FUSE mount whose server died (stat fails on those).
+    """
     wanted = os.path.realpath(mountpoint).replace(" ", "\\040")
     with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == wanted for line in f)
+        found = [line.split()[0] for line in f if line.split()[1] == wanted]
+    return found[-1] if found else None
