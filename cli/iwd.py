@@ -17,7 +17,7 @@ from mirrord import config
 from mirrord.control import ControlClient
 from mirrord.net.addresses import local_addresses
 from mirrord_cli.runner import ensure_daemon, run
-from mirrord_cli.status_view import Progress, progress, render_status, syncing
+from mirrord_cli.status_view import Progress, in_sync, progress, render_status, syncing
 
 _HA_OPTIONS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--primary-ip", "-primaryIP", "Public address of the primary appliance.", {}),
@@ -133,6 +133,7 @@ Examples:
   HAstatus                      one look
   HAstatus --watch              redraw every 2 s with a progress bar; Ctrl-C ends
   HAstatus --watch --interval 1 --count 30
+  HAstatus --watch --until-synced   until the secondary is in sync (then failOver may run)
   HAstatus --json               one JSON object, for scripts
 """
 
@@ -147,13 +148,17 @@ RATE_SAMPLE_SECONDS = 1.0
               help="Seconds between redraws with --watch.")
 @click.option("--count", type=click.IntRange(1), default=None,
               help="With --watch: stop after this many redraws (default: until Ctrl-C).")
-def ha_status(as_json: bool, watch: bool, interval: float, count: int | None) -> None:
+@click.option("--until-synced", is_flag=True,
+              help="With --watch: stop once the peer is connected and in sync.")
+def ha_status(as_json: bool, watch: bool, interval: float, count: int | None, until_synced: bool) -> None:
     """Show the mode of this appliance and the state of the mirror (HAstatus)."""
     if watch and as_json:
         raise click.UsageError("--watch draws the tree for people; use --json without --watch.")
+    if (count is not None or until_synced) and not watch:
+        raise click.UsageError("--count and --until-synced go with --watch.")
     if watch:
-        run("HAstatus", {"watch": True, "interval": interval},
-            lambda client: watch_status(client, interval, count), render=lambda message, data: "")
+        run("HAstatus", {"watch": True, "interval": interval, "until_synced": until_synced},
+            lambda client: watch_status(client, interval, count, until_synced), render=lambda message, data: "")
         return
 
     speed: Progress | None = None
@@ -174,8 +179,9 @@ def ha_status(as_json: bool, watch: bool, interval: float, count: int | None) ->
         render=lambda message, data: render_status(message, data, speed))
 
 
-def watch_status(client: ControlClient, interval: float, count: int | None) -> tuple[str, dict[str, Any]]:
-    """Redraw the tree every ``interval`` seconds until Ctrl-C (or ``count`` redraws)."""
+def watch_status(client: ControlClient, interval: float, count: int | None,
+                 until_synced: bool = False) -> tuple[str, dict[str, Any]]:
+    """Redraw the tree every ``interval`` seconds until Ctrl-C (or ``count`` redraws, or in sync)."""
     previous: tuple[float, dict[str, Any]] | None = None
     drawn = 0
     try:
@@ -188,6 +194,8 @@ def watch_status(client: ControlClient, interval: float, count: int | None) -> t
             click.echo(f"{clear}{time.strftime('%H:%M:%S')}  HAstatus --watch (every {interval:g} s; Ctrl-C ends)\n"
                        f"{frame}")
             previous, drawn = (now, data), drawn + 1
+            if until_synced and in_sync(data):
+                return f"In sync after {drawn} redraws.", {}
             if count is None or drawn < count:
                 time.sleep(interval)
     except KeyboardInterrupt:

@@ -36,6 +36,13 @@ def syncing(s: dict[str, Any]) -> bool:
         and isinstance(done, (int, float)) and done < 100.0
 
 
+def in_sync(s: dict[str, Any]) -> bool:
+    """The pair is connected and the secondary's copy complete (a failOver may run)."""
+    done = (s.get("disk") or {}).get("sync_percent")
+    return bool(s.get("peer_connected")) and s.get("mode") in ("primary", "secondary") \
+        and isinstance(done, (int, float)) and done >= 100.0
+
+
 def _moved_bytes(s: dict[str, Any]) -> int | None:
     """A counter that grows with the sync: bytes sent by the primary, applied by the secondary."""
     rep = s.get("replication") or {}

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from mirrord_cli.status_view import Progress, human_eta, human_rate, progress, progress_bar, render_status, syncing
+from mirrord_cli.status_view import (Progress, human_eta, human_rate, in_sync, progress, progress_bar, render_status,
+                                     syncing)
 
 SETTINGS = {"volume": "r0", "floating_ip": "198.18.0.10/24", "ping_interval": 1.0}
 BEATS_OK = {"sync": {"silent_for": 0.1, "peer": "198.19.0.2"}, "public": {"silent_for": 0.2, "peer": "198.18.0.12"}}
@@ -171,3 +172,11 @@ def test_human_rate(bps: float, text: str) -> None:
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0:00:00"), (59.6, "0:01:00"), (3725, "1:02:05")])
 def test_human_eta(seconds: float, text: str) -> None:
     assert human_eta(seconds) == text
+
+
+@pytest.mark.parametrize(("s", "expected"), [
+    (PRIMARY_IN_SYNC, True), (SECONDARY_IN_SYNC, True), (PRIMARY_SYNCING, False), (SECONDARY_SYNCING, False),
+    (PEER_LOST, False), (INCONSISTENT, False), (STANDALONE, False), (NEVER_HEARD, False),
+])
+def test_in_sync(s: dict[str, Any], expected: bool) -> None:
+    assert in_sync(s) is expected
