@@ -28,7 +28,7 @@ from mirrord import backup as archive
 from mirrord.app import AppEnv, Monitor
 from mirrord.config import Endpoints, Settings
 from mirrord.control import ControlServer
-from mirrord.errors import BadInput, MirrordError, Refused
+from mirrord.errors import BadInput, HandshakeRefused, MirrordError, Refused
 from mirrord.halog import HALog, offset_of_last
 from mirrord.httpstatus import StatusServer
 from mirrord.logship import LogReceiver, LogShipper
@@ -39,7 +39,7 @@ from mirrord.net.heartbeat import Heartbeat
 from mirrord.net.links import any_link_up
 from mirrord.net.witness import Witness
 from mirrord.paths import Home
-from mirrord.replication import volume
+from mirrord.replication import link, volume
 from mirrord.replication.meta import DiskState, VolumeMeta
 from mirrord.replication.primary import PrimarySide
 from mirrord.replication.secondary import SecondarySide
@@ -574,6 +574,8 @@ class Daemon:
                 elif side == "primary" or self.mode is Mode.IDLE:
                     peer_mode = self._peer_mode_now(settings, wait=1.5 * settings.ping_interval)
                     role = "secondary" if peer_mode == "primary" else "primary"
+                    if peer_mode is not None:
+                        self._check_peer_version(role)
                     if self.mode is Mode.IDLE and role == "primary":
                         raise Refused("This appliance is idle after a failOver and the peer is not primary: it "
                                       "cannot become primary again by itself. Run stopHA here, then startHA.")
@@ -619,6 +621,17 @@ class Daemon:
                            f"primary {ends.peer_sync} to sync {settings.disk}.")
             self.log.log(message)
             return message, self.status()[1]
+
+    def _check_peer_version(self, role: str) -> None:
+        """A peer heard to run another release is refused now, not later by the handshake."""
+        theirs = (self._peer_view()[2] or {}).get("version")
+        try:
+            if role == "secondary":
+                link.check_version(theirs, __version__)
+            else:
+                link.check_version(__version__, theirs if isinstance(theirs, str) else "unknown")
+        except HandshakeRefused as exc:
+            raise Refused(str(exc)) from exc
 
     def _start_companions(self, settings: Settings, ends: Endpoints) -> None:
         """Heartbeats, log shipping and the witness: what runs whatever the role."""

@@ -121,19 +121,13 @@ def test_rolling_upgrade(pair: Any, tmp_path: Path) -> None:
     assert lab.run("a1", "failOver", timeout=120).returncode == 0
     wait_status(lab, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=60)
 
-    # An appliance of another release is refused by the handshake, both versions named on both sides.
+    # An appliance of another release is refused: startHA hears the primary's version at once.
     done = upgrade(lab, "a1", installed_copy(tmp_path, series), tmp_path)
-    assert done.returncode == 0, done.stderr
-    refusal = f"mirrord versions differ: the primary runs {old}, the secondary runs {series}"
-    s1 = wait_status(lab, "a1", lambda s: refusal in (s["peer_error"] or ""), timeout=60)
-    assert s1["version"] == series and s1["mode"] == "secondary" and not s1["peer_connected"]
-    assert refusal in ha_log(lab, "a1")
-    lab.wait_for(lambda: refusal in ha_log(lab, "a2"), timeout=30)
-    assert refusal in ha_log(lab, "a2"), "the primary's log names both versions too"
-    assert status(lab, "a2")["degraded"]
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert f"mirrord versions differ: the primary runs {old}, the secondary runs {series}" in done.stderr
+    assert status(lab, "a1")["mode"] == "standalone"
 
     # The same release at another patch level pairs: the rolling procedure keeps the mirror.
-    lab.run("a1", "stopHA", timeout=120, check=True)
     new = installed_copy(tmp_path, patch)
     done = upgrade(lab, "a1", new, tmp_path, "--mount $MIRRORD_HOME/mnt")
     assert done.returncode == 0, done.stderr
@@ -142,6 +136,19 @@ def test_rolling_upgrade(pair: Any, tmp_path: Path) -> None:
 
     assert lab.run("a2", "failOver", timeout=120).returncode == 0
     wait_status(lab, "a1", lambda s: s["mode"] == "primary" and s["serving"], timeout=60)
+
+    # A configured secondary does not listen first: the handshake refuses it, both logs name both versions.
+    done = upgrade(lab, "a2", installed_copy(tmp_path, series), tmp_path)
+    assert done.returncode == 0, done.stderr
+    refusal = f"mirrord versions differ: the primary runs {patch}, the secondary runs {series}"
+    s2 = wait_status(lab, "a2", lambda s: refusal in (s["peer_error"] or ""), timeout=60)
+    assert s2["version"] == series and s2["mode"] == "secondary" and not s2["peer_connected"]
+    assert refusal in ha_log(lab, "a2")
+    lab.wait_for(lambda: refusal in ha_log(lab, "a1"), timeout=30)
+    assert refusal in ha_log(lab, "a1"), "the primary's log names both versions too"
+    assert status(lab, "a1")["degraded"]
+
+    lab.run("a2", "stopHA", timeout=120, check=True)
     done = upgrade(lab, "a2", new, tmp_path)
     assert done.returncode == 0, done.stderr
     s1 = wait_status(lab, "a1", in_sync, timeout=120)
