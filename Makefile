@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs util-linux iproute2 procps psmisc haproxy
+# Only for the tests: `vagrant validate` of vagrant/Vagrantfile (no VM is started).
+TEST_APT_PACKAGES := vagrant
 BENCH_APT_PACKAGES := rsync keepalived
 
 .PHONY: all setup demo test unit lab bench clean
@@ -32,13 +34,18 @@ setup: .stamp-venv
 demo: setup
 	$(PY) -m mirrord_cli.demo
 
-unit: setup
+.stamp-test-apt: .stamp-apt
+	@missing=""; for p in $(TEST_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	@touch $@
+
+unit: setup .stamp-test-apt
 	$(PY) -m pytest -q tests/unit
 
 lab: setup
 	$(PY) -m pytest -q tests/lab
 
-test: setup
+test: setup .stamp-test-apt
 	$(PY) -m pytest -q -ra tests/unit tests/lab
 
 .stamp-bench-apt: .stamp-apt

@@ -7,6 +7,8 @@ Each is a click command usable on its own (the console scripts) and as a
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any, Callable
 
 import click
@@ -15,7 +17,7 @@ from mirrord import config
 from mirrord.control import ControlClient
 from mirrord.net.addresses import local_addresses
 from mirrord_cli.runner import ensure_daemon, run
-from mirrord_cli.status_view import render_status
+from mirrord_cli.status_view import Progress, in_sync, progress, render_status, syncing
 
 _HA_OPTIONS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--primary-ip", "-primaryIP", "Public address of the primary appliance.", {}),
@@ -76,7 +78,20 @@ def start_ha(discard_my_data: bool | None, **options: Any) -> None:
     run("startHA", {**options, **extra}, action)
 
 
-@click.command("configure-ha")
+_CONFIGURE_EPILOG = """\b
+Run the same configureHA on both appliances. A secondary restarts its side
+with the new settings; a primary changes in place what does not interrupt
+the application (ping interval, scripts, witness, secret, floating IP) and
+refuses the rest (exit 3): failOver first, or stopHA and startHA.
+
+\b
+Examples:
+  configureHA --ping-interval 2
+  configureHA --floating-ip 198.18.0.20/24
+"""
+
+
+@click.command("configure-ha", epilog=_CONFIGURE_EPILOG)
 @ha_options
 def configure_ha(**options: Any) -> None:
     """Change settings of a running pair (configureHA); run it on both appliances."""
@@ -84,20 +99,110 @@ def configure_ha(**options: Any) -> None:
     run("configureHA", changes, lambda client: client.call("configure_ha", **changes))
 
 
-@click.command("stop-ha")
+@click.command("stop-ha", epilog="""\b
+On the primary: stop script, floating IP released, filesystem unmounted, disk
+no longer exposed. On the secondary: it stops receiving (the primary goes on,
+degraded). After stopHA a restart of the daemon stays standalone.
+
+\b
+Example:
+  stopHA          (on both appliances before mirrord restore or a migration)
+""")
 def stop_ha() -> None:
     """Return this appliance to standalone mode (stopHA)."""
     run("stopHA", {}, lambda client: client.call("stop_ha"))
 
 
-@click.command("fail-over")
+@click.command("fail-over", epilog="""\b
+Refused (exit 3) unless the secondary is connected and UpToDate. Afterwards
+the old primary is idle: run startHA on it to make it the new secondary.
+
+\b
+Example:
+  failOver        (on either appliance; e.g. before upgrading the primary)
+  startHA ...     (then on the old primary, now idle)
+""")
 def fail_over() -> None:
     """Switch roles gracefully: the primary becomes idle, the secondary primary (failOver)."""
     run("failOver", {}, lambda client: client.call("fail_over"))
 
 
-@click.command("ha-status")
+_STATUS_EPILOG = """\b
+The tree follows `drbdadm status`: this appliance's mode and disk, the
+floating IP, then the peer: connection, replication state, the peer's disk,
+and during a sync done:NN.NN%, rate and ETA (measured over one second), and
+which heartbeat networks are silent.
+
+\b
+Examples:
+  HAstatus                      one look
+  HAstatus --watch              redraw every 2 s with a progress bar; Ctrl-C ends
+  HAstatus --watch --interval 1 --count 30
+  HAstatus --watch --until-synced   until the secondary is in sync (then failOver may run)
+  HAstatus --json               one JSON object, for scripts
+"""
+
+#: Seconds between the two samples a one-shot HAstatus takes to tell a sync's rate.
+RATE_SAMPLE_SECONDS = 1.0
+
+
+@click.command("ha-status", epilog=_STATUS_EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts and tests).")
-def ha_status(as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="Redraw until Ctrl-C, with a progress bar during a sync.")
+@click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
+              help="Seconds between redraws with --watch.")
+@click.option("--count", type=click.IntRange(1), default=None,
+              help="With --watch: stop after this many redraws (default: until Ctrl-C).")
+@click.option("--until-synced", is_flag=True,
+              help="With --watch: stop once the peer is connected and in sync.")
+def ha_status(as_json: bool, watch: bool, interval: float, count: int | None, until_synced: bool) -> None:
     """Show the mode of this appliance and the state of the mirror (HAstatus)."""
-    run("HAstatus", {"json": as_json}, lambda client: client.call("status"), as_json=as_json, render=render_status)
+    if watch and as_json:
+        raise click.UsageError("--watch draws the tree for people; use --json without --watch.")
+    if (count is not None or until_synced) and not watch:
+        raise click.UsageError("--count and --until-synced go with --watch.")
+    if watch:
+        run("HAstatus", {"watch": True, "interval": interval, "until_synced": until_synced},
+            lambda client: watch_status(client, interval, count, until_synced), render=lambda message, data: "")
+        return
+
+    speed: Progress | None = None
+
+    def once(client: ControlClient) -> tuple[str, dict[str, Any]]:
+        nonlocal speed
+        message, data = client.call("status")
+        if as_json or not syncing(data):
+            return message, data
+        # A sync is running: a second sample gives its rate and ETA.
+        started = time.monotonic()
+        time.sleep(RATE_SAMPLE_SECONDS)
+        message, later = client.call("status")
+        speed = progress(data, later, time.monotonic() - started)
+        return message, later
+
+    run("HAstatus", {"json": as_json}, once, as_json=as_json,
+        render=lambda message, data: render_status(message, data, speed))
+
+
+def watch_status(client: ControlClient, interval: float, count: int | None,
+                 until_synced: bool = False) -> tuple[str, dict[str, Any]]:
+    """Redraw the tree every ``interval`` seconds until Ctrl-C (or ``count`` redraws, or in sync)."""
+    previous: tuple[float, dict[str, Any]] | None = None
+    drawn = 0
+    try:
+        while count is None or drawn < count:
+            message, data = client.call("status")
+            now = time.monotonic()
+            speed = progress(previous[1], data, now - previous[0]) if previous else None
+            frame = render_status(message, data, speed, bar=True)
+            clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ("" if drawn == 0 else "\n")
+            click.echo(f"{clear}{time.strftime('%H:%M:%S')}  HAstatus --watch (every {interval:g} s; Ctrl-C ends)\n"
+                       f"{frame}")
+            previous, drawn = (now, data), drawn + 1
+            if until_synced and in_sync(data):
+                return f"In sync after {drawn} redraws.", {}
+            if count is None or drawn < count:
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    return f"Watched the status ({drawn} redraws).", {}

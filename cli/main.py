@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -18,12 +20,23 @@ def mirrord() -> None:
     """Synchronous disk mirroring and automatic failover for a pair of appliances."""
 
 
-@mirrord.command()
-def daemon() -> None:
+@mirrord.command(epilog="""\b
+After a restart (systemctl restart, Restart=on-failure, a reboot) the daemon
+never comes back primary; it resumes as secondary by itself only if it was
+secondary, inconsistent or idle with its settings and metadata in place
+(docs/operations.md, "After a reboot or a daemon restart").
+
+\b
+Example:
+  MIRRORD_HOME=/var/lib/mirrord mirrord daemon     what the systemd unit runs
+""")
+@click.option("--no-resume", is_flag=True,
+              help="Come back standalone whatever the saved state (startHA starts the daemon this way).")
+def daemon(no_resume: bool) -> None:
     """Run this appliance's daemon in the foreground (systemd runs it this way)."""
     from mirrord.daemon import main
 
-    main()
+    main(resume=not no_resume)
 
 
 @mirrord.command()
@@ -45,6 +58,99 @@ def trace() -> None:
     from mirrord_cli.runner import run
 
     run("trace", {}, lambda client: client.call("trace"))
+
+
+#: A backup or restore copies the whole disk: allow it an hour before the client gives up waiting.
+COPY_TIMEOUT = 3600.0
+
+
+@mirrord.command(epilog="""\b
+On the primary the mounted filesystem is frozen (fsfreeze) while the disk is
+copied: the copy is consistent, the application's writes wait meanwhile and
+reads go on. A standalone appliance's disk is copied when nothing uses it.
+The archive is a tar: disk.extents (the disk without its zero blocks),
+settings.json and manifest.json (SHA-256 of everything). FILE must be new and
+must not be on the mirrored filesystem.
+
+\b
+Example:
+  mirrord backup /srv/backups/appliance-$(date +%F).tar
+""")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def backup(file: Path) -> None:
+    """Back up the mirrored disk and the HA settings, consistently, while serving."""
+    from mirrord_cli.runner import ensure_daemon, run
+
+    def action(client: ControlClient) -> tuple[str, dict[str, Any]]:
+        ensure_daemon(client)
+        return client.call("backup", path=str(file.absolute()))
+
+    run("backup", {"file": file}, action, timeout=COPY_TIMEOUT)
+
+
+@mirrord.command(epilog="""\b
+Refused (exit 3) while HA runs here: stop HA on both appliances first. Every
+checksum is verified before a byte is written; a disk in use is refused.
+Afterwards run startHA on the primary first, then on the secondary, which
+gets a full sync of the restored disk.
+
+\b
+Example:
+  stopHA                       (on both appliances)
+  mirrord restore /srv/backups/appliance-2026-11-22.tar
+  startHA ...                  (on the primary, then on the secondary)
+""")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--disk", type=click.Path(path_type=Path), default=None,
+              help="Restore onto this disk instead of the one named in the backup's settings.")
+def restore(file: Path, disk: Path | None) -> None:
+    """Restore a backup's disk image and HA settings (HA stopped on both appliances)."""
+    from mirrord_cli.runner import ensure_daemon, run
+
+    args = {"path": str(file.absolute()), "disk": None if disk is None else str(disk.absolute())}
+
+    def action(client: ControlClient) -> tuple[str, dict[str, Any]]:
+        ensure_daemon(client)
+        return client.call("restore", **args)
+
+    run("restore", {"file": file, "disk": disk}, action, timeout=COPY_TIMEOUT)
+
+
+@mirrord.command(epilog="""\b
+The HA administrator's SSH prompt: only startHA, configureHA, stopHA,
+failOver, HAstatus, trace, help and exit. Tab completes commands and their
+options; history is kept in $MIRRORD_HOME/shell_history. Nothing is ever
+run through a system shell.
+
+\b
+Examples:
+  mirrord shell                     the interactive prompt
+  mirrord shell -c "HAstatus"       one line, e.g. from sshd's ForceCommand
+""")
+@click.option("-c", "--command", default=None, help="Run this one line (restricted the same way) and exit with its code.")
+def shell(command: str | None) -> None:
+    """A restricted login shell offering only the HA commands, help and trace."""
+    from mirrord.paths import Home
+    from mirrord_cli.shell import run_shell
+
+    sys.exit(run_shell(Home.from_env(), command))
+
+
+@mirrord.command(epilog="""\b
+Examples:
+  mirrord completion bash > /etc/bash_completion.d/mirrord
+  eval "$(mirrord completion bash)"          in ~/.bashrc
+  mirrord completion zsh > "${fpath[1]}/_mirrord"
+  mirrord completion fish > ~/.config/fish/completions/mirrord.fish
+""")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the tab-completion script of `mirrord` for SHELL (bash, zsh or fish)."""
+    from click.shell_completion import get_completion_class
+
+    complete = get_completion_class(shell)
+    assert complete is not None  # click ships all three
+    click.echo(complete(mirrord, {}, "mirrord", "_MIRRORD_COMPLETE").source())
 
 
 @mirrord.group()

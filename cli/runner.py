@@ -26,11 +26,12 @@ def describe(name: str, options: dict[str, Any]) -> str:
 
 
 def run(name: str, options: dict[str, Any], action: Callable[[ControlClient], tuple[str, dict[str, Any]]],
-        as_json: bool = False, render: Callable[[str, dict[str, Any]], str] | None = None) -> None:
+        as_json: bool = False, render: Callable[[str, dict[str, Any]], str] | None = None,
+        timeout: float = 300.0) -> None:
     home = Home.from_env()
     log = HALog(home, name)
     log.log(f"Command: {describe(name, options)}")
-    client = ControlClient(home)
+    client = ControlClient(home, timeout=timeout)
     try:
         message, data = action(client)
         code = 0
@@ -59,8 +60,9 @@ def ensure_daemon(client: ControlClient) -> None:
         return
     home = client.home
     home.ensure()
+    # --no-resume: the startHA that starts the daemon decides the role, not the saved state.
     out = open(home.log_dir / "daemon.out", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "mirrord_cli.main", "daemon"], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "mirrord_cli.main", "daemon", "--no-resume"], stdin=subprocess.DEVNULL,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
     out.close()
     deadline = time.monotonic() + DAEMON_START_TIMEOUT

@@ -7,9 +7,10 @@ owned by the heartbeat, log shipping, status endpoint and the replication
 side. Every change of mode happens under ``self._lock``; slow actions run in
 the worker beside the loop, and the loop reports them as "busy" meanwhile.
 
-After a restart the daemon always comes back ``standalone``, whatever mode it
-was in before: an appliance that rebooted must never take the primary role or
-mount the volume by itself (see docs/operations.md).
+After a restart the daemon never comes back primary: an appliance that
+rebooted must never take the primary role or mount the volume by itself. It
+resumes as secondary only where its saved state and metadata prove that safe
+(the rule is in mirrord/restart.py), else it comes back ``standalone``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mirrord import __version__, app, atomicfile, config
+from mirrord import backup as archive
 from mirrord.app import AppEnv, Monitor
 from mirrord.config import Endpoints, Settings
 from mirrord.control import ControlServer
-from mirrord.errors import BadInput, MirrordError, Refused
+from mirrord.errors import BadInput, HandshakeRefused, MirrordError, Refused
 from mirrord.halog import HALog, offset_of_last
 from mirrord.httpstatus import StatusServer
 from mirrord.logship import LogReceiver, LogShipper
@@ -37,11 +39,12 @@ from mirrord.net.heartbeat import Heartbeat
 from mirrord.net.links import any_link_up
 from mirrord.net.witness import Witness
 from mirrord.paths import Home
-from mirrord.replication import generations, keepcopy, volume
+from mirrord.replication import generations, keepcopy, link, volume
 from mirrord.replication.generations import Generations, Kind
 from mirrord.replication.meta import DiskState, VolumeMeta
 from mirrord.replication.primary import PrimarySide, plan_sentence
 from mirrord.replication.secondary import SecondarySide
+from mirrord.restart import Restart, after_restart
 from mirrord.supervisor import Action, Facts, decide
 from mirrord.trace import write_trace
 
@@ -93,7 +96,7 @@ class Watchdog:
 
 
 class Daemon:
-    def __init__(self, home: Home) -> None:
+    def __init__(self, home: Home, resume: bool = True) -> None:
         self.home = home
         home.ensure()
         self.log = HALog(home, "mirrord-daemon")
@@ -120,11 +123,10 @@ class Daemon:
         self._busy: str | None = None
         self._last_sentence = ""
         self._watchdog = Watchdog()
-        previous = atomicfile.read_json(home.state_file) or {}
-        if previous.get("mode", "standalone") != "standalone":
-            self.log.log(f"Daemon restarted while {previous['mode']}: coming back standalone. An appliance never "
-                         "resumes HA by itself; run startHA to rejoin.")
-        self._save_state()
+        self._previous_mode = (atomicfile.read_json(home.state_file) or {}).get("mode")
+        self._restart = self._after_restart() if resume else Restart(
+            False, "Daemon started for a command (startHA): that command decides the role.")
+        self._save_state()  # standalone until a resume succeeds: a failed one is not retried by a crash loop
         self.control = ControlServer(home, self.handle)
         self.status_server = StatusServer("0.0.0.0", int(os.environ.get("MIRRORD_STATUS_PORT", config.STATUS_PORT)),
                                           lambda: self.status()[1])
@@ -134,13 +136,18 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         arp.preload()  # scapy's import cost must never land inside a takeover
+        self._watchdog.start()
+        self.log.log(f"mirrord {__version__} daemon started (pid {os.getpid()}), mode {self.mode}.")
+        # Before any command is accepted: a startHA must never race the clean-up or the resume.
+        self._release_leftovers()
+        self.log.log(self._restart.sentence)
+        if self._restart.resume_secondary:
+            self._resume_secondary()
         self.control.start()
         try:
             self.status_server.start()
         except MirrordError as exc:
             self.log.log(f"Status endpoint not started: {exc}")
-        self._watchdog.start()
-        self.log.log(f"mirrord {__version__} daemon started (pid {os.getpid()}), mode {self.mode}.")
         try:
             while not self._stop.wait(tick_period(self.settings.ping_interval if self.settings else 1.0)):
                 self.tick()
@@ -177,6 +184,45 @@ class Daemon:
                 self._last_sentence = decision.sentence
             self._compare_settings()
             return decision.sentence
+
+    # -- restart ----------------------------------------------------------------
+    def _after_restart(self) -> Restart:
+        meta = atomicfile.read_json(self.home.meta_file(self.settings.volume)) if self.settings else None
+        return after_restart(self._previous_mode, self.settings is not None, (meta or {}).get("disk_state"))
+
+    def _release_leftovers(self) -> None:
+        """A predecessor killed as primary (kill -9, OOM) leaves its floating IP and mounts behind: a
+        restarted appliance must hold neither, or two appliances answer for the address. Only what
+        mirrord itself set up is touched (a mount counts if it sits on a loop over our FUSE file)."""
+        settings = self.settings
+        if settings is None or self._previous_mode != "primary":
+            return
+        try:
+            if floatip.remove(settings.floating_ip):
+                self.log.log(f"Released the floating IP {settings.floating_ip} a previous daemon left behind.")
+            device = self.home.device(settings.volume)
+            loops = volume.loops_backed_by(device)
+            if settings.mount is not None and volume.mount_source(settings.mount) in loops:
+                volume.unmount(settings.mount, lazy=True)
+                self.log.log(f"Unmounted {settings.mount}, which a previous daemon left mounted.")
+            for loop in loops:
+                volume.detach_loop(loop)
+                self.log.log(f"Detached {loop}, which a previous daemon left attached.")
+            if volume.mount_source(device) is not None:
+                volume.unmount(device, lazy=True)
+                self.log.log(f"Unmounted {device}, whose server (a previous daemon) is gone.")
+        except (MirrordError, OSError) as exc:
+            self.log.log(f"Could not release what a previous daemon left behind: {exc}")
+
+    def _resume_secondary(self) -> None:
+        assert self.settings is not None
+        options = {k: v for k, v in self.settings.to_json().items() if k in config.FIELDS and v is not None}
+        try:
+            message, _ = self._start_ha(options, secondary_only=True)
+            self.log.log(f"Resumed after a restart: {message}")
+        except MirrordError as exc:
+            self.log.log(f"Could not resume as secondary after the restart: {exc} This appliance is standalone; "
+                         "run startHA.")
 
     # -- facts ------------------------------------------------------------------
     def _peer_view(self) -> tuple[float, float, dict[str, Any] | None]:
@@ -444,6 +490,8 @@ class Daemon:
             "trace": self.trace,
             "shutdown": self.shutdown,
             "debug_corrupt_next": self.debug_corrupt_next,
+            "backup": self.backup,
+            "restore": self.restore,
         }
         if command not in handlers:
             raise BadInput(f"Unknown control command {command!r}.")
@@ -524,6 +572,11 @@ class Daemon:
         return None
 
     def start_ha(self, discard_my_data: bool = False, **options: Any) -> tuple[str, dict[str, Any]]:
+        return self._start_ha(options, secondary_only=False, discard_my_data=discard_my_data)
+
+    def _start_ha(self, options: dict[str, Any], secondary_only: bool,
+                  discard_my_data: bool = False) -> tuple[str, dict[str, Any]]:
+        """``secondary_only``: a resume after a restart, which must never make this appliance primary."""
         settings = config.parse(options)
         with self._lock:
             side = config.check_local(settings, local_addresses())
@@ -549,9 +602,13 @@ class Daemon:
                 # The configured primary becomes primary only if the peer is not primary already
                 # (e.g. after a takeover, the old primary's startHA makes it the new secondary).
                 role = side
-                if side == "primary" or self.mode is Mode.IDLE:
+                if secondary_only:
+                    role = "secondary"
+                elif side == "primary" or self.mode is Mode.IDLE:
                     peer_mode = self._peer_mode_now(settings, wait=1.5 * settings.ping_interval)
                     role = "secondary" if peer_mode == "primary" else "primary"
+                    if peer_mode is not None:
+                        self._check_peer_version(role)
                     if self.mode is Mode.IDLE and role == "primary":
                         raise Refused("This appliance is idle after a failOver and the peer is not primary: it "
                                       "cannot become primary again by itself. Run stopHA here, then startHA.")
@@ -613,6 +670,17 @@ class Daemon:
         saved = keepcopy.save_copy(self.home, settings.volume, settings.disk, size)
         self.log.log(f"Saved this appliance's copy of {settings.disk} to {saved}.")
         return saved
+
+    def _check_peer_version(self, role: str) -> None:
+        """A peer heard to run another release is refused now, not later by the handshake."""
+        theirs = (self._peer_view()[2] or {}).get("version")
+        try:
+            if role == "secondary":
+                link.check_version(theirs, __version__)
+            else:
+                link.check_version(__version__, theirs if isinstance(theirs, str) else "unknown")
+        except HandshakeRefused as exc:
+            raise Refused(str(exc)) from exc
 
     def _start_companions(self, settings: Settings, ends: Endpoints) -> None:
         """Heartbeats, log shipping and the witness: what runs whatever the role."""
@@ -781,6 +849,58 @@ class Daemon:
             self.log.log(message)
             return message, {}
 
+    def backup(self, path: str) -> tuple[str, dict[str, Any]]:
+        """A consistent copy of the disk and the settings while serving (see mirrord/backup.py)."""
+        with archive.exclusive():
+            with self._lock:
+                settings = self.settings
+                if settings is None:
+                    raise Refused("This appliance has no HA settings (ha.json): nothing to back up; run startHA first.")
+                if self.mode is Mode.PRIMARY and self.primary is not None:
+                    if settings.mount is None or not volume.is_mounted(settings.mount):
+                        raise Refused("This primary has no mounted filesystem to freeze (--mount), so a copy of a disk "
+                                      "the application writes cannot be consistent; back up a standalone appliance.")
+                    freeze, how, size = settings.mount, "fsfreeze", self.primary.disk_size
+                elif self.mode is Mode.STANDALONE:
+                    size = config.check_disk(settings.disk)
+                    volume.ensure_unused(settings.disk)
+                    freeze, how = None, "unused disk"
+                else:
+                    raise Refused(f"This appliance is {self.mode}: run the backup on the primary (or on a standalone "
+                                  "appliance).")
+            # Not under the lock: a long copy must never hold up the supervisor.
+            manifest = archive.write_backup(Path(path), settings.disk, size, settings.to_json(), freeze, how)
+        message = (f"Backup of {settings.disk} ({size} bytes) and the HA settings written to {path} "
+                   f"(consistent by {how}; writes waited {manifest['frozen_seconds']:.1f} s).")
+        self.log.log(message)
+        return message, manifest
+
+    def restore(self, path: str, disk: str | None = None) -> tuple[str, dict[str, Any]]:
+        """Only with HA stopped: every checksum is verified before the disk is written."""
+        with archive.exclusive(), self._lock:
+            if self.mode is not Mode.STANDALONE:
+                raise Refused(f"HA is running on this appliance ({self.mode}): stop HA on both appliances first "
+                              "(stopHA), then restore.")
+            manifest, saved = archive.read_backup(Path(path))
+            if disk is not None:
+                saved["disk"] = disk
+            settings = config.parse({k: v for k, v in saved.items() if k in config.FIELDS and v is not None})
+            size = config.check_disk(settings.disk)
+            if size < manifest["disk_size"]:
+                raise BadInput(f"--disk {settings.disk} has {size} bytes, less than the backup's {manifest['disk_size']}; "
+                               "nothing was restored.")
+            volume.ensure_unused(settings.disk)
+            archive.restore_disk(Path(path), manifest, settings.disk)
+            config.save(self.home, settings)
+            self.settings = settings
+            # The restored disk is a new, complete copy: fresh metadata, so a secondary gets a full sync.
+            self.home.meta_file(settings.volume).unlink(missing_ok=True)
+            message = (f"Restored {settings.disk} and the HA settings from {path} (backup of "
+                       f"{manifest.get('created')}, mirrord {manifest.get('mirrord_version')}). Run startHA on the "
+                       "primary first, then on the secondary (which gets a full sync).")
+            self.log.log(message)
+            return message, manifest
+
     def shutdown(self) -> tuple[str, dict[str, Any]]:
         self._stop.set()
         return "Daemon stopping.", {}
@@ -828,5 +948,5 @@ class Daemon:
                          f"{app.describe(code)}{': ' + output if code else ''}.")
 
 
-def main(home: Home | None = None) -> None:
-    Daemon(home or Home.from_env()).run()
+def main(home: Home | None = None, resume: bool = True) -> None:
+    Daemon(home or Home.from_env(), resume).run()

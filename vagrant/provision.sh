@@ -7,7 +7,7 @@
 # Shared by both VMs (the Vagrantfile runs it with the node's name) and safe to
 # run again: packages are installed only when missing, the source is staged and
 # reinstalled, links and the unit are refreshed, an existing disk image is never
-# touched, and a running daemon is never restarted (a restart tears HA down).
+# touched, and a running daemon is never restarted (a restart interrupts HA: a primary comes back standalone).
 #
 # The roles and addresses are those of the network-namespace lab
 # (mirrord/net/lab.py, DESIGN.md section 5): a1 is the first primary, a2 the

@@ -28,10 +28,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import socket
 import struct
 from typing import Any
 
+from mirrord import __version__
 from mirrord.errors import HandshakeRefused, PeerError
 from mirrord.replication import extents
 from mirrord.replication.generations import Generations, Side
@@ -97,7 +99,32 @@ def hello(*, node: str, role: str, volume: str, disk_size: int, version: str, se
             "volume": volume, "disk_size": disk_size, "settings": settings}
 
 
-def check_hello(msg: dict[str, Any], *, my_disk_size: int, volume: str) -> None:
+def release(version: object) -> tuple[int, int] | None:
+    """The release series (major, minor) of a mirrord version string; None if it is not one."""
+    if not isinstance(version, str):
+        return None
+    found = re.fullmatch(r"(\d{1,6})\.(\d{1,6})(?:[.+-][0-9A-Za-z.+-]*)?", version)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def check_version(primary: object, secondary: str) -> None:
+    """Appliances of the same release series pair; any other difference is refused, naming both versions.
+
+    Within a series (0.1.0 and 0.1.3) the wire format, the metadata and the
+    sync semantics are the same, so a rolling upgrade (failOver, upgrade,
+    startHA) keeps the pair mirrored; across series they may not be (IWD:
+    "both appliances must have the same firmware level"). See docs/decisions.md.
+    """
+    mine = release(secondary)
+    if mine is None or release(primary) != mine:
+        shown = primary if isinstance(primary, str) and primary.isprintable() and len(primary) <= 40 else "unknown"
+        raise HandshakeRefused(
+            f"mirrord versions differ: the primary runs {shown}, the secondary runs {secondary}; only the same "
+            "release (major.minor) pairs. Upgrade both appliances to one release (failOver, upgrade, startHA)."
+        )
+
+
+def check_hello(msg: dict[str, Any], *, my_disk_size: int, volume: str, my_version: str = __version__) -> None:
     """What the secondary checks before it lets a primary write to its disk."""
     if msg.get("type") != "hello":
         raise HandshakeRefused(f"Expected a hello from the peer, got {msg.get('type')!r}.")
@@ -106,6 +133,7 @@ def check_hello(msg: dict[str, Any], *, my_disk_size: int, volume: str) -> None:
             f"Protocol version mismatch: the peer speaks {msg.get('protocol')}, this appliance speaks "
             f"{PROTOCOL_VERSION}; install the same mirrord version on both appliances."
         )
+    check_version(msg.get("version"), my_version)
     if msg.get("volume") != volume:
         raise HandshakeRefused(f"The peer replicates volume {msg.get('volume')!r}, this appliance {volume!r}.")
     size = msg.get("disk_size")

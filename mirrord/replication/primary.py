@@ -202,25 +202,26 @@ class PrimarySide:
 
     # -- the replication link ----------------------------------------------
     def _connect_forever(self) -> None:
-        reported = False  # one line per outage in ha.log, not one per retry
+        reported = ""  # one line per outage and reason in ha.log, not one per retry
         while not self._stop.is_set():
             pause = RETRY_SECONDS
             try:
                 self._session()
-                reported = False
+                reported = ""
             except SplitBrain as exc:
                 self.peer.last_error = str(exc)
-                if not reported:
+                if str(exc) != reported:
                     self.log.log(f"Secondary {self.ends.peer_sync} refused: {exc}")
-                    reported = True
+                    reported = str(exc)
                 pause = CONFLICT_RETRY_SECONDS
             except (PeerError, OSError) as exc:
                 reason = str(exc)
                 was_connected = self.peer.connected
                 self.peer.last_error = reason
-                if was_connected or not reported:
+                # A new reason is logged (e.g. "connection refused" then the secondary's refusal).
+                if was_connected or reason != reported:
                     self.log.log(f"Secondary {self.ends.peer_sync} not replicating: {reason}")
-                    reported = True
+                    reported = reason
             self.peer.connected = False
             self._stop.wait(pause)
 

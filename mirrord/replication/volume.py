@@ -46,18 +46,26 @@ def users_of(path: Path) -> list[str]:
                     break
         except OSError:
             continue
-    for loop in Path("/sys/block").glob("loop*"):
-        try:
-            backing = (loop / "loop" / "backing_file").read_text().strip()
-        except OSError:
-            continue
-        if os.path.realpath(backing) == target:
-            found.append(f"loop device /dev/{loop.name}")
+    found += [f"loop device {loop}" for loop in loops_backed_by(path)]
     with open("/proc/self/mounts") as f:
         for line in f:
             source, mountpoint = line.split()[:2]
             if os.path.realpath(source) == target:
                 found.append(f"the filesystem mounted on {mountpoint}")
+    return found
+
+
+def loops_backed_by(path: Path) -> list[str]:
+    """Loop devices whose backing file is ``path`` (e.g. /dev/loop3)."""
+    target = os.path.realpath(path)
+    found = []
+    for loop in sorted(Path("/sys/block").glob("loop*")):
+        try:
+            backing = (loop / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if os.path.realpath(backing) == target:
+            found.append(f"/dev/{loop.name}")
     return found
 
 
@@ -90,6 +98,12 @@ def mount(block: str, mountpoint: Path) -> None:
     _run(["mount", block, str(mountpoint)], f"mount {block} on {mountpoint}")
 
 
+def freeze(mountpoint: Path, frozen: bool) -> None:
+    """fsfreeze: flush the filesystem and hold its writes (True), or let them go on (False)."""
+    what = "freeze" if frozen else "unfreeze"
+    _run(["fsfreeze", f"--{what}", str(mountpoint)], f"{what} {mountpoint}")
+
+
 UNMOUNT_PATIENCE = 5.0
 
 
@@ -109,3 +123,14 @@ def unmount(mountpoint: Path, lazy: bool = False) -> None:
 
 def is_mounted(mountpoint: Path) -> bool:
     return os.path.ismount(mountpoint)
+
+
+def mount_source(mountpoint: Path) -> str | None:
+    """What is mounted on ``mountpoint`` (its source), from the mount table; None if nothing.
+
+    Unlike is_mounted this also sees a FUSE mount whose server died (stat fails on those).
+    """
+    wanted = os.path.realpath(mountpoint).replace(" ", "\\040")
+    with open("/proc/self/mounts") as f:
+        found = [line.split()[0] for line in f if line.split()[1] == wanted]
+    return found[-1] if found else None

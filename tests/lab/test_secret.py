@@ -14,13 +14,14 @@ pytestmark = pytest.mark.lab
 
 STRANGER = r"""
 import json, socket, struct
+from mirrord import __version__  # a stranger that knows everything but the secret
 from mirrord.replication.link import PROTOCOL_VERSION
 def send(s, m):
     b = json.dumps(m).encode(); s.sendall(struct.pack(">I", len(b)) + b)
 def recv(s):
     n, = struct.unpack(">I", s.recv(4)); return json.loads(s.recv(n))
 s = socket.create_connection(("198.19.0.2", 7788), 5, source_address=("198.19.0.1", 0))
-send(s, {"type": "hello", "protocol": PROTOCOL_VERSION, "version": "x", "node": "x", "role": "primary", "volume": "r0",
+send(s, {"type": "hello", "protocol": PROTOCOL_VERSION, "version": __version__, "node": "x", "role": "primary", "volume": "r0",
          "disk_size": 1 << 20, "settings": {}, "nonce": "00"})
 print(recv(s)["type"])
 send(s, {"type": "auth", "proof": "0" * 64})

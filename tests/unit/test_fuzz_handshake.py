@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from mirrord import __version__
 from mirrord.errors import HandshakeRefused, PeerError
 from mirrord.replication import link
 
@@ -120,7 +121,8 @@ def _well_formed(msg: dict[str, Any]) -> bool:
     size = msg.get("disk_size")
     return (msg.get("type") == "hello" and type(msg.get("protocol")) is int
             and msg.get("protocol") == link.PROTOCOL_VERSION
-            and msg.get("volume") == VOLUME and type(size) is int and 0 < size <= MY_SIZE)
+            and msg.get("volume") == VOLUME and type(size) is int and 0 < size <= MY_SIZE
+            and link.release(msg.get("version")) == link.release(__version__))
 
 
 # Hellos that are right, nearly right, or not at all: a correct hello in
@@ -129,6 +131,8 @@ _ODD = {
     "type": st.one_of(st.sampled_from(["HELLO", "data", ""]), json_values),
     "protocol": st.one_of(st.sampled_from([1, 3, "2", 2.5, 2.0, True, None]), json_values),
     "volume": st.one_of(st.sampled_from(["r1", "", "R0", None, ["r0"]]), json_values),
+    "version": st.one_of(st.sampled_from(["0.2.0", "1.1.0", "0.1", "0.1.9", "0.1.0+local", "v0.1.0", "", None]),
+                         json_values),
     "disk_size": st.one_of(st.booleans(), st.integers(-2, MY_SIZE + 2),
                            st.sampled_from([0, 1, MY_SIZE, MY_SIZE + 1, 2**64, 1.0, "1"]), json_values),
 }
@@ -138,7 +142,7 @@ _ODD = {
 def hello_like(draw: st.DrawFn) -> dict[str, Any]:
     msg: dict[str, Any] = draw(st.dictionaries(st.text(max_size=8), json_values, max_size=3))
     msg.update(link.hello(node="b", role="primary", volume=VOLUME, disk_size=draw(st.integers(1, MY_SIZE)),
-                          version="0", settings=draw(json_values)))
+                          version=__version__, settings=draw(json_values)))
     for key, odd in _ODD.items():
         choice = draw(st.integers(0, 7))
         if choice == 0:
@@ -151,6 +155,7 @@ def hello_like(draw: st.DrawFn) -> dict[str, Any]:
 @FUZZ
 @given(msg=st.one_of(hello_like(), st.dictionaries(st.text(max_size=10), json_values, max_size=6)))
 @example(msg=link.hello(node="a", role="primary", volume=VOLUME, disk_size=MY_SIZE, version="x", settings={}))
+@example(msg=link.hello(node="a", role="primary", volume=VOLUME, disk_size=MY_SIZE, version=__version__, settings={}))
 @example(msg={"type": "hello", "protocol": link.PROTOCOL_VERSION, "volume": VOLUME, "disk_size": MY_SIZE + 1})
 def test_check_hello_accepts_only_well_formed_hellos(msg: dict[str, Any]) -> None:
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import json
+import os
 import re
 import shlex
 import shutil
@@ -81,6 +82,7 @@ def test_unit_documents_its_assumptions() -> None:
     assert "/usr/local/bin" in comments
     assert "standalone" in comments
     assert re.search(r"never\s+resumes?\s+as\s+primary", comments)
+    assert "resumes as secondary by itself only if" in comments and "stopHA is final" in comments
 
 
 # --------------------------------------------------------------------------- provision.sh
@@ -232,3 +234,17 @@ def test_vagrantfile_is_valid_ruby_and_wires_the_lab() -> None:
         assert len(provision) == 1
         assert provision[0]["kw"] == {"path": "provision.sh", "args": [node]}
         assert (VAGRANTFILE.parent / provision[0]["kw"]["path"]).is_file()
+
+
+def test_vagrant_validate() -> None:
+    """`vagrant validate` (Debian's vagrant package; `make test` installs it). No VM is started."""
+    vagrant = shutil.which("vagrant")
+    if vagrant is None:
+        message = "vagrant is not installed (apt-get install vagrant; `make test` does it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    result = subprocess.run([vagrant, "validate"], cwd=VAGRANTFILE.parent, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "VAGRANT_CHECKPOINT_DISABLE": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Vagrantfile validated successfully" in result.stdout
