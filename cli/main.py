@@ -65,6 +65,25 @@ COPY_TIMEOUT = 3600.0
 
 
 @mirrord.command(epilog="""\b
+Run on the primary while the pair is in sync. Each 1 MiB chunk is read on
+the primary and on the secondary (in the order of the writes, so a write in
+flight never counts as a difference) and their CRC32C compared. Chunks that
+differ on the secondary (a disk that changed behind mirrord's back) are
+marked out of sync and resent at once; HAstatus shows that resync.
+Refused (exit 3) on a secondary or while a sync runs.
+
+\b
+Example:
+  mirrord verify
+""")
+def verify() -> None:
+    """Compare both appliances' disks while serving (online verify) and repair what differs."""
+    from mirrord_cli.runner import run
+
+    run("verify", {}, lambda client: client.call("verify"), timeout=COPY_TIMEOUT)
+
+
+@mirrord.command(epilog="""\b
 On the primary the mounted filesystem is frozen (fsfreeze) while the disk is
 copied: the copy is consistent, the application's writes wait meanwhile and
 reads go on. A standalone appliance's disk is copied when nothing uses it.

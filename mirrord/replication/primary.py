@@ -161,6 +161,36 @@ class PrimarySide:
             link.send(self._control, {"type": "promote"})
         self.log.log(f"Asked {self.ends.peer_sync} to take over: every write is on its disk.")
 
+    def verify(self) -> tuple[int, int]:
+        """Online verify (docs/protocol.md, VERIFY): (bytes compared, bytes that differed on the secondary).
+
+        Runs while serving. Differences are marked dirty and resent at once;
+        the secondary counts as in sync again only when that resync is done.
+        """
+        assert self.server is not None
+        if not (self.peer.connected and self.peer.sync_done) or self.server.stats().sync_active:
+            raise Refused("The secondary is not connected and in sync: verify compares two copies that should be "
+                          "identical. Wait until HAstatus shows the secondary UpToDate.")
+        self.server.start_verify(0)
+        # Bounded: a verify reads the disk on both sides; 20 MiB/s is far below either.
+        deadline = time.monotonic() + 60 + self.disk_size / (20 << 20)
+        while (stats := self.server.stats()).sync_active:
+            if time.monotonic() > deadline:
+                self.server.stop_sync()
+                raise MirrordError(f"The verify did not finish in time (at {stats.sync_offset} of {self.disk_size} "
+                                   "bytes) and was stopped; nothing was changed. Run mirrord verify again.")
+            time.sleep(0.05)
+        if not stats.sync_done:
+            raise PeerError(f"The verify stopped at {stats.sync_offset} of {self.disk_size} bytes: "
+                            f"{stats.last_error or 'the secondary went away'}. Differences found so far are "
+                            "marked and resent when it reconnects.")
+        if stats.verify_diff_bytes:
+            # Start the resync before the secondary stops counting as in sync, so the
+            # progress reporter never sees a finished sync with blocks still dirty.
+            self.server.start_sync(0, dirty_only=True)
+            self.peer.sync_done = False
+        return stats.bytes_synced, stats.verify_diff_bytes
+
     def stop(self) -> None:
         # Unmount while the peer is still attached: the filesystem's last writes
         # (journal, superblock) must be mirrored like any other.

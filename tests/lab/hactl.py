@@ -80,7 +80,7 @@ def reset_pair(lab: Any) -> None:
 def forget_ha_state(lab: Any) -> None:
     """Make both appliances new machines again (their disks keep their bytes): the next test starts clean."""
     for node in ("a1", "a2"):
-        for name in ("ha.json", "state.json", "r0.meta"):
+        for name in ("ha.json", "state.json", "r0.meta", "r0.bitmap", "r0.al"):
             (lab.home(node) / name).unlink(missing_ok=True)
 
 

@@ -1,4 +1,4 @@
-"""Generation identifiers in the namespace lab (issue 5's acceptance tests 1, 2, 3 and 6).
+"""Generation identifiers and online verify in the namespace lab (issue 5's acceptance tests 1, 2, 3, 5 and 6).
 
 Every test writes to the raw mirrored device with writer.py, which prints
 ``ACK block n`` only after an O_DIRECT|O_DSYNC write returned: a printed line
@@ -204,3 +204,29 @@ def test_unrelated_disks_are_refused(pair: Any) -> None:
     assert "Unrelated data:" in ha_log(pair, "a1") and "Unrelated data:" in ha_log(pair, "a2")
     assert not status(pair, "a2")["peer_connected"]
     assert holds(image(pair, "a1"), 0, 10, "a1-own") and holds(image(pair, "a2"), 0, 10, "a2-own")
+
+
+def test_verify_finds_a_byte_flipped_on_the_secondary_and_the_resync_repairs_it(pair: Any) -> None:
+    """(5) mirrord verify while serving: a byte changed behind mirrord's back is found and resent."""
+    start_ha(pair, "a2")
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", resync_done)
+    write_blocks(pair, "a1", 100, 200, "verified")
+    assert identical(pair)
+    done = pair.run("a2", "mirrord verify", timeout=60)
+    assert done.returncode == 3 and "run mirrord verify on the primary" in done.stdout + done.stderr, done
+    done = pair.run("a1", "mirrord verify", timeout=120)
+    assert done.returncode == 0 and "identical" in done.stdout, done
+    where = 150 * BLOCK + 1234
+    with open(pair.home("a2") / "disk.img", "r+b") as f:  # bit rot on the secondary's disk
+        f.seek(where)
+        old = f.read(1)
+        f.seek(where)
+        f.write(bytes([old[0] ^ 0xFF]))
+    assert not identical(pair)
+    done = pair.run("a1", "mirrord verify", timeout=120)
+    assert done.returncode == 0 and "1048576 bytes differed" in done.stdout, done
+    wait_status(pair, "a1", lambda s: in_sync(s) and s["replication"]["dirty_blocks"] == 0)
+    stop_all(pair)
+    assert identical(pair)
+    assert "differed there; they are marked out of sync and being resent" in ha_log(pair, "a1")
