@@ -34,6 +34,8 @@ _HA_OPTIONS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--secret-file", "-secretFile", "File holding the shared secret of the sync link.", {}),
     ("--witness-ip", "-witnessIP", "A third host (e.g. the gateway) an isolated appliance fails to reach.", {}),
     ("--restart-limit", "-restartLimit", "Restarts of a failing OCF application before failing over (default 3).", {}),
+    ("--resync-rate", "-resyncRate", "Ceiling in MiB/s for a resync (default 0: none; a resync always yields to "
+     "the application's writes).", {}),
 ]
 
 

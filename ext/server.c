@@ -30,6 +30,9 @@
 #define NSTRIPES 1024
 #define SYNC_CHUNK (1u << EXTENT_SHIFT)
 #define SYNC_WINDOW 8     /* sync chunks in flight */
+/* Resync pacing (see "Pacing" above sync_main). */
+#define SYNC_CHUNK_BUSY (64u << 10)
+#define APP_QUIET_NS (20ull * 1000 * 1000)
 #define MAX_WRITE (1u << 20)
 #define ACK_POLL_MS 250
 /* A large write goes out as several frames so the peer verifies and writes
@@ -133,6 +136,8 @@ struct mrd_server {
     uint64_t sync_from;
     uint32_t sync_flags;
     uint8_t *sync_buf;
+    uint64_t last_app_write_ns; /* atomic: when the application last wrote */
+    uint64_t sync_rate_max;     /* atomic: bytes/s a sync may use, 0 = unlimited */
 
     /* Stats: counters bumped with atomics; the rest under pend_mu. */
     uint64_t writes, bytes_written, reads, bytes_read, flushes, write_errors, max_write_seen;
@@ -692,6 +697,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
         fuse_reply_err(req, ENOMEM);
         return;
     }
+    __atomic_store_n(&s->last_app_write_ns, mrd_now_ns(), __ATOMIC_RELAXED);
     o->kind = P_WRITE;
     o->off = (uint64_t)off;
     o->len = (uint32_t)size;
@@ -938,6 +944,14 @@ int mrd_server_set_peer_timeout(struct mrd_server *s, uint32_t timeout_ms)
     return 0;
 }
 
+int mrd_server_set_sync_rate(struct mrd_server *s, uint64_t bytes_per_s)
+{
+    if (!s)
+        return -EINVAL;
+    __atomic_store_n(&s->sync_rate_max, bytes_per_s, __ATOMIC_RELAXED);
+    return 0;
+}
+
 int mrd_server_set_activity_log(struct mrd_server *s, const char *path, uint64_t extent_size,
                                 uint32_t slots)
 {
@@ -1107,9 +1121,40 @@ static uint64_t data_until(int fd, uint64_t off, uint64_t end, uint64_t gran)
     return stop < end && stop > off ? stop : end;
 }
 
+/* Pacing: a resync must not starve the application.
+ *
+ * Frames share one TCP stream and the receiver applies them in order, so an
+ * application write queued behind resync chunks waits for all of them to
+ * be sent, received and written on the peer: with the full window that is
+ * 8 MiB ahead of a 4 KiB O_DSYNC write, several milliseconds on any link.
+ * DRBD's dynamic controller (c-plan-ahead, c-fill-target) keeps the resync
+ * data in flight at a target; ours keys the target on what the application
+ * is doing. While it is quiet (no write in the last APP_QUIET_NS) the sync
+ * runs at full speed: 1 MiB chunks, SYNC_WINDOW of them in flight. While it
+ * writes, the sync sends one SYNC_CHUNK_BUSY chunk at a time, so a write
+ * never finds more than 64 KiB of resync data ahead of it, and it gets
+ * every gap between chunks. The sync still progresses (an application
+ * that writes continuously cannot stop it), only slower. On top, an
+ * operator's ceiling (--resync-rate) spaces the chunks so the average stays
+ * under it, e.g. to leave a shared link to others; sleeps are sliced so a
+ * stop is noticed within 10 ms. */
+static void pace(struct mrd_server *s, uint64_t t0, uint64_t sent)
+{
+    uint64_t rate = __atomic_load_n(&s->sync_rate_max, __ATOMIC_RELAXED);
+    if (!rate)
+        return;
+    uint64_t due = t0 + (uint64_t)((double)sent * 1e9 / (double)rate);
+    for (uint64_t now; !s->sync_stop && (now = mrd_now_ns()) < due;) {
+        uint64_t ns = due - now < 10000000ull ? due - now : 10000000ull;
+        struct timespec ts = {(time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull)};
+        nanosleep(&ts, NULL);
+    }
+}
+
 static void *sync_main(void *arg)
 {
     struct mrd_server *s = arg;
+    uint64_t t0 = mrd_now_ns(), sent = 0;
     uint64_t gran = mrd_bitmap_granularity(s->bm);
     uint64_t off = s->sync_from / gran * gran;
     int dirty_only = s->sync_flags & MRD_SYNC_DIRTY_ONLY;
@@ -1139,8 +1184,14 @@ static void *sync_main(void *arg)
             if (c >= 0 && (uint64_t)c * gran < end)
                 end = (uint64_t)c * gran;
         }
+        int busy = mrd_now_ns() - __atomic_load_n(&s->last_app_write_ns, __ATOMIC_RELAXED) < APP_QUIET_NS;
+        uint64_t busy_chunk = gran > SYNC_CHUNK_BUSY ? gran : SYNC_CHUNK_BUSY;
+        if (busy && end - off > busy_chunk)
+            end = off + busy_chunk;
+        int window = busy ? 1 : SYNC_WINDOW;
+        pace(s, t0, sent);
         pthread_mutex_lock(&s->pend_mu);
-        while (s->sync_inflight >= SYNC_WINDOW && s->peer_state == PEER_CONNECTED && !s->sync_stop)
+        while (s->sync_inflight >= window && s->peer_state == PEER_CONNECTED && !s->sync_stop)
             pthread_cond_wait(&s->pend_cv, &s->pend_mu);
         int state = s->peer_state;
         pthread_mutex_unlock(&s->pend_mu);
@@ -1199,6 +1250,7 @@ static void *sync_main(void *arg)
             }
             break;
         }
+        sent += end - off;
         off = end;
     }
     /* Done only when every chunk is acked by a peer that is still there. */

@@ -137,6 +137,10 @@ int mrd_server_resume(struct mrd_server *s, int how);
  * and completion are reported like a sync's. MRD_ENOPEER without a peer,
  * MRD_ESTATE if a sync or verify is running. */
 int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t flags);
+/* Ceiling on a sync's (or verify's) average rate, bytes/s; 0 = none (the
+ * default). Takes effect at once, also on a running sync. Whatever the
+ * ceiling, a sync yields to application writes (ext/server.c, "Pacing"). */
+int mrd_server_set_sync_rate(struct mrd_server *s, uint64_t bytes_per_s);
 /* Stop a running sync and wait for it (its offset is kept). */
 int mrd_server_stop_sync(struct mrd_server *s);
 int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *out);

@@ -53,6 +53,7 @@ FIELDS = (
     "secret_file",
     "witness_ip",
     "restart_limit",
+    "resync_rate",
 )
 REQUIRED = ("primary_ip", "secondary_ip", "primary_sync_ip", "secondary_sync_ip", "floating_ip", "ping_interval", "disk")
 
@@ -73,6 +74,7 @@ class Settings:
     secret_file: Path | None = None
     witness_ip: ipaddress.IPv4Address | None = None
     restart_limit: int = DEFAULT_RESTART_LIMIT
+    resync_rate: float = 0.0  # MiB/s a sync may use at most; 0: no ceiling (it still yields to the application)
     volume: str = DEFAULT_VOLUME
     sync_port: int = DEFAULT_SYNC_PORT
 
@@ -169,6 +171,18 @@ def _restart_limit(value: Any) -> int:
     return limit
 
 
+def _resync_rate(value: Any) -> float:
+    if value in (None, ""):
+        return 0.0
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"--resync-rate {value!r} is not a number; expected MiB/s, e.g. 100, or 0 for no limit.") from None
+    if not (rate == 0 or 1 <= rate <= 100_000):  # NaN fails both
+        raise BadInput(f"--resync-rate {value!r} is out of range; expected 0 (no limit) or 1 to 100000 MiB/s.")
+    return rate
+
+
 def parse(options: Mapping[str, Any]) -> Settings:
     """Typed, self-consistent settings from option strings, or :class:`BadInput`."""
     missing = [k for k in REQUIRED if options.get(k) in (None, "")]
@@ -232,6 +246,7 @@ def parse(options: Mapping[str, Any]) -> Settings:
         secret_file=path("secret_file"),
         witness_ip=_address("witness_ip", options["witness_ip"]) if options.get("witness_ip") else None,
         restart_limit=_restart_limit(options.get("restart_limit")),
+        resync_rate=_resync_rate(options.get("resync_rate")),
     )
 
 

@@ -751,7 +751,7 @@ class Daemon:
     #: configureHA: what changes in place on a primary (the rest restarts the secondary's side
     #: or needs stopHA/startHA on the primary, which would interrupt the application).
     PRIMARY_LIVE = frozenset({"ping_interval", "start_script", "stop_script", "restart_limit", "floating_ip",
-                              "witness_ip", "secret_file"})
+                              "witness_ip", "secret_file", "resync_rate"})
 
     def configure_ha(self, **changes: Any) -> tuple[str, dict[str, Any]]:
         with self._lock:
@@ -797,6 +797,7 @@ class Daemon:
             arp.announce(new.floating_ip.ip, iface, count=1)
             self.log.log(f"Moved the floating IP from {old.floating_ip} to {new.floating_ip}.")
         self.settings = self.primary.settings = new
+        self.primary.apply_resync_rate()
         if {"secret_file", "witness_ip"} & set(changed):
             self._stop_companions()
             self._start_companions(new, self.ends)

@@ -501,6 +501,11 @@ class PrimaryServer:
             _check(lib.mrd_server_start_sync(self._ptr(), from_offset, SYNC_DIRTY_ONLY if dirty_only else 0),
                    "start sync")
 
+    def set_sync_rate(self, bytes_per_s: int) -> None:
+        """Ceiling on a sync's average rate (0: none); a sync also yields to application writes."""
+        with self._lock:
+            _check(lib.mrd_server_set_sync_rate(self._ptr(), bytes_per_s), "set sync rate")
+
     def start_verify(self, from_offset: int = 0) -> None:
         """Compare the disk with the peer's, chunk by chunk, in the background (online verify).
 

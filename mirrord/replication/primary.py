@@ -87,6 +87,7 @@ class PrimarySide:
         self.server = PrimaryServer(str(self.settings.disk), str(self.device_file), self.disk_size,
                                     peer_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000),
                                     activity_log=str(self.home.activity_log(self.settings.volume)))
+        self.apply_resync_rate()
         # Fencing: losing the secondary holds writes until the supervisor decides (see supervisor.py).
         self.server.set_fencing(True)
         self._load_bitmap()
@@ -160,6 +161,11 @@ class PrimarySide:
                                    "appliance stays primary without its filesystem mounted: run stopHA, then startHA.")
             link.send(self._control, {"type": "promote"})
         self.log.log(f"Asked {self.ends.peer_sync} to take over: every write is on its disk.")
+
+    def apply_resync_rate(self) -> None:
+        """--resync-rate as the data path's ceiling (MiB/s; 0: none), also on a running sync."""
+        assert self.server is not None
+        self.server.set_sync_rate(int(self.settings.resync_rate * (1 << 20)))
 
     def verify(self) -> tuple[int, int]:
         """Online verify (docs/protocol.md, VERIFY): (bytes compared, bytes that differed on the secondary).

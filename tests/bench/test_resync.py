@@ -16,6 +16,11 @@ Both must leave the replica identical to the primary; the bytes each put on
 the link come from mirrord's own counter (payload bytes sent) and rsync's
 ``--stats``. Targets: mirrord ≤ 0.2 × rsync's time at 1 %.
 
+Then the application's side of a resync (issue 5: "application write latency
+during a resync stays within 2× its idle value"): 4 KiB O_DSYNC writes on the
+mirrored device, first with the pair idle and in sync, then while a full
+resync of the whole 1 GiB runs (the writes stop counting when it ends).
+
 Run: .venv/bin/python -m pytest -q tests/bench/test_resync.py --benchmark-only -p no:cacheprovider -s
 """
 
@@ -35,13 +40,15 @@ from typing import Any
 import pytest
 
 from write_targets import mirrord
-from write_workloads import GiB, KiB, MiB, aligned_buffer
+from write_workloads import GiB, KiB, MiB, LatencySummary, aligned_buffer, dsync_offsets
 
 SIZE = GiB
 BLOCK = 4 * KiB
 SHARES = (0.01, 0.10, 0.50)
 GOAL_AT_1_PERCENT = 0.2
 RESULTS: dict[float, dict[str, dict[str, float]]] = {}
+LATENCY: dict[str, LatencySummary] = {}  # "idle", "resync"
+LATENCY_GOAL = 2.0
 
 
 def _require_rsync() -> None:
@@ -162,6 +169,55 @@ def test_resync_against_rsync(benchmark: Any, share: float, bench_dir: Path, ori
     _write_report()
 
 
+def _dsync_while(path: Path, offsets: list[int], running: Any = None) -> LatencySummary:
+    """One O_DIRECT|O_DSYNC 4 KiB write per offset (while ``running()`` holds, if given)."""
+    buf = aligned_buffer(BLOCK, seed=9)
+    lat: list[int] = []
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
+    try:
+        start = time.perf_counter()
+        for off in offsets:
+            if running is not None and not running():
+                break
+            t0 = time.perf_counter_ns()
+            os.pwrite(fd, buf, off)
+            lat.append(time.perf_counter_ns() - t0)
+        return LatencySummary.of(lat, time.perf_counter() - start)
+    finally:
+        os.close(fd)
+
+
+def test_application_latency_during_a_resync(benchmark: Any, bench_dir: Path, original: Path,
+                                             tmpfs_replica: Path) -> None:
+    primary = bench_dir / "resync" / "primary-latency.img"
+    _copy(original, primary)
+    _copy(original, tmpfs_replica)
+    offsets = dsync_offsets(2000, SIZE, seed=77)
+    with mirrord("d", primary, SIZE, bench_dir / "dev-latency", tmpfs_replica) as t:
+        server = t.server
+        assert server is not None
+        _dsync_while(t.path, offsets[:200])  # warm-up
+        LATENCY["idle"] = _dsync_while(t.path, offsets)
+
+        def during() -> None:
+            server.start_sync(0)  # a full resync of the whole disk
+            LATENCY["resync"] = _dsync_while(t.path, offsets * 10, lambda: server.stats().sync_active)
+            end = time.monotonic() + 300
+            while server.stats().sync_active:
+                assert time.monotonic() < end, "the resync did not finish within 300 s"
+                time.sleep(0.01)
+
+        benchmark.pedantic(during, rounds=1, iterations=1)
+        assert server.stats().sync_done
+    assert _identical(primary, tmpfs_replica)
+    primary.unlink()
+    idle, busy = LATENCY["idle"], LATENCY["resync"]
+    benchmark.extra_info.update(idle_mean_us=round(idle.mean_us, 1), resync_mean_us=round(busy.mean_us, 1),
+                                idle_p50_us=round(idle.p50_us, 1), resync_p50_us=round(busy.p50_us, 1),
+                                writes_during_resync=busy.writes)
+    _write_report()
+
+
 def _write_report() -> None:
     lines = ["# Resync after a disconnection: mirrord bitmap resync against rsync --inplace", "",
              f"1 GiB image of random data, replica on tmpfs, 127.0.0.1; load average at end "
@@ -177,6 +233,15 @@ def _write_report() -> None:
         met = "yes" if ratio <= GOAL_AT_1_PERCENT else "**no**"
         lines += ["", "| target | value | goal | met |", "|---|---|---|---|",
                   f"| resync time at 1 % dirty, mirrord / rsync | {ratio:.3f} | ≤ {GOAL_AT_1_PERCENT} | {met} |"]
+    if "idle" in LATENCY and "resync" in LATENCY:
+        idle, busy = LATENCY["idle"], LATENCY["resync"]
+        ratio = busy.mean_us / idle.mean_us
+        lines += ["", "| 4 KiB O_DSYNC writes, mirrored | writes | mean µs | p50 µs | p99 µs |", "|---|---|---|---|---|",
+                  f"| pair idle and in sync | {idle.writes} | {idle.mean_us:.0f} | {idle.p50_us:.0f} | {idle.p99_us:.0f} |",
+                  f"| during a full 1 GiB resync | {busy.writes} | {busy.mean_us:.0f} | {busy.p50_us:.0f} | "
+                  f"{busy.p99_us:.0f} |", "", "| target | value | goal | met |", "|---|---|---|---|",
+                  f"| application latency during a resync / idle (mean) | {ratio:.2f} | ≤ {LATENCY_GOAL:g} | "
+                  f"{'yes' if ratio <= LATENCY_GOAL else '**no**'} |"]
     out = Path(__file__).resolve().parents[2] / ".benchmarks" / "latest-resync.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -498,6 +498,39 @@ def test_online_verify_under_writes_reports_no_false_difference(make_pair: Calla
     assert _identical(pair.a, pair.b)
 
 
+def test_sync_rate_ceiling_is_never_exceeded(make_pair: Callable[..., Pair]) -> None:
+    """--resync-rate: the sync's average rate stays under the ceiling (a lower bound on its time)."""
+    size, rate = 16 * MiB, 8 * MiB
+    pair = make_pair(size=size, fill_a=random.Random(41).randbytes(size))
+    pair.server.set_sync_rate(rate)
+    t0 = time.monotonic()
+    pair.server.start_sync(0)
+    _wait(lambda: not pair.server.stats().sync_active, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert pair.server.stats().sync_done
+    # The last chunk may leave as soon as the ones before it fit under the ceiling.
+    assert elapsed >= (size - MiB) / rate, elapsed
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_sync_yields_to_application_writes(make_pair: Callable[..., Pair]) -> None:
+    """While the application writes, the sync sends small chunks one at a time (see "Pacing" in server.c)."""
+    size = 64 * MiB
+    pair = make_pair(size=size, fill_a=random.Random(42).randbytes(size))
+    with _front_writer(pair, seed=43, near_front=0.0) as writes:
+        time.sleep(0.1)
+        pair.server.start_sync(0)
+        _wait(lambda: not pair.server.stats().sync_active, timeout=120)
+    assert pair.server.stats().sync_done and writes[0] > 20
+    receiver = pair.receiver
+    assert receiver is not None
+    # Idle, this sync is 64 chunks of 1 MiB; yielding, most chunks are 64 KiB.
+    assert receiver.stats().syncs > 4 * size // MiB, receiver.stats()
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
 def test_corrupted_frame_is_detected_and_never_applied(make_pair: Callable[..., Pair]) -> None:
     pair = make_pair()
     good = random.Random(5).randbytes(256 * KiB)

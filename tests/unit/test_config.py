@@ -26,6 +26,12 @@ def options(**over: object) -> dict[str, object]:
     return {k: v for k, v in base.items() if v is not None}
 
 
+@pytest.mark.parametrize(("given", "rate"), [(None, 0.0), ("", 0.0), ("0", 0.0), ("1", 1.0), ("250.5", 250.5),
+                                              ("100000", 100000.0)])
+def test_resync_rate(given: str | None, rate: float) -> None:
+    assert config.parse(options(resync_rate=given)).resync_rate == rate
+
+
 def test_good_options_parse() -> None:
     s = config.parse(options())
     assert s.floating_ip == ipaddress.IPv4Interface("198.18.0.10/24")
@@ -56,6 +62,11 @@ def test_good_options_parse() -> None:
         ({"mkfs": "ext4"}, "--mkfs needs --mount"),
         ({"disk": None}, "Missing --disk"),
         ({"primary_ip": None, "floating_ip": None}, "Missing --primary-ip, --floating-ip"),
+        ({"resync_rate": "fast"}, "--resync-rate 'fast' is not a number"),
+        ({"resync_rate": "0.5"}, "out of range"),
+        ({"resync_rate": "-1"}, "out of range"),
+        ({"resync_rate": "nan"}, "out of range"),
+        ({"resync_rate": "1e9"}, "out of range"),
     ],
 )
 def test_bad_options_name_the_value(over: dict[str, object], fragment: str) -> None:
