@@ -36,6 +36,10 @@ _HA_OPTIONS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--restart-limit", "-restartLimit", "Restarts of a failing OCF application before failing over (default 3).", {}),
     ("--resync-rate", "-resyncRate", "Ceiling in MiB/s for a resync (default 0: none; a resync always yields to "
      "the application's writes).", {}),
+    ("--checksum-sync", "-checksumSync", "Make every full sync compare block checksums first and copy only what "
+     "differs (automatic when both disks share a history).", {"is_flag": True}),
+    ("--full-sync-threshold", "-fullSyncThreshold", "Percent of the disk dirty above which a resync copies the "
+     "whole disk (default 50).", {}),
 ]
 
 

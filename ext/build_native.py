@@ -119,6 +119,7 @@ void mrd_al_close(struct mrd_al *al);
 /* server.h */
 #define MRD_SYNC_DIRTY_ONLY 1
 #define MRD_SYNC_VERIFY 2
+#define MRD_SYNC_CHECKSUM 4
 #define MRD_RESUME_DEGRADED 1
 #define MRD_RESUME_FAIL 2
 struct mrd_server;
@@ -155,6 +156,7 @@ struct mrd_server_stats {
     uint64_t verify_diff_bytes;
     int32_t verifying;
     int32_t pad1;
+    uint64_t bytes_verified;
     char last_error[256];
     uint64_t al_updates, al_waits;
     uint32_t al_hot, al_slots;

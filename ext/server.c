@@ -68,7 +68,8 @@ struct pending {
     uint32_t len;
     int kind;
     int zero;   /* P_SYNC sent as SYNC_ZERO: len bytes of hole, no data */
-    int verify; /* P_SYNC sent as VERIFY: answered SAME or DIFF, nothing written */
+    int verify;   /* P_SYNC sent as VERIFY: answered SAME or DIFF, nothing written */
+    int checksum; /* ... by a checksum sync: SAME means the peer holds the chunk */
     struct op *op;
     uint64_t t_sent;
 };
@@ -144,7 +145,7 @@ struct mrd_server {
     uint64_t frames_sent, bytes_sent, acked, lat_total, lat_max, peer_failures;
     uint64_t dsync_writes, flush_frames, fdatasyncs;
     int sync_active, sync_done;
-    uint64_t sync_offset, sync_total, bytes_synced, bytes_zeroed, verify_diff_bytes;
+    uint64_t sync_offset, sync_total, bytes_synced, bytes_zeroed, verify_diff_bytes, bytes_verified;
     char last_error[256];
 };
 
@@ -455,17 +456,21 @@ static void *ack_main(void *arg)
         /* Clearing dirty bits under pend_mu, while the peer is still known
          * connected, orders it before any re-dirtying by a later failure. */
         if (differs) {
-            /* The replica differs here: the next resync sends it again. */
+            /* The replica differs here: the next resync (or the checksum
+             * sync's copy pass) sends it again. */
             mrd_bitmap_set_range(s->bm, e->off, e->len);
             s->verify_diff_bytes += e->len;
-        } else if (e->kind != P_FLUSH && !e->verify) {
+        } else if (e->kind != P_FLUSH && (!e->verify || e->checksum)) {
             mrd_bitmap_clear_range(s->bm, e->off, e->len);
         }
         else if (e->seq > s->peer_durable_seq)
             s->peer_durable_seq = e->seq; /* the peer applies in order */
         if (e->kind == P_SYNC) {
             s->sync_inflight--;
-            s->bytes_synced += e->len;
+            if (e->verify)
+                s->bytes_verified += e->len;
+            else
+                s->bytes_synced += e->len;
             if (e->zero)
                 s->bytes_zeroed += e->len;
             s->sync_offset = e->off + e->len;
@@ -1151,14 +1156,14 @@ static void pace(struct mrd_server *s, uint64_t t0, uint64_t sent)
     }
 }
 
-static void *sync_main(void *arg)
+/* One pass over the disk from `from`: every chunk (dirty = 0) or the dirty
+ * runs (dirty = 1), copied (compare = 0: SYNC_DATA / SYNC_ZERO) or compared
+ * (compare = 1: VERIFY). Returns 1 when it reached the end with the peer
+ * still there, 0 when stopped or the peer went away. */
+static int sync_pass(struct mrd_server *s, uint64_t from, int dirty, int compare, uint64_t t0, uint64_t *sent)
 {
-    struct mrd_server *s = arg;
-    uint64_t t0 = mrd_now_ns(), sent = 0;
     uint64_t gran = mrd_bitmap_granularity(s->bm);
-    uint64_t off = s->sync_from / gran * gran;
-    int dirty_only = s->sync_flags & MRD_SYNC_DIRTY_ONLY;
-    int verify = s->sync_flags & MRD_SYNC_VERIFY;
+    uint64_t off = from / gran * gran;
     int finished = 0;
     for (;;) {
         if (s->sync_stop)
@@ -1170,7 +1175,7 @@ static void *sync_main(void *arg)
         uint64_t end = ((off >> EXTENT_SHIFT) + 1) << EXTENT_SHIFT;
         if (end > s->size)
             end = s->size;
-        if (dirty_only) {
+        if (dirty) {
             int64_t b = mrd_bitmap_find_next_set(s->bm, off / gran, UINT64_MAX);
             if (b < 0) {
                 finished = 1;
@@ -1189,7 +1194,7 @@ static void *sync_main(void *arg)
         if (busy && end - off > busy_chunk)
             end = off + busy_chunk;
         int window = busy ? 1 : SYNC_WINDOW;
-        pace(s, t0, sent);
+        pace(s, t0, *sent);
         pthread_mutex_lock(&s->pend_mu);
         while (s->sync_inflight >= window && s->peer_state == PEER_CONNECTED && !s->sync_stop)
             pthread_cond_wait(&s->pend_cv, &s->pend_mu);
@@ -1212,13 +1217,14 @@ static void *sync_main(void *arg)
         extents_lock(s, e->off, e->len, idx);
         /* Under the extent lock, so no write to this range is half done:
          * a hole now is a hole the peer may be given as zeros. */
-        uint64_t hole_end = verify ? e->off : hole_until(s->disk_fd, e->off, end, gran);
+        uint64_t hole_end = compare ? e->off : hole_until(s->disk_fd, e->off, end, gran);
         int rc = 0;
-        if (verify) {
+        if (compare) {
             /* Read under the lock, so the replica (which applies frames in
              * order) is compared with exactly what this disk held. */
             uint8_t vp[MRD_FRAME_VERIFY_PAYLOAD];
             e->verify = 1;
+            e->checksum = dirty; /* a checksum sync's compare: SAME clears the bits */
             rc = mrd_pread_all(s->disk_fd, s->sync_buf, e->len, e->off);
             if (!rc) {
                 mrd_frame_verify_payload(vp, e->len, mrd_crc32c(0, s->sync_buf, e->len));
@@ -1250,13 +1256,39 @@ static void *sync_main(void *arg)
             }
             break;
         }
-        sent += end - off;
+        *sent += end - off;
         off = end;
     }
-    /* Done only when every chunk is acked by a peer that is still there. */
+    /* Every chunk answered before the caller looks at the bitmap (a checksum
+     * pass's SAME answers clear bits; the copy pass reads them). */
     pthread_mutex_lock(&s->pend_mu);
     while (s->sync_inflight > 0 && s->peer_state == PEER_CONNECTED)
         pthread_cond_wait(&s->pend_cv, &s->pend_mu);
+    if (s->peer_state != PEER_CONNECTED)
+        finished = 0;
+    pthread_mutex_unlock(&s->pend_mu);
+    return finished;
+}
+
+/* A checksum sync (MRD_SYNC_CHECKSUM) is two passes over the dirty bitmap:
+ * first every dirty chunk is compared (VERIFY) and a chunk the peer already
+ * holds is cleared, then what is still dirty is copied. Interrupted at any
+ * point, the bitmap still marks every chunk not known to be equal, so the
+ * next connect resumes correctly with a plain bitmap resync. */
+static void *sync_main(void *arg)
+{
+    struct mrd_server *s = arg;
+    uint64_t t0 = mrd_now_ns(), sent = 0;
+    uint32_t flags = s->sync_flags;
+    int dirty_only = flags & (MRD_SYNC_DIRTY_ONLY | MRD_SYNC_CHECKSUM);
+    int finished;
+    if (flags & MRD_SYNC_VERIFY)
+        finished = sync_pass(s, s->sync_from, 0, 1, t0, &sent);
+    else if (flags & MRD_SYNC_CHECKSUM)
+        finished = sync_pass(s, s->sync_from, 1, 1, t0, &sent) && sync_pass(s, s->sync_from, 1, 0, t0, &sent);
+    else
+        finished = sync_pass(s, s->sync_from, dirty_only, 0, t0, &sent);
+    pthread_mutex_lock(&s->pend_mu);
     s->sync_done = finished && s->peer_state == PEER_CONNECTED;
     if (s->sync_done && !dirty_only)
         s->sync_offset = s->size;
@@ -1267,8 +1299,8 @@ static void *sync_main(void *arg)
 
 int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t flags)
 {
-    if (!s || (flags & ~(MRD_SYNC_DIRTY_ONLY | MRD_SYNC_VERIFY)) ||
-        flags == (MRD_SYNC_DIRTY_ONLY | MRD_SYNC_VERIFY))
+    /* One of: nothing (copy all), DIRTY_ONLY, VERIFY, CHECKSUM. */
+    if (!s || (flags != 0 && flags != MRD_SYNC_DIRTY_ONLY && flags != MRD_SYNC_VERIFY && flags != MRD_SYNC_CHECKSUM))
         return -EINVAL;
     if (from_offset > s->size)
         return MRD_ERANGE;
@@ -1291,8 +1323,9 @@ int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t f
     s->bytes_synced = 0;
     s->bytes_zeroed = 0;
     s->verify_diff_bytes = 0;
-    s->sync_total = (flags & MRD_SYNC_DIRTY_ONLY) ? mrd_bitmap_count(s->bm) * gran
-                                                  : s->size - s->sync_from;
+    s->bytes_verified = 0;
+    s->sync_total = (flags & (MRD_SYNC_DIRTY_ONLY | MRD_SYNC_CHECKSUM)) ? mrd_bitmap_count(s->bm) * gran
+                                                                         : s->size - s->sync_from;
     pthread_mutex_unlock(&s->pend_mu);
     int rc = mrd_thread_start(&s->sync_th, sync_main, s);
     if (rc) {
@@ -1354,6 +1387,7 @@ int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *o)
     o->bytes_synced = s->bytes_synced;
     o->bytes_zeroed = s->bytes_zeroed;
     o->verify_diff_bytes = s->verify_diff_bytes;
+    o->bytes_verified = s->bytes_verified;
     o->verifying = s->sync_active && (s->sync_flags & MRD_SYNC_VERIFY);
     o->held = s->held_n;
     o->suspended = s->io_state == IO_SUSPENDED;

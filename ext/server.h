@@ -44,6 +44,7 @@ struct mrd_server;
 
 #define MRD_SYNC_DIRTY_ONLY 1u /* start_sync flag: send only dirty blocks */
 #define MRD_SYNC_VERIFY 2u     /* start_sync flag: compare, send nothing (see frame.h VERIFY) */
+#define MRD_SYNC_CHECKSUM 4u   /* start_sync flag: compare the dirty chunks, copy only those that differ */
 #define MRD_RESUME_DEGRADED 1  /* resume: acknowledge held ops, go on local-only */
 #define MRD_RESUME_FAIL 2      /* resume: EIO to held ops and every later write/flush */
 
@@ -70,7 +71,7 @@ struct mrd_server_stats {
     uint64_t sync_offset;             /* everything below it is acked */
     uint64_t sync_total;              /* bytes the sync covers */
     uint64_t bytes_synced;            /* disk bytes the sync brought to the peer, acked
-                                         (SYNC_DATA payloads + SYNC_ZERO ranges) */
+                                         (SYNC_DATA payloads + SYNC_ZERO ranges; not compares) */
     uint64_t held;                    /* FUSE ops whose reply is held now */
     int32_t suspended;                /* fenced after a peer failure */
     int32_t failed_io;                /* resumed with FAIL: writes get EIO */
@@ -82,6 +83,7 @@ struct mrd_server_stats {
     uint64_t verify_diff_bytes;       /* verify: bytes found different (marked dirty) */
     int32_t verifying;                /* the running "sync" is a verify */
     int32_t pad1;
+    uint64_t bytes_verified;          /* compared with the peer (verify, checksum sync), acked */
     char last_error[256];
     /* Activity log (zero without one): records written, writes that waited
      * for a free slot, extents hot now, slots, extent size. */
@@ -134,7 +136,10 @@ int mrd_server_resume(struct mrd_server *s, int how);
  * Acked chunks clear their dirty bits. With MRD_SYNC_VERIFY nothing is
  * copied: each chunk is compared with the peer's (frame.h, VERIFY) and a
  * chunk that differs is marked dirty (verify_diff_bytes counts it); progress
- * and completion are reported like a sync's. MRD_ENOPEER without a peer,
+ * (bytes_verified) and completion are reported like a sync's. With
+ * MRD_SYNC_CHECKSUM the dirty chunks are compared first and those the peer
+ * already holds are cleared, then the rest is copied (a full sync of two
+ * disks that are mostly equal moves only what differs). MRD_ENOPEER without a peer,
  * MRD_ESTATE if a sync or verify is running. */
 int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t flags);
 /* Ceiling on a sync's (or verify's) average rate, bytes/s; 0 = none (the

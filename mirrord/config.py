@@ -28,6 +28,9 @@ MAX_PING_INTERVAL = 600.0
 SUPPORTED_MKFS = ("ext4",)
 #: How often a failing application (OCF monitor) is restarted before the pair fails over (SafeKit's errd).
 DEFAULT_RESTART_LIMIT = 3
+#: A bitmap resync with more of the disk dirty than this (percent) copies the whole disk instead:
+#: one sequential pass beats many scattered chunks (IWD's "extreme case"; measured in docs/performance.md).
+DEFAULT_FULL_SYNC_THRESHOLD = 50
 DEFAULT_VOLUME = "r0"
 #: TCP port of the replication link on the sync network (DRBD's customary one).
 DEFAULT_SYNC_PORT = 7788
@@ -54,6 +57,8 @@ FIELDS = (
     "witness_ip",
     "restart_limit",
     "resync_rate",
+    "checksum_sync",
+    "full_sync_threshold",
 )
 REQUIRED = ("primary_ip", "secondary_ip", "primary_sync_ip", "secondary_sync_ip", "floating_ip", "ping_interval", "disk")
 
@@ -75,6 +80,8 @@ class Settings:
     witness_ip: ipaddress.IPv4Address | None = None
     restart_limit: int = DEFAULT_RESTART_LIMIT
     resync_rate: float = 0.0  # MiB/s a sync may use at most; 0: no ceiling (it still yields to the application)
+    checksum_sync: bool = False  # every full sync compares first and copies only what differs
+    full_sync_threshold: int = DEFAULT_FULL_SYNC_THRESHOLD  # % of the disk dirty above which all of it is copied
     volume: str = DEFAULT_VOLUME
     sync_port: int = DEFAULT_SYNC_PORT
 
@@ -183,6 +190,23 @@ def _resync_rate(value: Any) -> float:
     return rate
 
 
+def _full_sync_threshold(value: Any) -> int:
+    if value in (None, ""):
+        return DEFAULT_FULL_SYNC_THRESHOLD
+    try:
+        percent = int(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"--full-sync-threshold {value!r} is not a whole number; expected a percentage, 1 to 100.") from None
+    if not 1 <= percent <= 100:
+        raise BadInput(f"--full-sync-threshold {value!r} is out of range; expected 1 to 100 (100: never copy "
+                       "the whole disk for a bitmap resync).")
+    return percent
+
+
+def _flag(value: Any) -> bool:
+    return value in (True, "true", "True", "1", "yes")
+
+
 def parse(options: Mapping[str, Any]) -> Settings:
     """Typed, self-consistent settings from option strings, or :class:`BadInput`."""
     missing = [k for k in REQUIRED if options.get(k) in (None, "")]
@@ -247,6 +271,8 @@ def parse(options: Mapping[str, Any]) -> Settings:
         witness_ip=_address("witness_ip", options["witness_ip"]) if options.get("witness_ip") else None,
         restart_limit=_restart_limit(options.get("restart_limit")),
         resync_rate=_resync_rate(options.get("resync_rate")),
+        checksum_sync=_flag(options.get("checksum_sync")),
+        full_sync_threshold=_full_sync_threshold(options.get("full_sync_threshold")),
     )
 
 

@@ -39,7 +39,7 @@ from mirrord.net.heartbeat import Heartbeat
 from mirrord.net.links import any_link_up
 from mirrord.net.witness import Witness
 from mirrord.paths import Home
-from mirrord.replication import generations, keepcopy, link, volume
+from mirrord.replication import extents, generations, keepcopy, link, volume
 from mirrord.replication.generations import Generations, Kind
 from mirrord.replication.meta import DiskState, VolumeMeta
 from mirrord.replication.primary import PrimarySide, plan_sentence
@@ -911,8 +911,16 @@ class Daemon:
             archive.restore_disk(Path(path), manifest, settings.disk)
             config.save(self.home, settings)
             self.settings = settings
-            # The restored disk is a new, complete copy: fresh metadata, so a secondary gets a full sync.
-            self.home.meta_file(settings.volume).unlink(missing_ok=True)
+            # The restored disk is new data whose only tie to the peer is the generation this
+            # appliance held before: the secondary gets a full (checksum) sync from it, never
+            # a refusal as unrelated data, and no stale bitmap or activity log is replayed.
+            meta = VolumeMeta.load(self.home, settings.volume)
+            meta.gen = generations.restored(meta.gen, generations.new_uuid())
+            meta.disk_state, meta.primary_open, meta.bitmap_trusted, meta.split_brain = \
+                DiskState.UP_TO_DATE, False, True, ""
+            meta.save(self.home, settings.volume)
+            extents.bitmap_file(self.home, settings.volume).unlink(missing_ok=True)
+            extents.forget_activity_log(self.home, settings.volume)
             message = (f"Restored {settings.disk} and the HA settings from {path} (backup of "
                        f"{manifest.get('created')}, mirrord {manifest.get('mirrord_version')}). Run startHA on the "
                        "primary first, then on the secondary (which gets a full sync).")

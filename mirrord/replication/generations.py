@@ -110,6 +110,17 @@ def _push(history: tuple[str, ...], uuid: str) -> tuple[str, ...]:
 # -- the rules that change them --------------------------------------------------------
 
 
+def restored(g: Generations, uuid: str) -> Generations:
+    """A disk restored from a backup: new data, tied to its peer only by what this copy held before.
+
+    The old identifiers go into the history, so a peer still at one of them
+    gets a full sync from this copy (r80 / r60), not a refusal as unrelated
+    data; the sync compares checksums first, since most blocks of a restored
+    disk usually equal the peer's.
+    """
+    return Generations(current=uuid, bitmap="", history=_push(_push(g.history, g.bitmap), g.current))
+
+
 def start_writing_alone(g: Generations, uuid: str) -> Generations:
     """A primary starts acknowledging writes its peer does not get: a new data generation.
 
@@ -157,6 +168,10 @@ class Kind(str, enum.Enum):
 
 #: DRBD numbers the rules from one side: "I am just created" (r20) is "the peer is" (r30) seen from the peer.
 _MIRROR_RULE = {"r20": "r30", "r30": "r20", "r50": "r70", "r70": "r50", "r60": "r80", "r80": "r60"}
+
+#: Full-sync rules where the two disks share no history: a new disk (r10-r30) or unrelated data
+#: (r110). Every other full sync is between copies of one history, most of whose blocks are equal.
+FRESH_OR_UNRELATED = frozenset({"r10", "r20", "r30", "r110"})
 
 #: Kinds that refuse the connection and keep both copies untouched.
 REFUSED = frozenset({Kind.SPLIT_BRAIN, Kind.UNRELATED, Kind.STALE_PRIMARY})

@@ -72,6 +72,7 @@ _FRAME_CODES = frozenset({E_TRUNC, E_MAGIC, E_TYPE, E_LEN, E_CRC, E_FLAGS})
 
 SYNC_DIRTY_ONLY: int = lib.MRD_SYNC_DIRTY_ONLY
 SYNC_VERIFY: int = lib.MRD_SYNC_VERIFY
+SYNC_CHECKSUM: int = lib.MRD_SYNC_CHECKSUM
 RESUME_DEGRADED: int = lib.MRD_RESUME_DEGRADED
 RESUME_FAIL: int = lib.MRD_RESUME_FAIL
 
@@ -315,6 +316,7 @@ class ServerStats(_Stats):
     bytes_zeroed: int = 0  # of bytes_synced: holes sent as SYNC_ZERO (no data on the wire)
     verify_diff_bytes: int = 0  # online verify: bytes found different, marked dirty
     verifying: bool = False  # the running sync is an online verify
+    bytes_verified: int = 0  # compared with the peer (verify, checksum sync)
 
     @property
     def dirty_bytes(self) -> int:
@@ -495,11 +497,15 @@ class PrimaryServer:
             _check(lib.mrd_server_resume(self._ptr(), RESUME_DEGRADED if degraded else RESUME_FAIL),
                    "resume I/O")
 
-    def start_sync(self, from_offset: int = 0, dirty_only: bool = False) -> None:
-        """Copy the disk (or only its dirty blocks) to the peer in the background."""
+    def start_sync(self, from_offset: int = 0, dirty_only: bool = False, checksum: bool = False) -> None:
+        """Copy the disk (or only its dirty blocks) to the peer in the background.
+
+        ``checksum``: compare the dirty chunks with the peer's first and copy
+        only those that differ (ext/server.h, MRD_SYNC_CHECKSUM).
+        """
+        flags = SYNC_CHECKSUM if checksum else SYNC_DIRTY_ONLY if dirty_only else 0
         with self._lock:
-            _check(lib.mrd_server_start_sync(self._ptr(), from_offset, SYNC_DIRTY_ONLY if dirty_only else 0),
-                   "start sync")
+            _check(lib.mrd_server_start_sync(self._ptr(), from_offset, flags), "start sync")
 
     def set_sync_rate(self, bytes_per_s: int) -> None:
         """Ceiling on a sync's average rate (0: none); a sync also yields to application writes."""

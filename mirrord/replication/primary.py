@@ -32,11 +32,13 @@ from mirrord.errors import HandshakeRefused, MirrordError, PeerError, Refused, S
 from mirrord.halog import HALog
 from mirrord.paths import Home
 from mirrord.replication import extents, generations, link, volume
-from mirrord.replication.generations import Kind, Plan, Side
+from mirrord.replication.generations import FRESH_OR_UNRELATED, Kind, Plan, Side
 from mirrord.replication.meta import VolumeMeta
 from mirrord.replication.native import PrimaryServer
 
 RETRY_SECONDS = 0.5
+#: The data path's sync chunk (ext/server.c SYNC_CHUNK): a dirty run this long is sent in full chunks.
+SYNC_CHUNK = 1 << 20
 #: After a split brain or unrelated data the answer cannot change until an operator acts
 #: (startHA --discard-my-data on the other appliance): retry slowly, log once.
 CONFLICT_RETRY_SECONDS = 3.0
@@ -195,7 +197,7 @@ class PrimarySide:
             # progress reporter never sees a finished sync with blocks still dirty.
             self.server.start_sync(0, dirty_only=True)
             self.peer.sync_done = False
-        return stats.bytes_synced, stats.verify_diff_bytes
+        return stats.bytes_verified, stats.verify_diff_bytes
 
     def stop(self) -> None:
         # Unmount while the peer is still attached: the filesystem's last writes
@@ -314,15 +316,19 @@ class PrimarySide:
                 self.server.mark_dirty(0, self.disk_size)
             for offset, length in extra:
                 self.server.mark_dirty(offset, length)
-            self.server.start_sync(0, dirty_only=True)
+            kind = self._sync_kind(plan)
+            if kind == "full" and plan.kind is Kind.BITMAP:  # over the threshold: copy it all, in one pass
+                self.server.mark_dirty(0, self.disk_size)
+            self.server.start_sync(0, dirty_only=True, checksum=kind == "checksum")
             self.peer = PeerView(connected=True)
             self._control = control
             total = self.server.stats().sync_total
-            self.resync = {"kind": "full" if plan.kind is Kind.FULL else "bitmap", "plan": str(plan.kind),
+            self.resync = {"kind": kind, "plan": str(plan.kind),
                            "rule": plan.rule, "why": plan.why, "dirty_bytes_at_start": total,
                            "extra_bytes": sum(length for _, length in extra), "bytes_sent": 0, "done": False}
-            what = (f"full sync of {total} bytes" if plan.kind is Kind.FULL
-                    else f"bitmap resync of {total} bytes the secondary lacks")
+            what = {"full": f"full sync of {total} bytes",
+                    "checksum": f"checksum sync of {total} bytes (compared, only what differs is copied)",
+                    "bitmap": f"bitmap resync of {total} bytes the secondary lacks"}[kind]
             why = f" ({plan.why})" if plan.why else ""
             resolves = " to resolve the split brain" if plan.resolves else ""
             self.log.log(f"Connected to secondary {self.ends.peer_sync}; {what}{resolves}{why} started while serving.")
@@ -362,6 +368,34 @@ class PrimarySide:
             link.send(control, {"type": "refuse", "reason": reason})
             raise PeerError(reason)
         return reply, plan, extra
+
+    def _sync_kind(self, plan: Plan) -> str:
+        """How the blocks marked dirty for this plan are sent: "bitmap", "full" or "checksum".
+
+        A full sync between disks of a common history (the bitmap could not
+        be trusted, or it did not reach back far enough) compares checksums
+        first: most blocks are usually equal. So does every full sync with
+        --checksum-sync. A bitmap resync over --full-sync-threshold whose
+        dirty blocks are scattered (runs shorter than a sync chunk on
+        average) copies the whole disk: one sequential pass of full chunks
+        beats many small ones. A long contiguous remainder, such as an
+        interrupted sync's, stays a bitmap resync: it is already sequential.
+        """
+        if plan.kind is Kind.FULL:
+            common = plan.rule not in FRESH_OR_UNRELATED
+            return "checksum" if common or self.settings.checksum_sync else "full"
+        assert self.server is not None
+        stats = self.server.stats()
+        if 100 * stats.dirty_bytes <= self.settings.full_sync_threshold * self.disk_size:
+            return "bitmap"
+        bits = int.from_bytes(self.server.dirty_bitmap(), "little")
+        runs = (bits & ~(bits << 1)).bit_count()  # each run of set bits starts with a 0 -> 1 step
+        if runs and stats.dirty_blocks / runs >= SYNC_CHUNK // stats.dirty_granularity:
+            return "bitmap"
+        self.log.log(f"Copying the whole disk instead of a bitmap resync: {100 * stats.dirty_bytes / self.disk_size:.0f} "
+                     f"% of it is dirty in {runs} scattered runs, over --full-sync-threshold "
+                     f"{self.settings.full_sync_threshold} %.")
+        return "full"
 
     @staticmethod
     def _expect(control: socket.socket, kind: str) -> dict[str, object]:

@@ -455,7 +455,7 @@ def _verify(pair: Pair) -> None:
     pair.server.start_verify(0)
     _wait(lambda: not pair.server.stats().sync_active, timeout=60)
     stats = pair.server.stats()
-    assert stats.sync_done and stats.bytes_synced == pair.size and not stats.verifying, stats
+    assert stats.sync_done and stats.bytes_verified == pair.size and not stats.verifying, stats
 
 
 def test_online_verify_finds_a_flipped_byte_and_the_resync_repairs_it(make_pair: Callable[..., Pair]) -> None:
@@ -494,6 +494,31 @@ def test_online_verify_under_writes_reports_no_false_difference(make_pair: Calla
             _verify(pair)
             assert pair.server.stats().verify_diff_bytes == 0, pair.server.stats()
     assert writes[0] > 20
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_checksum_sync_copies_only_the_chunks_that_differ(make_pair: Callable[..., Pair]) -> None:
+    """A full sync of two mostly equal disks (--checksum-sync): compared everywhere, copied where different."""
+    size = 32 * MiB
+    data = random.Random(51).randbytes(size)
+    pair = make_pair(size=size, fill_a=data, connect=False)
+    changed = {3, 17, 30}  # chunks (1 MiB) where the replica is older
+    stale = bytearray(data)
+    for chunk in changed:
+        stale[chunk * MiB + 100:chunk * MiB + 200] = bytes(100)
+    pair.b.write_bytes(bytes(stale))
+    pair.connect()
+    pair.server.mark_dirty(0, size)
+    sent_before = pair.server.stats().bytes_sent
+    pair.server.start_sync(0, checksum=True)
+    _wait(lambda: not pair.server.stats().sync_active, timeout=60)
+    stats = pair.server.stats()
+    assert stats.sync_done and stats.dirty_blocks == 0, stats
+    assert stats.bytes_verified == size and stats.verify_diff_bytes == len(changed) * MiB, stats
+    assert stats.bytes_synced == len(changed) * MiB, stats
+    # On the wire: three chunks of data and a 12-byte compare request per chunk.
+    assert stats.bytes_sent - sent_before == len(changed) * MiB + 12 * (size // MiB), stats
     pair.stop()
     assert _identical(pair.a, pair.b)
 

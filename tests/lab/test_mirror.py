@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import pytest
 
 from hactl import ha_log, in_sync, reset_pair, start_ha, start_primary_with_fs, status, stop_all, stop_ha, wait_status
+from mirrord.replication.link import PROTOCOL_VERSION
 from writer import BLOCK, block_bytes
 
 WRITER = str(Path(__file__).with_name("writer.py"))
@@ -125,7 +126,7 @@ def test_protocol_version_mismatch_is_refused(pair: Any) -> None:
     start_ha(pair, "a2")
     done = pair.run("a1", [sys.executable, "-c", HELLO_V99], check=True)
     assert "'type': 'refuse'" in done.stdout and "Protocol version mismatch" in done.stdout
-    assert "the peer speaks 99, this appliance speaks 3" in ha_log(pair, "a2")
+    assert f"the peer speaks 99, this appliance speaks {PROTOCOL_VERSION}" in ha_log(pair, "a2")
 
 
 def test_disk_in_use_is_refused(pair: Any) -> None:
@@ -183,6 +184,9 @@ def test_returning_secondary_gets_only_what_changed(pair: Any) -> None:
 
 def test_interrupted_sync_is_never_promoted_and_resumes(make_lab: Any, tmp_path: Path) -> None:
     with make_lab(tmp_path, "2G") as lab:
+        # Written zeros, not holes: holes sync in no time (SYNC_ZERO), and this sync must take a while.
+        subprocess.run(["dd", "if=/dev/zero", f"of={lab.home('a1') / 'disk.img'}", "bs=1M", "count=2048",
+                        "conv=notrunc,fsync", "status=none"], check=True, timeout=120)
         start_ha(lab, "a1")
         start_ha(lab, "a2")
         wait_status(lab, "a1", lambda s: s["peer_connected"] and s["disk"]["sync_percent"] >= 25, timeout=60)

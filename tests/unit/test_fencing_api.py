@@ -76,5 +76,6 @@ def test_bad_resume_mode_is_einval(server: PrimaryServer) -> None:
 
 def test_stats_defaults_keep_older_constructors_working() -> None:
     names = [f for f in ServerStats.__dataclass_fields__]
-    assert names[-6:] == ["suspended", "failed_io", "held", "bytes_zeroed", "verify_diff_bytes", "verifying"]
+    assert names[-7:] == ["suspended", "failed_io", "held", "bytes_zeroed", "verify_diff_bytes", "verifying",
+                          "bytes_verified"]
     assert n.RESUME_DEGRADED == 1 and n.RESUME_FAIL == 2

@@ -187,7 +187,9 @@ class Node:
 def connect(primary: Node, secondary: Node, discard: bool = False, finish: bool = True) -> Plan:
     """The handshake and, unless refused, the sync (cut short if not ``finish``)."""
     plan = compare(primary.side(True), secondary.side(False, discard))
-    assert compare(secondary.side(False, discard), primary.side(True)) == plan.mirrored()
+    theirs, mirrored = compare(secondary.side(False, discard), primary.side(True)), plan.mirrored()
+    # The same decision from both sides (the reason is worded from each side's view).
+    assert (theirs.kind, theirs.source, theirs.rule) == (mirrored.kind, mirrored.source, mirrored.rule)
     if plan.refused:
         return plan
     if plan.kind is not Kind.IN_SYNC:
@@ -282,3 +284,23 @@ def test_story_two_disks_used_apart_are_unrelated() -> None:
     a1.serve_alone()
     assert connect(a1, a2).kind is Kind.UNRELATED
     assert connect(a1, a2, discard=True).kind is Kind.FULL
+
+
+@pytest.mark.parametrize("secondary_served_after", [False, True])
+def test_story_restore_on_the_primary_gives_the_secondary_a_full_sync(secondary_served_after: bool) -> None:
+    a1, a2 = in_sync_pair()
+    if secondary_served_after:  # a failOver and back before the backup was restored
+        a2.serve_alone()
+        connect(a2, a1)
+    a1.gen = g.restored(a1.gen, next(Node._ids))  # mirrord restore, HA stopped on both
+    a1.serve_alone()  # startHA on the primary first
+    plan = connect(a1, a2)  # then on the secondary
+    assert plan.kind is Kind.FULL and plan.source == "local" and plan.rule not in g.FRESH_OR_UNRELATED, plan
+    assert a1.gen.current == a2.gen.current
+
+
+def test_restored_keeps_the_old_identifiers_in_the_history() -> None:
+    old = Generations("a" * 16, "b" * 16, ("c" * 16,))
+    new = g.restored(old, "d" * 16)
+    assert new.current == "d" * 16 and not new.bitmap and new.history[:2] == ("a" * 16, "b" * 16)
+    assert len(new.history) <= g.HISTORY
