@@ -39,6 +39,10 @@ def torture_lab(make_lab: Any, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
         try:
             yield lab, mount
         finally:
+            for node in ("a1", "a2"):  # kept in pytest's tmp dir: the lab's own data goes with lab down
+                log = lab.home(node) / "log" / "ha.log"
+                if log.exists():
+                    shutil.copy(log, tmp_path / f"{node}-ha.log")
             reset_pair(lab)
             shutil.rmtree(MOUNT_ROOT / lab.name, ignore_errors=True)
 

@@ -96,7 +96,9 @@ class Pair:
         parts = []
         for node in NODES:
             path = self.lab.home(node) / "log" / "ha.log"
-            text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else ["(no ha.log)"]
+            # HAstatus polls would fill the excerpt: keep what the daemons and the other commands said
+            text = [line for line in path.read_text(errors="replace").splitlines()
+                    if " HAstatus[" not in line][-lines:] if path.exists() else ["(no ha.log)"]
             parts.append(f"--- {node} ha.log (last {lines} lines) ---\n" + "\n".join(text))
         return "\n".join(parts)
 
