@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 RECWRITER = str(HERE / "recwriter.py")
 RECSCAN = str(HERE / "recscan.py")
 WRITER_BOUND = 300.0   # seconds a writer may run at most (a cycle is much shorter)
+BALLAST_MIB = 24       # written while the secondary is down before the mid-resync crash
 FIO_KEPT = 3           # fio files kept (and verified again every cycle) before the oldest is removed
 
 
@@ -69,24 +70,34 @@ def _cut(which: str) -> Callable[["Torture", str, str], str]:
     return inject
 
 
+def _disk_state(meta: Path) -> str | None:
+    """The disk state in a node's volume metadata, read from the host (None while it is being replaced)."""
+    try:
+        return str(json.loads(meta.read_text())["disk_state"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _crash_secondary_mid_resync(t: "Torture", p: str, s: str) -> str:
     t.lab.crash(s)
     t.hold(0.5, 2.0)                 # the primary goes on alone: the returning secondary has work to catch up
+    # Ballast written meanwhile makes that resync last long enough to be caught.
+    t.lab.run(p, f"dd if=/dev/urandom of={t.pair.mount}/ballast bs=1M count={BALLAST_MIB} oflag=direct "
+                 "conv=fsync status=none", timeout=120)
     t.lab.boot(s)
-    t.pair.start_ha(s)
-    deadline = time.monotonic() + 30
+    meta = t.lab.home(s) / "r0.meta"
+    rejoin = t.lab.popen(s, f"startHA {t.pair.ha_args()} --mount {t.pair.mount}", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    # The secondary writes Inconsistent to its metadata before the first resync byte lands and
+    # UpToDate when the resync ends: reading the file from the host catches that window.
+    deadline = time.monotonic() + 20
     state = None
-    while time.monotonic() < deadline:
-        st = t.pair.status(s)
-        state = st and st["disk"]["state"]
-        if state != "UpToDate":
-            if st and st["mode"] in ("secondary", "inconsistent"):
-                break
-        else:
-            break
-        time.sleep(0.05)
+    while time.monotonic() < deadline and state != "Inconsistent":
+        state = _disk_state(meta)
+        time.sleep(0.002)
     t.lab.crash(s)
-    caught = "mid-resync" if state == "Inconsistent" else f"after the resync (disk {state})"
+    rejoin.wait(timeout=60)
+    caught = "mid-resync" if state == "Inconsistent" else f"with its disk {state} (the resync was not caught)"
     return f"crashed {s} (secondary), rejoined, crashed it again {caught}, down {t.hold(0.5, 2.0):.1f} s"
 
 
