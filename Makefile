@@ -4,12 +4,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs util-linux iproute2 procps psmisc haproxy
+# fio and postgresql-15: the torture test's second workload and its database (tests/torture).
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs util-linux iproute2 procps psmisc haproxy fio postgresql-15
 # Only for the tests: `vagrant validate` of vagrant/Vagrantfile (no VM is started).
 TEST_APT_PACKAGES := vagrant
 BENCH_APT_PACKAGES := rsync keepalived
 
-.PHONY: all setup demo test unit lab bench clean
+.PHONY: all setup demo test unit lab torture bench clean
 
 all: test
 
@@ -45,8 +46,19 @@ unit: setup .stamp-test-apt
 lab: setup
 	$(PY) -m pytest -q tests/lab
 
+# The torture test runs short here (5 cycles, 2 PostgreSQL failovers); `make torture` is the long run.
 test: setup .stamp-test-apt
-	$(PY) -m pytest -q -ra tests/unit tests/lab
+	$(PY) -m pytest -q -ra tests/unit tests/lab tests/torture
+
+# make torture [CYCLES=50] [SEED=n] [PG_FAILOVERS=6]: random faults under load; the report lands in
+# torture-report.json (docs/reliability.md records the last long run). A failure names its SEED.
+CYCLES ?= 50
+SEED ?=
+PG_FAILOVERS ?= 6
+torture: setup
+	TORTURE_CYCLES=$(CYCLES) TORTURE_SEED=$(SEED) TORTURE_PG_FAILOVERS=$(PG_FAILOVERS) \
+	TORTURE_REPORT=$(CURDIR)/torture-report.json \
+	$(PY) -m pytest -q -s -ra -p no:cacheprovider -o timeout=0 tests/torture
 
 .stamp-bench-apt: .stamp-apt
 	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

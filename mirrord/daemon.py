@@ -114,6 +114,7 @@ class Daemon:
         self.secret: bytes | None = None
         self.my_mac = ""
         self.outdate_request = False
+        self._outdate_seen: float | None = None   # time.monotonic() the peer's outdate request was first seen
         self.mismatch: list[str] = []
         self.last_takeover: dict[str, Any] = {}
         self.app_monitor: Monitor | None = None
@@ -257,11 +258,16 @@ class Daemon:
     def _facts(self, stall: float) -> Facts:
         silent_sync, silent_public, peer = self._peer_view()
         ping = self.settings.ping_interval if self.settings else 1.0
+        wants_outdate = bool((peer or {}).get("outdate_request"))
+        if not wants_outdate:
+            self._outdate_seen = None
+        elif self._outdate_seen is None:  # when this request was first seen (see request_predates_link)
+            self._outdate_seen = time.monotonic()
         split_brain = self._split_brain(peer, min(silent_sync, silent_public) < ping)
         common = dict(
             mode=self.mode, ping_interval=ping, silent_sync=silent_sync, silent_public=silent_public,
             peer_mode=(peer or {}).get("mode"), peer_disk=(peer or {}).get("disk"),
-            peer_wants_outdate=bool((peer or {}).get("outdate_request")),
+            peer_wants_outdate=wants_outdate,
             epoch=self.meta.epoch if self.meta else 0, peer_epoch=int((peer or {}).get("epoch") or 0),
             clock_gap=stall, busy=self._busy, split_brain=split_brain,
             witness_ok=None if self.witness is None else self.witness.ok,
@@ -280,6 +286,7 @@ class Daemon:
             view = self.secondary.primary
             return Facts(disk_state=self.secondary.meta.disk_state, peer_connected=view.connected,
                          sync_percent=view.sync_percent, sync_started=view.sync_started, synced=view.synced,
+                         request_predates_link=self._outdate_seen is not None and view.since > self._outdate_seen,
                          **common)
         disk_state = self.meta.disk_state if self.meta else DiskState.UP_TO_DATE
         return Facts(disk_state=disk_state, **common)

@@ -88,6 +88,7 @@ class Facts:
     epoch: int = 0                        # primary terms: each promotion takes a higher number
     peer_epoch: int = 0
     peer_wants_outdate: bool = False      # the primary asks us (secondary) to mark our disk Outdated
+    request_predates_link: bool = False   # ... but we saw that request before our current link began
     clock_gap: float = 0.0                # longest stall of this process since the previous tick
     split_brain: bool = False             # the generation identifiers say both copies changed alone
     my_links_up: bool = True
@@ -156,8 +157,11 @@ def _secondary(f: Facts) -> Decision:
                                          "the isolated one; not taking over.")
         return Decision(Action.TAKEOVER, f"The primary has been silent on both networks for {_fmt(silence)} "
                         f"(pingInterval {f.ping_interval:g} s): taking over as primary.")
-    # The primary asks only after losing the link, so our own view of the link is stale.
-    if f.peer_wants_outdate and f.disk_state is DiskState.UP_TO_DATE:
+    # The primary asks only after losing the link, so our own view of the link is stale. Not so
+    # when the link we hold began after we first saw the request: the primary reconnected and
+    # synced us since (the heartbeat saying it no longer asks can arrive after the sync's end).
+    stale_request = f.request_predates_link and f.peer_connected
+    if f.peer_wants_outdate and not stale_request and f.disk_state is DiskState.UP_TO_DATE:
         return Decision(Action.OUTDATE_SELF, "The primary lost the replication link and continues alone: marking "
                         "this disk Outdated so it is never promoted with old data.")
     # No figures in these sentences: they describe a lasting state and are logged when it changes.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import secrets
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 from typing import Callable
@@ -46,6 +47,7 @@ class PrimaryView:
     sync_percent: float = 0.0
     sync_started: bool = False
     synced: bool = False  # a sync from this primary completed in this HA session
+    since: float = 0.0    # time.monotonic() when this link began
     last_error: str = ""
 
 
@@ -227,7 +229,7 @@ class SecondarySide:
         conn.settimeout(None)
         with self._lock:
             self._receiver = Receiver(str(self.settings.disk), self.disk_size, conn.detach())
-        self.primary = PrimaryView(connected=True, sync_started=True)
+        self.primary = PrimaryView(connected=True, sync_started=True, since=time.monotonic())
         self.log.log(f"Primary {self.ends.peer_sync} connected; receiving a sync. This disk is Inconsistent "
                      "until it completes.")
         threading.Thread(target=self._follow, args=(control,), name="follow", daemon=True).start()

@@ -85,6 +85,19 @@ def test_secondary_outdates_itself_when_asked(connected: bool, disk: DiskState, 
     assert d.action is expected
 
 
+@pytest.mark.parametrize(("connected", "predates", "expected"), [
+    (True, True, Action.NONE),           # a new link (and sync) since the request: it is stale (torture, seed 20261122)
+    (True, False, Action.OUTDATE_SELF),  # our link may be the one the primary lost
+    (False, True, Action.OUTDATE_SELF),  # that newer link is gone as well
+    (False, False, Action.OUTDATE_SELF),
+])
+def test_an_outdate_request_seen_before_the_current_link_is_stale(connected: bool, predates: bool,
+                                                                   expected: Action) -> None:
+    d = decide(facts(Mode.SECONDARY, peer_connected=connected, disk_state=UP, peer_wants_outdate=True,
+                     request_predates_link=predates))
+    assert d.action is expected
+
+
 def test_secondary_states_in_sentences() -> None:
     assert "in sync" in decide(facts(Mode.SECONDARY)).sentence
     assert "initial sync" in decide(facts(Mode.SECONDARY, disk_state=INC)).sentence
