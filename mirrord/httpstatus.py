@@ -151,6 +151,13 @@ def metrics_text(s: dict[str, Any]) -> str:
         gauge("mirrord_heartbeat_silence_seconds",
               "Seconds since the peer's last valid heartbeat on each network (+Inf: never heard).", silences)
     replication = s.get("replication") if isinstance(s.get("replication"), dict) else {}
+    blocks, granularity = _number(replication.get("dirty_blocks")), _number(replication.get("dirty_granularity"))
+    if blocks is not None and granularity is not None:
+        gauge("mirrord_out_of_sync_bytes", "Bytes the peer lacks (the dirty bitmap): what a resync will send.",
+              [("", blocks * granularity)])
+    synced = _number(replication.get("bytes_synced"))
+    if synced is not None:
+        gauge("mirrord_resync_bytes", "Bytes the current or last sync has brought to the peer.", [("", synced)])
     for name, value in sorted(dict(_flatten("mirrord_replication", replication)).items()):
         gauge(name, "Replication counter reported by the data path.", [("", value)])
     return "\n".join(lines) + "\n"

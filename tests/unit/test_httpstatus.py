@@ -172,6 +172,15 @@ def test_metrics_text() -> None:
     assert text.endswith("\n") and "secret" not in text
 
 
+def test_metrics_out_of_sync_and_resynced_bytes() -> None:
+    text = metrics_text({"mode": "primary", "replication": {"dirty_blocks": 3, "dirty_granularity": 4096,
+                                                            "bytes_synced": 12345}})
+    lines = set(text.splitlines())
+    assert "mirrord_out_of_sync_bytes 12288" in lines and "mirrord_resync_bytes 12345" in lines
+    bare = metrics_text({"mode": "secondary", "replication": {}})
+    assert "mirrord_out_of_sync_bytes" not in bare and "mirrord_resync_bytes" not in bare
+
+
 def test_metrics_text_sparse_status() -> None:
     text = metrics_text({"mode": "idle", "replication": {"a-b": True, "nested": {"x": 2}, "secret_n": 3}})
     lines = set(text.splitlines())
