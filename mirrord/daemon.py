@@ -295,7 +295,8 @@ class Daemon:
         """What our heartbeats tell the peer."""
         disk = self.secondary.meta.disk_state if self.secondary else (self.meta.disk_state if self.meta else None)
         shared = {k: v for k, v in (self.settings.to_json() if self.settings else {}).items() if k in SHARED_SETTINGS}
-        return {"mode": str(self.mode), "disk": str(disk) if disk else None, "mac": self.my_mac,
+        serving = self.mode is Mode.PRIMARY and self.primary is not None and self._busy is None
+        return {"mode": str(self.mode), "serving": serving, "disk": str(disk) if disk else None, "mac": self.my_mac,
                 "epoch": self.meta.epoch if self.meta else 0,
                 "gen": self.meta.gen.to_json() if self.meta else None,
                 "outdate_request": self.outdate_request, "settings": shared, "version": __version__}
@@ -826,15 +827,28 @@ class Daemon:
 
     def fail_over(self) -> tuple[str, dict[str, Any]]:
         with self._lock:
+            ping = self.settings.ping_interval if self.settings else 1.0
+            deadline = time.monotonic() + max(30.0, 10 * ping)
             if self.mode is Mode.PRIMARY:
                 self._hand_over()
-                return "failOver: this appliance is idle; the secondary is taking over.", self.status()[1]
-            if self.mode is not Mode.SECONDARY or self.secondary is None:
-                transition(self.mode, Event.FAILOVER_PROMOTE)  # raises with the reason
-                raise Refused(f"failOver is not possible while {self.mode}.")
-            self.secondary.request_failover()
-            ping = self.settings.ping_interval if self.settings else 1.0
-        deadline = time.monotonic() + max(30.0, 10 * ping)
+                peer = str(self.ends.peer_public) if self.ends else "the peer"
+            else:
+                if self.mode is not Mode.SECONDARY or self.secondary is None:
+                    transition(self.mode, Event.FAILOVER_PROMOTE)  # raises with the reason
+                    raise Refused(f"failOver is not possible while {self.mode}.")
+                self.secondary.request_failover()
+                peer = ""
+        if peer:
+            # Done when the new primary says it serves (its heartbeats), so the next command an
+            # operator types (reading a file on it, say) finds the filesystem mounted.
+            while time.monotonic() < deadline:
+                state = self._peer_view()[2] or {}
+                if state.get("mode") == "primary" and state.get("serving"):
+                    return (f"failOver: this appliance is idle; {peer} is now the primary and serving.",
+                            self.status()[1])
+                time.sleep(0.05)
+            raise MirrordError(f"failOver: this appliance is idle and handed over, but {peer} has not said it "
+                               "serves yet; see HAstatus and ha.log on both appliances.")
         while time.monotonic() < deadline:
             with self._lock:
                 if self.mode is Mode.PRIMARY and self._busy is None:
