@@ -26,8 +26,10 @@ _HA_OPTIONS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--secondary-sync-ip", "-secondarySyncIP", "Secondary's address on the dedicated sync link.", {}),
     ("--floating-ip", "-floatingIP", "Floating IP/PREFIX that follows the primary, e.g. 198.18.0.10/24.", {}),
     ("--ping-interval", "-pingInterval", "Seconds of silence on both networks before the secondary takes over.", {}),
-    ("--disk", "-disk", "Block device or fixed-size image file to mirror.", {}),
-    ("--mount", "-mount", "Empty directory where the primary mounts the mirrored filesystem.", {}),
+    ("--disk", "-disk", "Block device or fixed-size image file to mirror; give it once per volume (at most "
+     f"{config.MAX_VOLUMES}).", {"multiple": True}),
+    ("--mount", "-mount", "Empty directory where the primary mounts the mirrored filesystem; once per --disk, in the "
+     "same order.", {"multiple": True}),
     ("--mkfs", "-mkfs", "Create this filesystem on first start if the disk has none (ext4).", {}),
     ("--start-script", "-startScript", "Run with 'start' when this appliance becomes primary.", {}),
     ("--stop-script", "-stopScript", "Run with 'stop' before this appliance gives up the primary role.", {}),
@@ -49,6 +51,17 @@ def ha_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def given(options: dict[str, Any]) -> dict[str, Any]:
+    """The options given on the command line; a repeatable one is a value once, a list when repeated."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, tuple):
+            value = None if not value else value[0] if len(value) == 1 else list(value)
+        if value is not None:
+            out[key] = value
+    return out
+
+
 _START_EPILOG = """\b
 Run the same command on both appliances; each finds its role from its own
 addresses. Start the secondary first or second, in any order.
@@ -59,6 +72,10 @@ Example:
           --primary-sync-ip 198.19.0.1 --secondary-sync-ip 198.19.0.2 \\
           --floating-ip 198.18.0.10/24 --ping-interval 1 \\
           --disk /var/lib/mirrord/disk.img --mount /srv/data --mkfs ext4
+
+\b
+Several volumes (they fail over together): repeat --disk, and --mount in the same order:
+  startHA ... --disk /dev/vdb --mount /srv/db --disk /dev/vdc --mount /srv/logs --mkfs ext4
 """
 
 
@@ -69,7 +86,7 @@ Example:
                    "overwritten by the peer's data (a copy of its disk is saved first, in $MIRRORD_HOME/splitbrain/).")
 def start_ha(discard_my_data: bool | None, **options: Any) -> None:
     """Start high availability on this appliance (startHA)."""
-    options = {k: v for k, v in options.items() if v is not None}
+    options = given(options)
     # Not a setting: it applies to this one start and is never saved.
     extra = {"discard_my_data": True} if discard_my_data else {}
 
@@ -101,7 +118,7 @@ Examples:
 @ha_options
 def configure_ha(**options: Any) -> None:
     """Change settings of a running pair (configureHA); run it on both appliances."""
-    changes = {k: v for k, v in options.items() if v is not None}
+    changes = given(options)
     run("configureHA", changes, lambda client: client.call("configure_ha", **changes))
 
 

@@ -21,7 +21,8 @@ DAEMON_START_TIMEOUT = 15.0
 
 def describe(name: str, options: dict[str, Any]) -> str:
     # Only option values reach ha.log: --secret-file is a path; the secret itself never passes here.
-    given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v not in (None, False))
+    given = " ".join(f"--{k.replace('_', '-')} {one}" for k, v in options.items() if v not in (None, False)
+                     for one in (v if isinstance(v, list) else [v]))  # a repeated option once per value
     return f"{name} {given}".strip()
 
 

@@ -122,6 +122,18 @@ def _networks(s: dict[str, Any]) -> str | None:
     return " ".join(parts)
 
 
+def _volume_line(v: dict[str, Any], mode: str) -> str:
+    line = f"    volume:{v.get('name')} disk:{v.get('state') or '-'} {v.get('disk')}"
+    if v.get("mount"):
+        line += f" mount:{v['mount']}"
+    if mode in ("primary", "secondary", "inconsistent"):
+        if not v.get("peer_connected"):
+            line += " connection:down"
+        elif float(v.get("sync_percent") or 0.0) < 100.0:
+            line += f" done:{float(v['sync_percent']):.2f}%"
+    return line
+
+
 def render_status(summary: str, s: dict[str, Any], speed: Progress | None = None, bar: bool = False) -> str:
     """The tree; ``speed`` adds rate and ETA to a running sync, ``bar`` a progress bar (--watch)."""
     disk = s.get("disk") or {}
@@ -133,7 +145,12 @@ def render_status(summary: str, s: dict[str, Any], speed: Progress | None = None
     if s.get("version"):
         head += f" version:{s['version']}"
     lines = [head]
-    lines.append(f"  disk:{disk.get('state') or '-'}" + (f" {disk['path']}" if disk.get("path") else ""))
+    volumes = s.get("volumes") or []
+    if len(volumes) > 1:  # one line per volume, as drbdadm status lists a resource's volumes
+        lines.append(f"  disk:{disk.get('state') or '-'} ({len(volumes)} volumes, the worst counts)")
+        lines += [_volume_line(v, mode) for v in volumes]
+    else:
+        lines.append(f"  disk:{disk.get('state') or '-'}" + (f" {disk['path']}" if disk.get("path") else ""))
     if settings.get("floating_ip"):
         serving = f" serving:{'yes' if s.get('serving') else 'no'}" if mode == "primary" else ""
         lines.append(f"  floating-ip:{settings['floating_ip']} held-here:{'yes' if s.get('floating_ip_held') else 'no'}"

@@ -34,11 +34,13 @@ OCF_MEANINGS = {0: "running", 1: "generic error", 2: "bad arguments", 3: "unimpl
 @dataclass(frozen=True)
 class AppEnv:
     mode: str
-    mount: str
+    mount: str        # the first volume's mount point
     floating_ip: str
+    mounts: str = ""  # every volume's mount point, ':'-separated (several --disk/--mount)
 
     def variables(self) -> dict[str, str]:
-        return {"MIRRORD_MODE": self.mode, "MIRRORD_MOUNT": self.mount, "MIRRORD_FLOATING_IP": self.floating_ip,
+        return {"MIRRORD_MODE": self.mode, "MIRRORD_MOUNT": self.mount, "MIRRORD_MOUNTS": self.mounts or self.mount,
+                "MIRRORD_FLOATING_IP": self.floating_ip,
                 "OCF_RESKEY_mount": self.mount, "OCF_RESKEY_floating_ip": self.floating_ip}
 
 

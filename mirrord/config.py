@@ -34,6 +34,11 @@ DEFAULT_FULL_SYNC_THRESHOLD = 50
 DEFAULT_VOLUME = "r0"
 #: TCP port of the replication link on the sync network (DRBD's customary one).
 DEFAULT_SYNC_PORT = 7788
+#: Volumes one pair mirrors (one --disk each; docs/decisions.md 26). The first is r0 on
+#: DEFAULT_SYNC_PORT; volume i >= 1 is r<i> on EXTRA_VOLUME_PORT_BASE + i (7791-7797),
+#: above the heartbeat and log-shipping ports, like consecutive DRBD resources.
+MAX_VOLUMES = 8
+EXTRA_VOLUME_PORT_BASE = 7790
 #: UDP port of the heartbeats (both networks) and TCP port of log shipping (public network).
 HEARTBEAT_PORT = 7789
 LOGSHIP_PORT = 7790
@@ -84,10 +89,35 @@ class Settings:
     full_sync_threshold: int = DEFAULT_FULL_SYNC_THRESHOLD  # % of the disk dirty above which all of it is copied
     volume: str = DEFAULT_VOLUME
     sync_port: int = DEFAULT_SYNC_PORT
+    #: volumes r1.. (--disk given more than once) and their mount points (none, or one per disk)
+    extra_disks: tuple[Path, ...] = ()
+    extra_mounts: tuple[Path, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: (None if (v := getattr(self, f.name)) is None else v if isinstance(v, (int, float)) else str(v))
-                for f in dataclasses.fields(self)}
+        """The settings as options: ``disk`` and ``mount`` are lists when the pair has several volumes."""
+        data: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("extra_disks", "extra_mounts"):
+                continue
+            data[f.name] = None if v is None else v if isinstance(v, (int, float)) else str(v)
+        if self.extra_disks:
+            data["disk"] = [str(self.disk), *map(str, self.extra_disks)]
+            if self.mount is not None:
+                data["mount"] = [str(self.mount), *map(str, self.extra_mounts)]
+        return data
+
+    @property
+    def disks(self) -> tuple[Path, ...]:
+        return (self.disk, *self.extra_disks)
+
+    def volumes(self) -> list["Settings"]:
+        """One view per volume, each with a single disk, its mount point, name and port: what the
+        replication side of one volume (primary.py, secondary.py) is built from."""
+        mounts: tuple[Path | None, ...] = (self.mount, *self.extra_mounts) if self.mount else (None,) * len(self.disks)
+        return [dataclasses.replace(self, disk=disk, mount=mount, volume=volume_name(i), sync_port=volume_port(i),
+                                    extra_disks=(), extra_mounts=())
+                for i, (disk, mount) in enumerate(zip(self.disks, mounts))]
 
     def side_of(self, addresses: Iterable[ipaddress.IPv4Address]) -> str:
         """``primary`` or ``secondary``: which appliance of the settings owns these addresses.
@@ -122,6 +152,14 @@ class Settings:
         if side == "primary":
             return Endpoints(self.primary_ip, self.primary_sync_ip, self.secondary_ip, self.secondary_sync_ip)
         return Endpoints(self.secondary_ip, self.secondary_sync_ip, self.primary_ip, self.primary_sync_ip)
+
+
+def volume_name(index: int) -> str:
+    return DEFAULT_VOLUME if index == 0 else f"r{index}"
+
+
+def volume_port(index: int) -> int:
+    return DEFAULT_SYNC_PORT if index == 0 else EXTRA_VOLUME_PORT_BASE + index
 
 
 @dataclass(frozen=True)
@@ -250,6 +288,7 @@ def parse(options: Mapping[str, Any]) -> Settings:
         raise BadInput(f"--mkfs {mkfs!r} is not supported; expected one of: {', '.join(SUPPORTED_MKFS)}.")
     if mkfs and not options.get("mount"):
         raise BadInput("--mkfs needs --mount: the new filesystem has to be mounted somewhere.")
+    disks, mounts = _volumes(options["disk"], options.get("mount"))
 
     def path(key: str) -> Path | None:
         value = options.get(key)
@@ -262,8 +301,10 @@ def parse(options: Mapping[str, Any]) -> Settings:
         secondary_sync_ip=ssync,
         floating_ip=floating,
         ping_interval=interval,
-        disk=Path(options["disk"]).absolute(),
-        mount=path("mount"),
+        disk=disks[0],
+        mount=mounts[0] if mounts else None,
+        extra_disks=disks[1:],
+        extra_mounts=mounts[1:],
         mkfs=mkfs,
         start_script=path("start_script"),
         stop_script=path("stop_script"),
@@ -274,6 +315,30 @@ def parse(options: Mapping[str, Any]) -> Settings:
         checksum_sync=_flag(options.get("checksum_sync")),
         full_sync_threshold=_full_sync_threshold(options.get("full_sync_threshold")),
     )
+
+
+def _paths(flag: str, value: Any) -> tuple[Path, ...]:
+    values = [value] if isinstance(value, (str, os.PathLike)) else list(value or ())
+    if any(not isinstance(v, (str, os.PathLike)) or not str(v).strip() for v in values):
+        raise BadInput(f"{flag} {value!r} is not a path.")
+    return tuple(Path(os.path.abspath(v)) for v in values)  # normalised: a/../a is a
+
+
+def _volumes(disk: Any, mount: Any) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """--disk (once per volume) and --mount (none, or once per disk, in the same order)."""
+    disks, mounts = _paths("--disk", disk), _paths("--mount", mount)
+    if not disks:
+        raise BadInput("Missing --disk; startHA needs all of them.")
+    if len(disks) > MAX_VOLUMES:
+        raise BadInput(f"--disk is given {len(disks)} times; a pair mirrors at most {MAX_VOLUMES} volumes.")
+    if mounts and len(mounts) != len(disks):
+        raise BadInput(f"--mount is given {len(mounts)} times for {len(disks)} disks; give one mount point per "
+                       "--disk, in the same order, or none.")
+    for flag, paths in (("--disk", disks), ("--mount", mounts)):
+        twice = sorted({str(p) for p in paths if paths.count(p) > 1})
+        if twice:
+            raise BadInput(f"{flag} {twice[0]} is given twice; every volume needs its own.")
+    return disks, mounts
 
 
 def disk_size(path: Path) -> int:
@@ -319,9 +384,16 @@ def check_script(flag: str, path: Path) -> None:
 def check_local(settings: Settings, addresses: Iterable[ipaddress.IPv4Address]) -> str:
     """Validate against this machine; returns this appliance's configured side."""
     role = settings.side_of(addresses)
-    check_disk(settings.disk)
-    if settings.mount is not None:  # the secondary mounts it too, when it takes over
-        check_mount_dir(settings.mount)
+    seen: dict[tuple[int, int], Path] = {}
+    for one in settings.volumes():
+        check_disk(one.disk)
+        st = os.stat(one.disk)
+        ident = (st.st_rdev, 0) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+        if ident in seen:
+            raise BadInput(f"--disk {one.disk} and --disk {seen[ident]} are the same disk; every volume needs its own.")
+        seen[ident] = one.disk
+        if one.mount is not None:  # the secondary mounts it too, when it takes over
+            check_mount_dir(one.mount)
     for flag, script in (("--start-script", settings.start_script), ("--stop-script", settings.stop_script)):
         if script is not None:
             check_script(flag, script)

@@ -41,6 +41,7 @@ from mirrord.net.witness import Witness
 from mirrord.paths import Home
 from mirrord.replication import extents, generations, keepcopy, link, volume
 from mirrord.replication.generations import Generations, Kind
+from mirrord.replication.group import PrimaryGroup, SecondaryGroup, worst
 from mirrord.replication.meta import DiskState, VolumeMeta
 from mirrord.replication.primary import PrimarySide, plan_sentence
 from mirrord.replication.secondary import SecondarySide
@@ -52,7 +53,7 @@ WATCHDOG_PERIOD = 0.02
 SETTLE_AFTER_STALL = 0.1
 #: Settings both appliances must agree on (compared over the heartbeats).
 SHARED_SETTINGS = ("primary_ip", "secondary_ip", "primary_sync_ip", "secondary_sync_ip", "floating_ip",
-                   "ping_interval")
+                   "ping_interval", "volumes")
 
 
 def tick_period(ping_interval: float) -> float:
@@ -104,9 +105,11 @@ class Daemon:
         self.side: str | None = None  # configured side: which appliance of the settings this is
         self.ends: Endpoints | None = None
         self.settings: Settings | None = config.load(home)
-        self.primary: PrimarySide | None = None
-        self.secondary: SecondarySide | None = None
-        self.meta: VolumeMeta | None = None
+        self.primary: PrimaryGroup | None = None
+        self.secondary: SecondaryGroup | None = None
+        #: every volume's metadata (group.py); the first (r0, the lead) also holds the pair's term
+        #: and the generations the heartbeats compare
+        self.metas: list[VolumeMeta] = []
         self.heartbeat: Heartbeat | None = None
         self.witness: Witness | None = None
         self.shipper: LogShipper | None = None
@@ -154,8 +157,7 @@ class Daemon:
                 self.tick()
         finally:
             with self._lock:
-                if self.mode is Mode.PRIMARY and self.primary is not None and self.primary.peer.sync_done \
-                        and self.primary.peer.connected:
+                if self.mode is Mode.PRIMARY and self.primary is not None and self.primary.in_sync:
                     # systemctl stop or a reboot of the primary: hand the service over
                     # (like failOver) rather than leave the pair without a primary.
                     try:
@@ -177,6 +179,8 @@ class Daemon:
             # goodbye, the heartbeat queue): the facts must describe now, not the stall.
             time.sleep(SETTLE_AFTER_STALL)
         with self._lock:
+            if self.primary is not None and (shared := self.primary.share_fate()):
+                self.log.log(shared)
             facts = self._facts(stall)
             decision = decide(facts)
             self._act(decision.action, decision.sentence)
@@ -187,9 +191,25 @@ class Daemon:
             return decision.sentence
 
     # -- restart ----------------------------------------------------------------
+    @property
+    def meta(self) -> VolumeMeta | None:
+        """The lead volume's metadata: the pair's term (epoch) and the generations heartbeats carry."""
+        return self.metas[0] if self.metas else None
+
+    def _disk_state(self) -> DiskState | None:
+        """This appliance's disks as one: the worst of the volumes' states."""
+        return worst(m.disk_state for m in self.metas) if self.metas else None
+
     def _after_restart(self) -> Restart:
-        meta = atomicfile.read_json(self.home.meta_file(self.settings.volume)) if self.settings else None
-        return after_restart(self._previous_mode, self.settings is not None, (meta or {}).get("disk_state"))
+        states = [(atomicfile.read_json(self.home.meta_file(v.volume)) or {}).get("disk_state")
+                  for v in (self.settings.volumes() if self.settings else [])]
+        state: str | None = None
+        if states and None not in states:
+            try:
+                state = str(worst(DiskState(s) for s in states))
+            except ValueError:
+                state = None
+        return after_restart(self._previous_mode, self.settings is not None, state)
 
     def _release_leftovers(self) -> None:
         """A predecessor killed as primary (kill -9, OOM) leaves its floating IP and mounts behind: a
@@ -201,17 +221,18 @@ class Daemon:
         try:
             if floatip.remove(settings.floating_ip):
                 self.log.log(f"Released the floating IP {settings.floating_ip} a previous daemon left behind.")
-            device = self.home.device(settings.volume)
-            loops = volume.loops_backed_by(device)
-            if settings.mount is not None and volume.mount_source(settings.mount) in loops:
-                volume.unmount(settings.mount, lazy=True)
-                self.log.log(f"Unmounted {settings.mount}, which a previous daemon left mounted.")
-            for loop in loops:
-                volume.detach_loop(loop)
-                self.log.log(f"Detached {loop}, which a previous daemon left attached.")
-            if volume.mount_source(device) is not None:
-                volume.unmount(device, lazy=True)
-                self.log.log(f"Unmounted {device}, whose server (a previous daemon) is gone.")
+            for one in settings.volumes():
+                device = self.home.device(one.volume)
+                loops = volume.loops_backed_by(device)
+                if one.mount is not None and volume.mount_source(one.mount) in loops:
+                    volume.unmount(one.mount, lazy=True)
+                    self.log.log(f"Unmounted {one.mount}, which a previous daemon left mounted.")
+                for loop in loops:
+                    volume.detach_loop(loop)
+                    self.log.log(f"Detached {loop}, which a previous daemon left attached.")
+                if volume.mount_source(device) is not None:
+                    volume.unmount(device, lazy=True)
+                    self.log.log(f"Unmounted {device}, whose server (a previous daemon) is gone.")
         except (MirrordError, OSError) as exc:
             self.log.log(f"Could not release what a previous daemon left behind: {exc}")
 
@@ -274,27 +295,26 @@ class Daemon:
             my_links_up=any_link_up([self.ends.my_sync, self.ends.my_public]) if self.ends else True,
         )
         if self.primary is not None:
-            stats = self.primary.server.stats() if self.primary.server is not None else None
-            link_up = self.primary.peer.connected and bool(stats and stats.peer_connected)
-            return Facts(disk_state=DiskState.UP_TO_DATE, peer_connected=link_up,
-                         sync_percent=self.primary.peer.sync_percent,
-                         io_suspended=bool(stats and stats.suspended),
+            return Facts(disk_state=DiskState.UP_TO_DATE, peer_connected=self.primary.link_up(),
+                         sync_percent=self.primary.sync_percent,
+                         io_suspended=self.primary.io_suspended(),
                          app_healthy=self.app_monitor.healthy if self.app_monitor else None,
                          app_restarts=self.app_restarts,
                          restart_limit=self.settings.restart_limit if self.settings else 3, **common)
         if self.secondary is not None:
-            view = self.secondary.primary
-            return Facts(disk_state=self.secondary.meta.disk_state, peer_connected=view.connected,
-                         sync_percent=view.sync_percent, sync_started=view.sync_started, synced=view.synced,
-                         request_predates_link=self._outdate_seen is not None and view.since > self._outdate_seen,
+            group = self.secondary
+            return Facts(disk_state=group.disk_state, peer_connected=group.connected(),
+                         sync_percent=group.sync_percent, sync_started=group.sync_started, synced=group.synced,
+                         request_predates_link=self._outdate_seen is not None and group.since > self._outdate_seen,
                          **common)
-        disk_state = self.meta.disk_state if self.meta else DiskState.UP_TO_DATE
-        return Facts(disk_state=disk_state, **common)
+        return Facts(disk_state=self._disk_state() or DiskState.UP_TO_DATE, **common)
 
     def _describe(self) -> dict[str, Any]:
         """What our heartbeats tell the peer."""
-        disk = self.secondary.meta.disk_state if self.secondary else (self.meta.disk_state if self.meta else None)
+        disk = self._disk_state()
         shared = {k: v for k, v in (self.settings.to_json() if self.settings else {}).items() if k in SHARED_SETTINGS}
+        if self.settings is not None:
+            shared["volumes"] = len(self.settings.disks)  # the number of --disk, which must match
         serving = self.mode is Mode.PRIMARY and self.primary is not None and self._busy is None
         return {"mode": str(self.mode), "serving": serving, "disk": str(disk) if disk else None, "mac": self.my_mac,
                 "epoch": self.meta.epoch if self.meta else 0,
@@ -326,13 +346,12 @@ class Daemon:
             self._set_mode(transition(self.mode, Event.SYNC_DONE))
         elif action is Action.OUTDATE_SELF:
             assert self.secondary is not None
-            self.secondary.outdate()
+            self.secondary.outdate()  # every volume: the group's state is what the primary waits for
         elif action is Action.REQUEST_OUTDATE:
             self.outdate_request = True
         elif action is Action.RESUME_DEGRADED:
-            assert self.primary is not None and self.primary.server is not None
-            self.primary.start_writing_alone()  # persisted before the first write is acknowledged
-            self.primary.server.resume(degraded=True)
+            assert self.primary is not None
+            self.primary.resume(degraded=True)
             self.outdate_request = False
         elif action is Action.TAKEOVER:
             self._start_worker("taking over", lambda: self._promote(Event.TAKEOVER, sentence))
@@ -363,11 +382,12 @@ class Daemon:
         """Secondary -> primary: stop receiving, claim the address, expose and mount, start the app."""
         started = time.monotonic()
         with self._lock:
-            settings, ends, meta = self.settings, self.ends, self.meta
-            assert settings is not None and ends is not None and meta is not None
+            settings, ends = self.settings, self.ends
+            assert settings is not None and ends is not None and self.metas
             transition(self.mode, event)  # refuses an inconsistent appliance before anything is touched
-            if meta.disk_state is not DiskState.UP_TO_DATE:
-                raise Refused(f"This disk is {meta.disk_state}: not promoting it.")
+            state = self._disk_state()
+            if state is not DiskState.UP_TO_DATE:
+                raise Refused(f"This disk is {state}: not promoting it.")
             iface = arp.iface_for(ends.my_public)
             holder = arp.address_in_use(settings.floating_ip.ip, iface, timeout=min(0.1, settings.ping_interval / 2))
             peer_mac = (self._peer_view()[2] or {}).get("mac")
@@ -381,16 +401,15 @@ class Daemon:
             threading.Thread(target=arp.announce, args=(settings.floating_ip.ip, iface), daemon=True).start()
             ip_at = time.monotonic()
             self._new_term()
-            side = PrimarySide(self.home, settings, self.log, config.check_disk(settings.disk), ends,
-                               self._on_failover_request, self.secret, meta)
+            group = self._primary_group(settings, ends)
             try:
-                side.start()
+                group.start()
             except MirrordError:
                 # Keep nothing half-claimed: a secondary that cannot serve must not hold the address.
                 floatip.remove(settings.floating_ip)
                 self._set_mode(transition(self.mode, Event.STEP_DOWN))
                 raise
-            self.primary = side
+            self.primary = group
             self._set_mode(transition(self.mode, event))
             self._start_app(settings, check=False)
             self.last_takeover = {"reason": why, "ip_seconds": round(ip_at - started, 3),
@@ -404,13 +423,13 @@ class Daemon:
         with self._lock:
             settings = self.settings
             assert settings is not None
-            if self.primary is not None and self.primary.server is not None:
-                self.primary.server.resume(degraded=False)  # nothing more is acknowledged here
+            if self.primary is not None:
+                self.primary.resume(degraded=False)  # nothing more is acknowledged here
             self._stop_app(settings, str(self.mode))
             if floatip.remove(settings.floating_ip):
                 self.log.log(f"Released floating IP {settings.floating_ip}.")
             if self.primary is not None:
-                self.primary.release_filesystem(force=True)
+                self.primary.release_filesystems(force=True)
                 self.primary.stop()
                 self.primary = None
             self._mark_outdated()
@@ -428,9 +447,15 @@ class Daemon:
         self.meta.save(self.home, self.settings.volume)
 
     def _mark_outdated(self) -> None:
-        if self.meta is not None and self.settings is not None:
-            self.meta.disk_state = DiskState.OUTDATED
-            self.meta.save(self.home, self.settings.volume)
+        if self.settings is not None:
+            for meta, one in zip(self.metas, self.settings.volumes()):
+                meta.disk_state = DiskState.OUTDATED
+                meta.save(self.home, one.volume)
+
+    def _primary_group(self, settings: Settings, ends: Endpoints) -> PrimaryGroup:
+        return PrimaryGroup([PrimarySide(self.home, one, self.log, config.check_disk(one.disk), ends,
+                                         self._on_failover_request, self.secret, meta)
+                             for one, meta in zip(settings.volumes(), self.metas)])
 
     def _on_failover_request(self) -> None:
         with self._lock:
@@ -448,7 +473,7 @@ class Daemon:
             if primary is None or settings is None:
                 raise Refused("This appliance is not the primary.")
             transition(self.mode, Event.FAILOVER_DEMOTE)
-            if not (primary.peer.connected and primary.peer.sync_done):
+            if not primary.in_sync:
                 raise Refused("The secondary is not connected and in sync: a failOver now would lose data. "
                               "Wait until HAstatus shows it UpToDate.")
             self._stop_app(settings, "primary", check=not app_failed)
@@ -458,7 +483,7 @@ class Daemon:
             except MirrordError as exc:
                 # Stay the primary we were: address back, application back, then say why.
                 primary.remount()
-                floatip.add(settings.floating_ip, primary.ends.my_public)
+                floatip.add(settings.floating_ip, primary.lead.ends.my_public)
                 self._start_app(settings, check=False)
                 raise Refused(f"failOver refused, this appliance stays primary: {exc}") from exc
             primary.stop()
@@ -518,25 +543,30 @@ class Daemon:
             settings = self.settings
             peer_connected = False
             sync_percent = 100.0
-            disk_state = str(self.meta.disk_state) if self.meta else "UpToDate"
+            disk_state = str(self._disk_state() or DiskState.UP_TO_DATE)
             replication: dict[str, Any] = {}
             peer_error = ""
             serving = False
+            volumes: list[dict[str, Any]] = [
+                {"name": one.volume, "disk": str(one.disk), "mount": str(one.mount) if one.mount else None,
+                 "state": str(meta.disk_state)} for one, meta in zip(settings.volumes() if settings else [], self.metas)]
             if self.primary is not None:
-                peer_connected = self.primary.peer.connected
-                sync_percent = self.primary.peer.sync_percent if peer_connected else 0.0
-                peer_error = self.primary.peer.last_error
-                if self.primary.server is not None:
-                    stats = self.primary.server.stats()
-                    replication = stats.as_dict()
-                    serving = self.mode is Mode.PRIMARY and not stats.failed_io and not stats.suspended and (
-                        settings is None or settings.mount is None or volume.is_mounted(settings.mount))
+                peer_connected = self.primary.connected()
+                sync_percent = self.primary.sync_percent if peer_connected else 0.0
+                peer_error = self.primary.last_error
+                lead = self.primary.lead.server
+                if lead is not None:
+                    replication = lead.stats().as_dict()
+                    serving = self.mode is Mode.PRIMARY and not self.primary.failed_io() \
+                        and not self.primary.io_suspended() \
+                        and all(one.mount is None or volume.is_mounted(one.mount) for one in settings.volumes())
+                volumes = self.primary.volumes_status()
             elif self.secondary is not None:
-                peer_connected = self.secondary.primary.connected
-                sync_percent = self.secondary.primary.sync_percent
-                disk_state = str(self.secondary.meta.disk_state)
-                peer_error = self.secondary.primary.last_error
+                peer_connected = self.secondary.connected()
+                sync_percent = self.secondary.sync_percent
+                peer_error = self.secondary.last_error
                 replication = self.secondary.receiver_stats()
+                volumes = self.secondary.volumes_status()
             held = floatip.held(settings.floating_ip) if settings is not None else False
             data = {
                 "mode": str(self.mode),
@@ -549,14 +579,15 @@ class Daemon:
                 "floating_ip_held": held,
                 "disk": {"state": disk_state, "sync_percent": round(sync_percent, 2),
                          "path": str(settings.disk) if settings else None},
+                "volumes": volumes,
                 "replication": replication,
                 "heartbeat": self.heartbeat.snapshot() if self.heartbeat else {},
                 "witness_ok": None if self.witness is None else self.witness.ok,
                 "settings_mismatch": self.mismatch,
                 "peer_error": peer_error,
                 "last_takeover": self.last_takeover,
-                "split_brain": (self.meta.split_brain or None) if self.meta else None,
-                "resync": dict(self.primary.resync) if self.primary is not None else {},
+                "split_brain": next((m.split_brain for m in self.metas if m.split_brain), None),
+                "resync": dict(self.primary.lead.resync) if self.primary is not None else {},
                 "app": {"monitored": self.app_monitor is not None,
                         "healthy": self.app_monitor.healthy if self.app_monitor else None,
                         "restarts": self.app_restarts},
@@ -591,21 +622,24 @@ class Daemon:
             side = config.check_local(settings, local_addresses())
             if self.mode in (Mode.PRIMARY, Mode.SECONDARY):
                 transition(self.mode, Event.START_SECONDARY if side == "secondary" else Event.START_PRIMARY)
-            size = config.check_disk(settings.disk)
+            volumes = settings.volumes()
+            sizes = [config.check_disk(one.disk) for one in volumes]
             if self.secondary is not None:  # inconsistent: start over as a fresh secondary
                 self.secondary.stop()
                 self.secondary = None
             self._stop_companions()
-            volume.ensure_unused(settings.disk)
-            meta = VolumeMeta.load(self.home, settings.volume)
-            if discard_my_data and not meta.split_brain:
+            for one in volumes:
+                volume.ensure_unused(one.disk)
+            metas = [VolumeMeta.load(self.home, one.volume) for one in volumes]
+            if discard_my_data and not any(m.split_brain for m in metas):
                 raise Refused("There is no split brain to resolve: this appliance has not found one with its peer "
                               "(HAstatus shows it when it has); run startHA without --discard-my-data.")
-            recovered = meta.recover(self.home, settings.volume, size)
-            if recovered:
-                self.log.log(recovered)
+            for meta, one, size in zip(metas, volumes, sizes):
+                recovered = meta.recover(self.home, one.volume, size)
+                if recovered:
+                    self.log.log(f"{one.volume}: {recovered}" if len(volumes) > 1 else recovered)
             ends = settings.endpoints(side)
-            self.settings, self.side, self.ends, self.meta = settings, side, ends, meta
+            self.settings, self.side, self.ends, self.metas = settings, side, ends, metas
             try:
                 self._start_companions(settings, ends)
                 # The configured primary becomes primary only if the peer is not primary already
@@ -621,19 +655,19 @@ class Daemon:
                     if self.mode is Mode.IDLE and role == "primary":
                         raise Refused("This appliance is idle after a failOver and the peer is not primary: it "
                                       "cannot become primary again by itself. Run stopHA here, then startHA.")
-                saved: Path | None = None
+                saved: list[Path] = []
                 if discard_my_data and role == "primary":
                     raise Refused("--discard-my-data makes this appliance the secondary of the peer's data, but the "
                                   "peer is not primary: run startHA on the appliance whose data to keep first.")
                 event = Event.START_PRIMARY if role == "primary" else Event.START_SECONDARY
                 next_mode = transition(self.mode, event)
                 if role == "primary":
-                    if meta.disk_state is not DiskState.UP_TO_DATE:
-                        raise Refused(f"This appliance's disk is {meta.disk_state}: it cannot become primary. "
+                    state = self._disk_state()
+                    if state is not DiskState.UP_TO_DATE:
+                        raise Refused(f"This appliance's disk is {state}: it cannot become primary. "
                                       "Make it the secondary of an UpToDate primary first.")
                     self._new_term()
-                    primary = PrimarySide(self.home, settings, self.log, size, ends, self._on_failover_request,
-                                          self.secret, meta)
+                    primary = self._primary_group(settings, ends)
                     primary.start()
                     try:
                         floatip.add(settings.floating_ip, ends.my_public)
@@ -646,30 +680,33 @@ class Daemon:
                     self.primary = primary
                 else:
                     if discard_my_data:
-                        saved = self._keep_copy(settings, size)
-                    secondary = SecondarySide(self.home, settings, self.log, size, meta, ends, self._on_promote,
-                                              self.secret, discard_my_data=discard_my_data)
+                        saved = [self._keep_copy(one, size) for one, size in zip(volumes, sizes)]
+                    secondary = SecondaryGroup([
+                        SecondarySide(self.home, one, self.log, size, meta, ends, self._on_promote, self.secret,
+                                      discard_my_data=discard_my_data)
+                        for one, size, meta in zip(volumes, sizes, metas)])
                     try:
                         secondary.start()
                     except OSError as exc:
-                        raise MirrordError(f"Cannot listen on {ends.my_sync}:{settings.sync_port}: "
-                                           f"{exc.strerror}.") from exc
+                        ports = ",".join(str(one.sync_port) for one in volumes)
+                        raise MirrordError(f"Cannot listen on {ends.my_sync}:{ports}: {exc.strerror}.") from exc
                     self.secondary = secondary
             except MirrordError:
                 self._stop_companions()
                 raise
             config.save(self.home, settings)
             self._set_mode(next_mode)
+            disks = ", ".join(str(d) for d in settings.disks)
             if role == "primary":
                 message = (f"HA started: this appliance ({ends.my_public}) is the primary; the floating IP "
-                           f"{settings.floating_ip} is here and writes to {settings.disk} are mirrored to "
+                           f"{settings.floating_ip} is here and writes to {disks} are mirrored to "
                            f"{ends.peer_sync} once the secondary connects.")
             else:
                 message = (f"HA started: this appliance ({ends.my_public}) is the secondary; waiting for the "
-                           f"primary {ends.peer_sync} to sync {settings.disk}.")
-                if saved is not None:
+                           f"primary {ends.peer_sync} to sync {disks}.")
+                if saved:
                     message += (f" Its own changes since the split brain will be overwritten; its copy of the disk "
-                                f"was saved to {saved} first.")
+                                f"was saved to {', '.join(map(str, saved))} first.")
             self.log.log(message)
             return message, self.status()[1]
 
@@ -742,9 +779,7 @@ class Daemon:
         if self.heartbeat is not None:
             self.heartbeat.send_once()
         if self.primary is not None and settings is not None:
-            server = self.primary.server
-            if server is not None and server.stats().suspended:
-                server.resume(degraded=True)  # the operator ended the pair; the peer was told
+            self.primary.resume_suspended()  # the operator ended the pair; the peer was told
             self._stop_app(settings, str(was))
             if floatip.remove(settings.floating_ip):
                 self.log.log(f"Released floating IP {settings.floating_ip} ({why}).")
@@ -804,14 +839,13 @@ class Daemon:
             floatip.remove(old.floating_ip)
             arp.announce(new.floating_ip.ip, iface, count=1)
             self.log.log(f"Moved the floating IP from {old.floating_ip} to {new.floating_ip}.")
-        self.settings = self.primary.settings = new
-        self.primary.apply_resync_rate()
+        self.settings = new
         if {"secret_file", "witness_ip"} & set(changed):
             self._stop_companions()
             self._start_companions(new, self.ends)
-            self.primary.secret = self.secret
         elif self.heartbeat is not None:
             self.heartbeat.set_interval(tick_period(new.ping_interval))
+        self.primary.set_settings(new.volumes(), self.secret)
 
     def _configure_standby(self, new: Settings) -> None:
         """A secondary (or inconsistent) appliance takes any change by restarting its side; an idle one
@@ -881,9 +915,9 @@ class Daemon:
     def debug_corrupt_next(self, count: int) -> tuple[str, dict[str, Any]]:
         """Fault injection for tests: flip a bit in the payload of the next frames after their CRC."""
         with self._lock:
-            if self.primary is None or self.primary.server is None:
+            if self.primary is None or self.primary.lead.server is None:
                 raise Refused("Frame corruption can only be injected on the primary.")
-            self.primary.server.debug_corrupt_next(int(count))
+            self.primary.lead.server.debug_corrupt_next(int(count))  # volume r0's link
             message = f"Fault injection: the next {int(count)} frame(s) to the secondary will be corrupted."
             self.log.log(message)
             return message, {}
@@ -895,11 +929,15 @@ class Daemon:
                 settings = self.settings
                 if settings is None:
                     raise Refused("This appliance has no HA settings (ha.json): nothing to back up; run startHA first.")
+                if settings.extra_disks:
+                    raise Refused(f"This pair mirrors {len(settings.disks)} volumes; mirrord backup copies a pair "
+                                  "of one volume. Back up each filesystem with your own tools (fsfreeze keeps each "
+                                  "consistent).")
                 if self.mode is Mode.PRIMARY and self.primary is not None:
                     if settings.mount is None or not volume.is_mounted(settings.mount):
                         raise Refused("This primary has no mounted filesystem to freeze (--mount), so a copy of a disk "
                                       "the application writes cannot be consistent; back up a standalone appliance.")
-                    freeze, how, size = settings.mount, "fsfreeze", self.primary.disk_size
+                    freeze, how, size = settings.mount, "fsfreeze", self.primary.lead.disk_size
                 elif self.mode is Mode.STANDALONE:
                     size = config.check_disk(settings.disk)
                     volume.ensure_unused(settings.disk)
@@ -953,7 +991,8 @@ class Daemon:
         return "Daemon stopping.", {}
 
     def _app_env(self, settings: Settings, mode: str) -> AppEnv:
-        return AppEnv(mode, str(settings.mount or ""), str(settings.floating_ip.ip))
+        mounts = [str(one.mount) for one in settings.volumes() if one.mount is not None]
+        return AppEnv(mode, str(settings.mount or ""), str(settings.floating_ip.ip), ":".join(mounts))
 
     def _start_app(self, settings: Settings, check: bool = True) -> None:
         """Start the application; an OCF agent also gets a monitor whose answer is the app-health fact."""

@@ -151,10 +151,24 @@ def metrics_text(s: dict[str, Any]) -> str:
         gauge("mirrord_heartbeat_silence_seconds",
               "Seconds since the peer's last valid heartbeat on each network (+Inf: never heard).", silences)
     replication = s.get("replication") if isinstance(s.get("replication"), dict) else {}
+    volumes = [v for v in s.get("volumes") or [] if isinstance(v, dict)] if isinstance(s.get("volumes"), list) else []
+    per_volume = [_number(v.get("out_of_sync_bytes")) for v in volumes]
     blocks, granularity = _number(replication.get("dirty_blocks")), _number(replication.get("dirty_granularity"))
-    if blocks is not None and granularity is not None:
+    if len(volumes) > 1 and None not in per_volume:  # the primary of several volumes: all of them
+        gauge("mirrord_out_of_sync_bytes", "Bytes the peer lacks (the dirty bitmap): what a resync will send.",
+              [("", float(sum(v for v in per_volume if v is not None)))])
+    elif blocks is not None and granularity is not None:
         gauge("mirrord_out_of_sync_bytes", "Bytes the peer lacks (the dirty bitmap): what a resync will send.",
               [("", blocks * granularity)])
+    if len(volumes) > 1:
+        def label(v: dict[str, Any]) -> str:
+            return f'{{volume="{_label(str(v.get("name")))}"}}'
+        gauge("mirrord_volume_up_to_date", "1 when this volume's disk is UpToDate here.",
+              [(label(v), 1.0 if v.get("state") == "UpToDate" else 0.0) for v in volumes])
+        gauge("mirrord_volume_peer_connected", "1 when this volume's replication link is up.",
+              [(label(v), 1.0 if v.get("peer_connected") is True else 0.0) for v in volumes])
+        gauge("mirrord_volume_sync_percent", "How much of this volume the secondary has (percent).",
+              [(label(v), pct if (pct := _number(v.get("sync_percent"))) is not None else math.nan) for v in volumes])
     synced = _number(replication.get("bytes_synced"))
     if synced is not None:
         gauge("mirrord_resync_bytes", "Bytes the current or last sync has brought to the peer.", [("", synced)])

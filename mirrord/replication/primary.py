@@ -80,6 +80,11 @@ class PrimarySide:
         self.resync: dict[str, Any] = {}
         self._stop = threading.Event()
         self._connector: threading.Thread | None = None
+        #: a duplicate of the data socket while a session runs: shutting it down drops the link
+        self._guard: socket.socket | None = None
+        self._guard_lock = threading.Lock()
+        #: data connections handed to C so far: tells a volume group one link from the next
+        self.sessions = 0
 
     # -- exposing the disk -------------------------------------------------
     def start(self) -> None:
@@ -163,6 +168,19 @@ class PrimarySide:
                                    "appliance stays primary without its filesystem mounted: run stopHA, then startHA.")
             link.send(self._control, {"type": "promote"})
         self.log.log(f"Asked {self.ends.peer_sync} to take over: every write is on its disk.")
+
+    def drop_link(self) -> bool:
+        """Break the data connection the ordinary way (the C side loses its peer, with fencing) and
+        let the connector reconnect; False if there was none. For a volume group's fate sharing."""
+        with self._guard_lock:
+            if self._guard is None:
+                return False
+            guard, self._guard = self._guard, None  # once per session; the session closes it
+            try:
+                guard.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                return False
+            return True
 
     def apply_resync_rate(self) -> None:
         """--resync-rate as the data path's ceiling (MiB/s; 0: none), also on a running sync."""
@@ -307,6 +325,9 @@ class PrimarySide:
             # the data socket down makes the C side lose its peer the ordinary way, with
             # fencing (held writes), never a silent switch to local-only writes.
             guard = socket.socket(fileno=os.dup(data.fileno()))
+            with self._guard_lock:
+                self._guard = guard
+            self.sessions += 1
             self.server.attach_peer(data.detach())
             # Every sync is a bitmap sync (DRBD's way): our bitmap holds what the secondary
             # lacks since the generation it holds (or since the sync that was cut short),
@@ -335,8 +356,13 @@ class PrimarySide:
             try:
                 self._watch(control)
             finally:
-                guard.shutdown(socket.SHUT_RDWR)
-                guard.close()
+                with self._guard_lock:
+                    self._guard = None
+                    try:
+                        guard.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass  # already shut down (drop_link)
+                    guard.close()
         finally:
             with self._send_lock:
                 self._control = None

@@ -80,8 +80,11 @@ def reset_pair(lab: Any) -> None:
 def forget_ha_state(lab: Any) -> None:
     """Make both appliances new machines again (their disks keep their bytes): the next test starts clean."""
     for node in ("a1", "a2"):
-        for name in ("ha.json", "state.json", "r0.meta", "r0.bitmap", "r0.al"):
+        for name in ("ha.json", "state.json"):
             (lab.home(node) / name).unlink(missing_ok=True)
+        for pattern in ("r*.meta", "r*.bitmap", "r*.al"):  # every volume's metadata
+            for path in lab.home(node).glob(pattern):
+                path.unlink()
 
 
 # -- an application that names the appliance that answered (HAProxy test, failover bench) --

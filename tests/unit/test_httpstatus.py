@@ -181,6 +181,27 @@ def test_metrics_out_of_sync_and_resynced_bytes() -> None:
     assert "mirrord_out_of_sync_bytes" not in bare and "mirrord_resync_bytes" not in bare
 
 
+@pytest.mark.parametrize(("volumes", "total"), [
+    ([{"name": "r0", "state": "UpToDate", "peer_connected": True, "sync_percent": 100.0, "out_of_sync_bytes": 0},
+      {"name": "r1", "state": "UpToDate", "peer_connected": False, "sync_percent": 0.0, "out_of_sync_bytes": 8192}],
+     "8192"),
+    ([{"name": "r0", "state": "UpToDate", "peer_connected": True, "sync_percent": 100.0},  # a secondary: no bitmap
+      {"name": "r1", "state": "Outdated", "peer_connected": True, "sync_percent": 50.5}], None),
+])
+def test_metrics_per_volume(volumes: list[dict[str, object]], total: str | None) -> None:
+    text = metrics_text({"mode": "primary", "volumes": volumes,
+                         "replication": {"dirty_blocks": 1, "dirty_granularity": 4096}})
+    lines = set(text.splitlines())
+    assert ("mirrord_out_of_sync_bytes " + (total or "4096")) in lines  # the sum, else r0's bitmap
+    for v in volumes:
+        name = v["name"]
+        assert f'mirrord_volume_up_to_date{{volume="{name}"}} {1 if v["state"] == "UpToDate" else 0}' in lines
+        assert f'mirrord_volume_peer_connected{{volume="{name}"}} {1 if v["peer_connected"] else 0}' in lines
+    assert 'mirrord_volume_sync_percent{volume="r1"} ' + ("0" if total else "50.5") in lines
+    one = metrics_text({"mode": "primary", "volumes": volumes[:1]})
+    assert "mirrord_volume_" not in one  # a single volume is the pair-wide figures
+
+
 def test_metrics_text_sparse_status() -> None:
     text = metrics_text({"mode": "idle", "replication": {"a-b": True, "nested": {"x": 2}, "secret_n": 3}})
     lines = set(text.splitlines())

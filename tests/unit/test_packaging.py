@@ -133,11 +133,11 @@ def _printed_startha(node: str) -> list[str]:
 
 @pytest.mark.parametrize("node", ["a1", "a2"])
 def test_printed_startha_uses_the_namespace_labs_addresses(node: str) -> None:
-    from mirrord_cli.iwd import start_ha
+    from mirrord_cli.iwd import given, start_ha
 
     args = _printed_startha(node)
     params = start_ha.make_context("startHA", list(args)).params  # the real parser
-    options = {k: v for k, v in params.items() if v is not None}
+    options = given(params)
     assert options["primary_ip"] == lab.PUBLIC_IP["a1"]
     assert options["secondary_ip"] == lab.PUBLIC_IP["a2"]
     assert options["primary_sync_ip"] == lab.SYNC_IP["a1"]

@@ -53,6 +53,13 @@ SPLIT_BRAIN = status(mode="standalone", role=None, peer_connected=False, heartbe
                      split_brain="both appliances were primary in term 7")
 INCONSISTENT = status(mode="inconsistent", role=None, peer_connected=False, serving=False, floating_ip_held=False,
                       disk={"state": "Inconsistent", "sync_percent": 37.5})
+VOLUME = {"name": "r0", "disk": "/d/0", "mount": "/m/0", "state": "UpToDate", "peer_connected": True,
+          "sync_percent": 100.0}
+THREE_VOLUMES = status(disk={"sync_percent": 70.0}, volumes=[
+    VOLUME, {**VOLUME, "name": "r1", "disk": "/d/1", "mount": "/m/1", "sync_percent": 10.0},
+    {**VOLUME, "name": "r2", "disk": "/d/2", "mount": None, "peer_connected": False, "sync_percent": 0.0}])
+SECONDARY_VOLUMES = status(mode="secondary", role="secondary", serving=False, floating_ip_held=False,
+                           disk={"state": "Outdated"}, volumes=[VOLUME, {**VOLUME, "name": "r1", "state": "Outdated"}])
 MISMATCH = status(settings_mismatch=["ping_interval"], witness_ok=False,
                   app={"monitored": True, "healthy": False, "restarts": 2}, busy="restarting the application")
 
@@ -80,6 +87,13 @@ MISMATCH = status(settings_mismatch=["ping_interval"], witness_ok=False,
     ("split brain", SPLIT_BRAIN, ["SPLIT BRAIN: both appliances were primary in term 7"], ["peer "]),
     ("inconsistent", INCONSISTENT, ["mode:inconsistent role:Secondary", "disk:Inconsistent", "connection:WFConnection"],
      ["done:"]),
+    ("three volumes", THREE_VOLUMES,
+     ["disk:UpToDate (3 volumes, the worst counts)", "volume:r0 disk:UpToDate /d/0 mount:/m/0",
+      "volume:r1 disk:UpToDate /d/1 mount:/m/1 done:10.00%", "volume:r2 disk:UpToDate /d/2 connection:down"],
+     ["/var/lib/mirrord/disk.img", "volume:r0 disk:UpToDate /d/0 mount:/m/0 done"]),
+    ("secondary volumes", SECONDARY_VOLUMES, ["disk:Outdated (2 volumes", "volume:r1 disk:Outdated"], []),
+    ("one volume is the plain view", status(volumes=[VOLUME]), ["disk:UpToDate /var/lib/mirrord/disk.img"],
+     ["volume:"]),
     ("mismatch, witness, app, busy", MISMATCH,
      ["settings differ from the peer's: ping_interval", "witness: not answering", "app: NOT healthy restarts:2",
       "busy: restarting the application"], []),
