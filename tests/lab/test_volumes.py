@@ -147,3 +147,25 @@ def test_a_peer_with_another_number_of_volumes_is_reported(pair: Any) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     pair.wait_for(lambda: "volumes here 1 / peer 2" in ha_log(pair, "a1"), timeout=30)
     assert "volumes here 2 / peer 1" in ha_log(pair, "a2")
+
+
+def test_failover_moves_every_volume_and_the_old_primary_rejoins(pair: Any) -> None:
+    start(pair, "a2")
+    start(pair, "a1", "--mkfs ext4")
+    wait_status(pair, "a1", all_in_sync, timeout=120)
+    for i in range(VOLUMES):
+        pair.run("a1", f"echo volume-{i} > $MIRRORD_HOME/m{i}/name && sync", check=True)
+    done = pair.run("a1", "failOver", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    s2 = wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=60)
+    assert len(s2["volumes"]) == VOLUMES and len(mounted(pair, "a2")) == VOLUMES and not mounted(pair, "a1")
+    for i in range(VOLUMES):
+        assert pair.run("a2", f"cat $MIRRORD_HOME/m{i}/name", check=True).stdout.strip() == f"volume-{i}"
+    before = len(ha_log(pair, "a2"))
+    start(pair, "a1")  # the idle old primary becomes the secondary of every volume
+    wait_status(pair, "a2", all_in_sync, timeout=120)
+    s1 = wait_status(pair, "a1", lambda s: s["mode"] == "secondary"
+                     and all(v["state"] == "UpToDate" for v in s["volumes"]), timeout=60)
+    assert s1["disk"]["state"] == "UpToDate"
+    rejoined = ha_log(pair, "a2")[before:]
+    assert rejoined.count("bitmap resync of") == VOLUMES, f"every volume rejoins with a bitmap resync:\n{rejoined}"
