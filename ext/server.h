@@ -12,10 +12,11 @@
  * attached, a sync thread while a full/dirty sync runs. None of them ever
  * calls into Python.
  *
- * Ordering: writes, sync reads and frame enqueueing take a striped lock per
- * 1 MiB extent, so overlapping writes reach the peer in the order they
+ * Ordering: writes, sync reads and frame enqueueing take striped locks per
+ * 64 KiB of the disk, so overlapping writes reach the peer in the order they
  * reached the local disk, and a sync chunk is either sent before a racing
- * write's frame or already contains its data.
+ * write's frame or already contains its data. Frames go on the wire in the
+ * order they were queued; concurrent writers share sendmsg calls.
  *
  * Peer failure (send/recv error, timeout, bad frame, detach), fencing off
  * (the default): every pending write completes locally with success and its

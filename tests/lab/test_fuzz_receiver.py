@@ -376,3 +376,25 @@ def test_a_clean_stream_is_applied_and_acked_in_full(disk: Path) -> None:
               n.encode_frame(n.FLUSH, 3),
               n.encode_frame(n.PING, 4)]
     check(disk, b"".join(frames), 4, events=False)
+
+
+@st.composite
+def mixed_size_frames(draw: st.DrawFn) -> tuple[bytes, int]:
+    """Clean frames, some larger than the receiver's 256 KiB input buffer (up
+    to the 1 MiB maximum), between small ones: frames cut at the buffer's end,
+    and large ones gathered from the buffer plus the socket."""
+    big = st.integers(200 << 10, n.MAX_PAYLOAD)
+    frames = []
+    for seq in range(draw(st.integers(1, 8))):
+        length = draw(st.one_of(st.integers(1, 64), st.just(4096), big))
+        off = draw(st.integers(0, SIZE - length))
+        typ = draw(st.sampled_from(DATA_TYPES))
+        flags = draw(st.sampled_from([0, n.F_SYNC]))
+        frames.append(n.encode_frame(typ, seq, off, _payload(draw(st.integers(0, 2**32)), length), flags))
+    return b"".join(frames), len(frames)
+
+
+@settings(FUZZ, max_examples=25)
+@given(case=mixed_size_frames())
+def test_frames_larger_than_the_input_buffer_apply_in_order(disk: Path, case: tuple[bytes, int]) -> None:
+    check(disk, *case)
