@@ -55,6 +55,19 @@ def weighted_percent(parts: Iterable[tuple[float, int]]) -> float:
     return sum(percent * size for percent, size in items) / total
 
 
+def links_lost(before: list[tuple[bool, int]], now: list[tuple[bool, int]],
+               dropped: list[int | None]) -> list[int]:
+    """The volumes whose link was lost since ``before``: (up, session) per volume, then and now.
+
+    A link is lost when it was up and is now down or is another session
+    (lost and reconnected between two looks); a session that share_fate
+    dropped itself (``dropped``) does not count, or one loss would make the
+    volumes drop each other for ever.
+    """
+    return [i for i, ((was_up, was_session), (up, session)) in enumerate(zip(before, now))
+            if was_up and (not up or session != was_session) and dropped[i] != was_session]
+
+
 class PrimaryGroup:
     """This appliance's volumes while it is primary (started and stopped together)."""
 
@@ -117,8 +130,7 @@ class PrimaryGroup:
             return ""
         now = [(s.sessions, s.server is not None and s.server.stats().peer_connected) for s in self.sides]
         seen = [(up, session) for session, up in now]
-        lost = [i for i, ((was_up, was_session), (up, session)) in enumerate(zip(self._seen, seen))
-                if was_up and (not up or session != was_session) and self._dropped[i] != was_session]
+        lost = links_lost(self._seen, seen, self._dropped)
         self._seen = seen
         if not lost:
             return ""

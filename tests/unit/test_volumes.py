@@ -9,7 +9,7 @@ import pytest
 
 from mirrord import config
 from mirrord.errors import BadInput
-from mirrord.replication.group import weighted_percent, worst
+from mirrord.replication.group import links_lost, weighted_percent, worst
 from mirrord.replication.meta import DiskState
 
 A1 = ipaddress.IPv4Address("198.18.0.11")
@@ -153,3 +153,32 @@ def test_the_command_line_in_ha_log_repeats_a_repeated_option() -> None:
     assert options == {"disk": ["/d/a", "/d/b"], "mount": "/m/a", "checksum_sync": False}
     assert describe("startHA", options) == "startHA --disk /d/a --disk /d/b --mount /m/a"
     assert given({"disk": ()}) == {}
+
+
+UP, DOWN = True, False
+
+
+@pytest.mark.parametrize(
+    ("before", "now", "dropped", "lost"),
+    [
+        # nothing changes, or links come up (a start): nobody is lost
+        ([(UP, 1), (UP, 1)], [(UP, 1), (UP, 1)], [None, None], []),
+        ([(DOWN, 0), (DOWN, 0)], [(UP, 1), (DOWN, 0)], [None, None], []),
+        ([(UP, 1), (DOWN, 0)], [(UP, 1), (UP, 1)], [None, None], []),
+        # a link goes down, or down and up again between two looks (another session)
+        ([(UP, 1), (UP, 1)], [(DOWN, 1), (UP, 1)], [None, None], [0]),
+        ([(UP, 1), (UP, 4)], [(UP, 1), (UP, 5)], [None, None], [1]),
+        ([(UP, 1), (UP, 1), (UP, 1)], [(DOWN, 1), (UP, 1), (DOWN, 1)], [None, None, None], [0, 2]),
+        # the loss of a session we dropped ourselves is not news ...
+        ([(UP, 1), (UP, 3)], [(DOWN, 1), (DOWN, 3)], [None, 3], [0]),
+        ([(UP, 2), (UP, 3)], [(UP, 2), (DOWN, 3)], [None, 3], []),
+        ([(UP, 2), (UP, 3)], [(UP, 2), (UP, 4)], [None, 3], []),
+        # ... but the loss of its next session is
+        ([(UP, 2), (UP, 4)], [(UP, 2), (DOWN, 4)], [None, 3], [1]),
+        # a link that was down stays down: nothing new
+        ([(DOWN, 2), (UP, 1)], [(DOWN, 2), (UP, 1)], [None, None], []),
+    ],
+)
+def test_which_links_were_lost(before: list[tuple[bool, int]], now: list[tuple[bool, int]],
+                               dropped: list[int | None], lost: list[int]) -> None:
+    assert links_lost(before, now, dropped) == lost
