@@ -21,18 +21,16 @@ from __future__ import annotations
 import filecmp
 import os
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from write_path_report import machine
 from write_targets import Target, fill_image, mirrord, tmpfs
-from write_workloads import KiB, MiB, aligned_buffer, dsync_4kib, dsync_offsets, sequential_1mib
+from write_workloads import KiB, MiB, aligned_buffer, dsync_4kib, dsync_offsets, run_together, sequential_1mib
 
 VOLUMES = 8
 SIZE = 128 * MiB
@@ -56,30 +54,6 @@ def volumes(bench_dir: Path) -> Iterator[list[Target]]:
         yield targets
 
 
-def _together(jobs: list[Callable[[], Any]]) -> float:
-    """Run the jobs in threads started together; wall seconds until the last is done."""
-    barrier = threading.Barrier(len(jobs) + 1)
-    errors: list[BaseException] = []
-
-    def run(job: Callable[[], Any]) -> None:
-        try:
-            barrier.wait(timeout=30)
-            job()
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for t in threads:
-        t.start()
-    barrier.wait(timeout=30)
-    start = time.perf_counter()
-    for t in threads:
-        t.join(timeout=600)
-    if errors:
-        raise errors[0]
-    return time.perf_counter() - start
-
-
 def test_dsync_4kib_one_volume_and_eight(benchmark: Any, volumes: list[Target]) -> None:
     bufs = [aligned_buffer(4 * KiB, seed=i) for i in range(VOLUMES)]
     offsets = [dsync_offsets(DSYNC_WRITES, SIZE, seed=100 + i) for i in range(VOLUMES)]
@@ -87,7 +61,7 @@ def test_dsync_4kib_one_volume_and_eight(benchmark: Any, volumes: list[Target]) 
 
     def measure() -> None:
         _, alone = dsync_4kib(volumes[0].path, bufs[0], offsets[0], direct=True)
-        wall = _together([lambda i=i: dsync_4kib(volumes[i].path, bufs[i], offsets[i], direct=True)
+        _, wall = run_together([lambda i=i: dsync_4kib(volumes[i].path, bufs[i], offsets[i], direct=True)
                           for i in range(VOLUMES)])
         RESULTS["dsync"] = {"one": DSYNC_WRITES / alone, "eight": VOLUMES * DSYNC_WRITES / wall}
 
@@ -104,7 +78,7 @@ def test_sequential_1mib_one_volume_and_eight(benchmark: Any, volumes: list[Targ
 
     def measure() -> None:
         alone = sequential_1mib(volumes[0].path, bufs[0], SIZE, direct=True)
-        wall = _together([lambda i=i: sequential_1mib(volumes[i].path, bufs[i], SIZE, direct=True)
+        _, wall = run_together([lambda i=i: sequential_1mib(volumes[i].path, bufs[i], SIZE, direct=True)
                           for i in range(VOLUMES)])
         RESULTS["1mib"] = {"one": SIZE / alone / (1 << 30), "eight": VOLUMES * SIZE / wall / (1 << 30)}
 

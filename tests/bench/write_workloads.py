@@ -23,11 +23,14 @@ import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 CONCURRENT_WRITERS = 16
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
+
+T = TypeVar("T")
 
 
 def aligned_buffer(size: int, seed: int) -> mmap.mmap:
@@ -82,38 +85,43 @@ def dsync_4kib(path: Path, buf: mmap.mmap, offsets: list[int], direct: bool) -> 
         os.close(fd)
 
 
-def concurrent_dsync_4kib(path: Path, bufs: list[mmap.mmap], offsets: list[int],
-                          direct: bool) -> tuple[list[int], float]:
-    """len(bufs) threads, thread i writing bufs[i] at offsets[i::len(bufs)]; latencies and wall seconds.
-
-    os.pwrite releases the GIL, so the threads really wait in the kernel at
-    the same time; a barrier starts them together.
-    """
+def run_together(jobs: list[Callable[[], T]]) -> tuple[list[T], float]:
+    """Each job in its own thread, all released by one barrier; their results and the wall seconds
+    until the last is done. A job's exception is raised here. os.pwrite releases the GIL, so the
+    threads really wait in the kernel at the same time."""
     import threading
 
-    n = len(bufs)
-    barrier = threading.Barrier(n + 1)
-    results: list[tuple[list[int], float] | BaseException] = [ValueError("writer did not run")] * n
+    barrier = threading.Barrier(len(jobs) + 1)
+    results: list[Any] = [ValueError("job did not run")] * len(jobs)
 
-    def writer(i: int) -> None:
+    def run(i: int) -> None:
         try:
             barrier.wait(timeout=30)
-            results[i] = dsync_4kib(path, bufs[i], offsets[i::n], direct)
+            results[i] = jobs[i]()
         except BaseException as exc:  # reported by the caller
             results[i] = exc
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
     barrier.wait(timeout=30)
     start = time.perf_counter()
     for t in threads:
-        t.join(timeout=300)
+        t.join(timeout=600)
     wall = time.perf_counter() - start
-    lat: list[int] = []
     for r in results:
         if isinstance(r, BaseException):
             raise r
+    return results, wall
+
+
+def concurrent_dsync_4kib(path: Path, bufs: list[mmap.mmap], offsets: list[int],
+                          direct: bool) -> tuple[list[int], float]:
+    """len(bufs) threads, thread i writing bufs[i] at offsets[i::len(bufs)]; latencies and wall seconds."""
+    n = len(bufs)
+    results, wall = run_together([lambda i=i: dsync_4kib(path, bufs[i], offsets[i::n], direct) for i in range(n)])
+    lat: list[int] = []
+    for r in results:
         lat.extend(r[0])
     return lat, wall
 
