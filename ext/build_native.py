@@ -161,6 +161,7 @@ struct mrd_server_stats {
     uint64_t al_updates, al_waits;
     uint32_t al_hot, al_slots;
     uint64_t al_extent_size;
+    uint64_t frames_spliced, bytes_spliced;
 };
 int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
                    struct mrd_server **out);

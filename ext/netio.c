@@ -137,9 +137,14 @@ int mrd_pread_all(int fd, void *buf, size_t len, uint64_t off)
 
 int mrd_send_all(int fd, struct iovec *iov, int iovcnt)
 {
+    return mrd_send_all_flags(fd, iov, iovcnt, 0);
+}
+
+int mrd_send_all_flags(int fd, struct iovec *iov, int iovcnt, int flags)
+{
     while (iovcnt > 0) {
         struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)iovcnt};
-        ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL);
+        ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL | flags);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -153,6 +158,48 @@ int mrd_send_all(int fd, struct iovec *iov, int iovcnt)
         if (iovcnt > 0) {
             iov->iov_base = (char *)iov->iov_base + n;
             iov->iov_len -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+int mrd_pipe_for_splice(int fds[2])
+{
+    if (pipe2(fds, O_CLOEXEC) < 0)
+        return -errno;
+    /* As large as one frame's payload, so one vmsplice takes it whole;
+     * where pipe-max-size forbids that, the default size just means more
+     * rounds. */
+    (void)fcntl(fds[1], F_SETPIPE_SZ, 1 << 20);
+    return 0;
+}
+
+int mrd_splice_send(const int pipe_fds[2], int sock, const void *buf, size_t len, int more)
+{
+    struct iovec v = {(void *)buf, len};
+    while (v.iov_len) {
+        /* The pipe is empty here (everything put in it went out below), so
+         * this does not block. */
+        ssize_t in = vmsplice(pipe_fds[1], &v, 1, 0);
+        if (in < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        v.iov_base = (char *)v.iov_base + in;
+        v.iov_len -= (size_t)in;
+        unsigned flags = v.iov_len || more ? SPLICE_F_MORE : 0;
+        while (in > 0) {
+            ssize_t out = splice(pipe_fds[0], NULL, sock, NULL, (size_t)in, flags);
+            if (out < 0) {
+                if (errno == EINTR)
+                    continue;
+                /* SO_SNDTIMEO expiring shows as EAGAIN, as for sendmsg. */
+                return errno == EAGAIN ? -ETIMEDOUT : -errno;
+            }
+            if (out == 0)
+                return -EPIPE;
+            in -= out;
         }
     }
     return 0;

@@ -28,6 +28,22 @@ int mrd_zero_range(int fd, uint64_t off, uint64_t len);
 /* sendmsg the whole iovec (MSG_NOSIGNAL: a dead peer must be an error code,
  * never a SIGPIPE into the Python process). Modifies iov. 0 or -errno. */
 int mrd_send_all(int fd, struct iovec *iov, int iovcnt);
+/* The same with extra send flags (MSG_MORE: more of this frame follows). */
+int mrd_send_all_flags(int fd, struct iovec *iov, int iovcnt, int flags);
+
+/* Zero-copy send (see "Zero-copy sends" in server.c). A pipe for
+ * mrd_splice_send, sized for one frame's payload where allowed: 0 or
+ * -errno. */
+int mrd_pipe_for_splice(int fds[2]);
+/* Put buf[0, len) on the socket without copying it: vmsplice into the pipe
+ * (its buffers then reference buf's pages), splice from the pipe to the
+ * socket (the socket's buffers take the same references). buf must not
+ * change until the peer has received every byte: on 127.0.0.1 or a veth
+ * the receiver copies straight out of these pages. more: the frame's next
+ * bytes follow at once (SPLICE_F_MORE on the last piece too). 0 or -errno
+ * (-ETIMEDOUT when SO_SNDTIMEO expires); after an error the pipe may still
+ * hold bytes and must not be used again. */
+int mrd_splice_send(const int pipe_fds[2], int sock, const void *buf, size_t len, int more);
 
 /* Receive exactly len bytes. 0, -ECONNRESET on orderly EOF, or -errno
  * (-EAGAIN when SO_RCVTIMEO expires before any byte of this call arrived is

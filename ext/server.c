@@ -39,9 +39,15 @@
 #define FUSE_THREADS 16 /* FUSE workers: requests served at once */
 #define ACK_RX_BATCH 64 /* acks the ack reader takes with one recv */
 #define TX_BATCH 32     /* frames one sendmsg takes from the send queue */
-/* A large write goes out as several frames so the peer verifies and writes
- * the first part while the rest is still being sent (QD1 latency). */
+/* A write may go out as several frames of this size, so that the peer
+ * verifies and writes the first while the rest is still being sent. Kept at
+ * MAX_WRITE (no split): 128-512 KiB frames measured slower for 1 MiB writes
+ * (docs/performance.md, "Zero-copy sends"). */
 #define FRAME_SPLIT (1024u << 10)
+/* Writes at least this large are sent without copying (see "Zero-copy
+ * sends"); below it a copy costs less than pinning pages and holding the
+ * FUSE worker until the ack. */
+#define ZC_MIN (256u << 10)
 
 enum { PEER_NONE, PEER_CONNECTED, PEER_FAILED };
 enum { P_WRITE, P_FLUSH, P_SYNC };
@@ -76,6 +82,9 @@ struct pending {
     int checksum; /* ... by a checksum sync: SAME means the peer holds the chunk */
     struct op *op;
     uint64_t t_sent;
+    /* Payload sent zero-copy: the writer's count of such frames not yet
+     * acked or failed, under pend_mu (NULL for a copied payload). */
+    int *zc_out;
 };
 
 /* One frame on the send queue (see tx_drain); lives with its owner, who
@@ -87,6 +96,7 @@ struct tx {
     int iovcnt;
     int done; /* set under send_mu (release); read by tx_wait */
     uint8_t *bad; /* corrupt_next's private copy of the payload */
+    int zc;       /* splice the payload instead of copying it */
 };
 
 struct mrd_server {
@@ -117,6 +127,13 @@ struct mrd_server {
     struct tx *txq, **txq_tail;
     int tx_busy;
     pthread_cond_t tx_cv;
+    /* Zero-copy sends: a pipe per connection (used by the drainer only),
+     * zc_ok while it may be used (cleared by a failed splice, which may
+     * leave bytes in it); zc_cv (with pend_mu) wakes writers waiting for
+     * their zero-copy frames to be acked. */
+    int zc_pipe[2];
+    int zc_ok;
+    pthread_cond_t zc_cv;
     int peer_state;
     int peer_fd;
     pthread_t ack_th;
@@ -164,7 +181,7 @@ struct mrd_server {
     /* Stats: counters bumped with atomics; the rest under pend_mu. */
     uint64_t writes, bytes_written, reads, bytes_read, flushes, write_errors, max_write_seen;
     uint64_t frames_sent, bytes_sent, acked, lat_total, lat_max, peer_failures;
-    uint64_t dsync_writes, flush_frames, fdatasyncs;
+    uint64_t dsync_writes, flush_frames, fdatasyncs, frames_spliced, bytes_spliced;
     int sync_active, sync_done;
     uint64_t sync_offset, sync_total, bytes_synced, bytes_zeroed, verify_diff_bytes, bytes_verified;
     char last_error[256];
@@ -354,7 +371,11 @@ static void fail_peer(struct mrd_server *s, int code, const char *why, int fence
     s->head.next = s->head.prev = &s->head;
     s->in_flight = 0;
     s->sync_inflight = 0;
+    for (struct pending *e = list.next; e != &list; e = e->next)
+        if (e->zc_out)
+            --*e->zc_out;
     pthread_cond_broadcast(&s->pend_cv);
+    pthread_cond_broadcast(&s->zc_cv);
     pthread_mutex_unlock(&s->pend_mu);
     for (struct pending *e = list.next, *n; e != &list; e = n) {
         n = e->next;
@@ -362,8 +383,70 @@ static void fail_peer(struct mrd_server *s, int code, const char *why, int fence
     }
 }
 
+/* Zero-copy sends. sendmsg copies a frame's payload into the socket's
+ * buffers; for a 1 MiB write that copy (plus allocating the pages it goes
+ * into) was the largest piece of the time a mirrored write spends before its
+ * local pwrite can start, and the local pwrite waits for it. A payload of
+ * ZC_MIN bytes or more is instead vmspliced into a pipe and spliced from
+ * there to the socket: the socket's buffers then hold references to the
+ * FUSE request's own pages, and over 127.0.0.1 or a veth the receiver's recv
+ * copies straight out of them (DRBD sends bio pages the same way, with
+ * sendpage).
+ *
+ * The price is that those pages must not change until the peer has read
+ * them, and "handed to the socket" (tx_wait) no longer means that. The ack
+ * does: the receiver acks a frame only after its recv took every byte and
+ * the CRC matched. So a writer whose frame went zero-copy keeps its FUSE
+ * worker (whose buffer it is) until every such frame is acked or lost with
+ * the connection (zc_out on its stack, zc_cv), not just sent. That costs the
+ * writer nothing: the ack reader sends the reply as before, without waiting
+ * for the worker to wake, and FUSE_THREADS workers take other requests
+ * meanwhile.
+ *
+ * When the connection is lost, the writer goes on while a dead socket may
+ * still reference the pages, and libfuse reuses the buffer for the next
+ * request. That is safe because the CRC in the frame's header was computed
+ * over the original bytes: a receiver that still gets the frame either sees
+ * them unchanged or fails the check and applies nothing, and the range is
+ * dirty on the primary either way (complete_peer), so resync sends it again.
+ *
+ * A failed splice may leave bytes in the pipe, which would prefix the next
+ * connection's payloads: zc_ok is cleared and the pipe is replaced with the
+ * connection (reap_peer, attach). Without a pipe, or with corrupt_next's
+ * private copy, the payload is copied as before. */
+static int tx_send(struct mrd_server *s, int fd, int zc, struct tx **batch, int n, int *pipe_bad)
+{
+    struct iovec iov[2 * TX_BATCH];
+    int iovcnt = 0;
+    for (int i = 0; i < n; i++) {
+        struct tx *t = batch[i];
+        iov[iovcnt++] = t->iov[0];
+        if (t->iovcnt < 2)
+            continue;
+        if (!zc || !t->zc || t->bad) {
+            iov[iovcnt++] = t->iov[1];
+            continue;
+        }
+        /* What precedes the payload (its header at least) goes first, held
+         * back by MSG_MORE to share a segment with the payload's start. */
+        int rc = mrd_send_all_flags(fd, iov, iovcnt, MSG_MORE);
+        iovcnt = 0;
+        if (rc)
+            return rc;
+        rc = mrd_splice_send(s->zc_pipe, fd, t->iov[1].iov_base, t->iov[1].iov_len, i + 1 < n);
+        if (rc) {
+            *pipe_bad = 1;
+            return rc;
+        }
+        ADD(s->frames_spliced, 1);
+        ADD(s->bytes_spliced, t->iov[1].iov_len);
+    }
+    return iovcnt ? mrd_send_all(fd, iov, iovcnt) : 0;
+}
+
 /* Sending: frames are queued in seq order and one thread at a time (the
- * drainer) puts everything queued on the wire with one sendmsg. A writer
+ * drainer) puts everything queued on the wire with one sendmsg (plus a
+ * splice per zero-copy payload, see tx_send). A writer
  * whose frame finds another send under way does not wait for it: it goes on
  * with its local write, and the drainer takes its frame along with the
  * others queued meanwhile (sixteen concurrent O_DSYNC writers share sends:
@@ -371,25 +454,22 @@ static void fail_peer(struct mrd_server *s, int code, const char *why, int fence
  * owner must call tx_wait before its payload goes away. */
 static void tx_drain(struct mrd_server *s)
 {
-    struct iovec iov[2 * TX_BATCH];
     struct tx *batch[TX_BATCH];
     s->tx_busy = 1;
     while (s->txq) {
-        int n = 0, iovcnt = 0;
+        int n = 0;
         uint64_t payload = 0;
         while (s->txq && n < TX_BATCH) {
             struct tx *t = s->txq;
             s->txq = t->next;
             batch[n++] = t;
-            for (int i = 0; i < t->iovcnt; i++)
-                iov[iovcnt++] = t->iov[i];
             payload += t->iovcnt > 1 ? t->iov[1].iov_len : 0;
         }
         if (!s->txq)
             s->txq_tail = &s->txq;
-        int fd = s->peer_fd;
+        int fd = s->peer_fd, zc = s->zc_ok, pipe_bad = 0;
         pthread_mutex_unlock(&s->send_mu);
-        int rc = mrd_send_all(fd, iov, iovcnt);
+        int rc = tx_send(s, fd, zc, batch, n, &pipe_bad);
         if (rc) {
             fail_peer(s, rc, "send", 1);
         } else {
@@ -397,6 +477,8 @@ static void tx_drain(struct mrd_server *s)
             ADD(s->bytes_sent, payload);
         }
         pthread_mutex_lock(&s->send_mu);
+        if (pipe_bad)
+            s->zc_ok = 0;
         for (int i = 0; i < n; i++) /* the last touch: its owner may return */
             __atomic_store_n(&batch[i]->done, 1, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&s->tx_cv);
@@ -428,6 +510,8 @@ static int peer_queue(struct mrd_server *s, struct pending *e, uint16_t type, ui
     s->in_flight++;
     if (e->kind == P_SYNC)
         s->sync_inflight++;
+    if (e->zc_out)
+        ++*e->zc_out;
     if (e->kind != P_FLUSH && !(flags & MRD_FRAME_F_SYNC))
         s->peer_dirty_seq = e->seq; /* acked will not mean durable */
     else if (e->kind == P_FLUSH)
@@ -444,6 +528,7 @@ static int peer_queue(struct mrd_server *s, struct pending *e, uint16_t type, ui
     t->iovcnt = plen ? 2 : 1;
     t->done = 0;
     t->bad = NULL;
+    t->zc = e->zc_out != NULL;
     t->next = NULL;
     if (plen && __atomic_load_n(&s->corrupt_next, __ATOMIC_RELAXED) > 0 &&
         __atomic_sub_fetch(&s->corrupt_next, 1, __ATOMIC_RELAXED) >= 0) {
@@ -512,6 +597,8 @@ static struct pending *retire_acked(struct mrd_server *s, const struct mrd_frame
     e->next->prev = e->prev;
     s->in_flight--;
     s->acked++;
+    if (e->zc_out)
+        --*e->zc_out; /* ack_main wakes the writer once the replies are out */
     uint64_t lat = mrd_now_ns() - e->t_sent;
     s->lat_total += lat;
     if (lat > s->lat_max)
@@ -611,10 +698,16 @@ static void *ack_main(void *arg)
             tail = &e->next;
         }
         pthread_mutex_unlock(&s->pend_mu);
+        int zc = 0;
         for (struct pending *e = done, *next; e; e = next) {
             next = e->next;
+            zc |= e->zc_out != NULL;
             complete_peer(s, e, 1);
         }
+        /* After the replies: the writer they release needs the CPU more
+         * than the FUSE worker that only waits to be given back. */
+        if (zc)
+            pthread_cond_broadcast(&s->zc_cv);
         if (err) {
             if (why)
                 fail_peer(s, err, why, 1);
@@ -643,6 +736,12 @@ static void reap_peer(struct mrd_server *s)
         close(s->peer_fd);
         s->peer_fd = -1;
         s->peer_state = PEER_NONE;
+        if (s->zc_pipe[0] >= 0) {
+            close(s->zc_pipe[0]);
+            close(s->zc_pipe[1]);
+            s->zc_pipe[0] = s->zc_pipe[1] = -1;
+        }
+        s->zc_ok = 0;
     }
     pthread_mutex_unlock(&s->pend_mu);
     pthread_mutex_unlock(&s->send_mu);
@@ -875,7 +974,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     /* Frames first, then the local write: the peer works while we pwrite,
      * and both happen inside the extent lock, so order is the same on both. */
     struct tx tx[(MAX_WRITE + FRAME_SPLIT - 1) / FRAME_SPLIT];
-    int ntx = 0;
+    int ntx = 0, zc = size >= ZC_MIN, zc_out = 0;
     for (size_t done = 0; done < size;) {
         size_t n = size - done > FRAME_SPLIT ? FRAME_SPLIT : size - done;
         struct pending *e = calloc(1, sizeof *e);
@@ -885,6 +984,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
             e->off = (uint64_t)off + done;
             e->len = (uint32_t)n;
             e->op = o;
+            e->zc_out = zc ? &zc_out : NULL;
             __atomic_add_fetch(&o->refs, 1, __ATOMIC_RELAXED);
             rc = peer_queue(s, e, MRD_FRAME_WRITE, dsync ? MRD_FRAME_F_SYNC : 0, buf + done, &tx[ntx]);
             if (!rc)
@@ -921,6 +1021,14 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     }
     o->local_err = -rc;
     op_put(s, o);
+    if (zc && ntx) {
+        /* Spliced: the socket may read buf until the peer has it. The reply
+         * does not wait for this: the ack reader sends it. */
+        pthread_mutex_lock(&s->pend_mu);
+        while (zc_out)
+            pthread_cond_wait(&s->zc_cv, &s->pend_mu);
+        pthread_mutex_unlock(&s->pend_mu);
+    }
 }
 
 /* Does a flush need a FLUSH frame? Only if a connected peer may hold data
@@ -1074,6 +1182,8 @@ int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
     pthread_mutex_init(&s->pend_mu, NULL);
     pthread_cond_init(&s->pend_cv, NULL);
     pthread_cond_init(&s->tx_cv, NULL);
+    pthread_cond_init(&s->zc_cv, NULL);
+    s->zc_pipe[0] = s->zc_pipe[1] = -1;
     s->txq_tail = &s->txq;
     s->start_time = time(NULL);
     int rc = -ENOMEM;
@@ -1211,6 +1321,8 @@ int mrd_server_attach_peer(struct mrd_server *s, int sock_fd)
         return -errno;
     mrd_tune_socket(fd, s->peer_timeout_ms, ACK_POLL_MS);
     pthread_mutex_lock(&s->send_mu);
+    /* Without a pipe every payload is copied: slower, nothing else. */
+    s->zc_ok = mrd_pipe_for_splice(s->zc_pipe) == 0;
     pthread_mutex_lock(&s->pend_mu);
     s->peer_fd = fd;
     s->peer_state = PEER_CONNECTED;
@@ -1530,6 +1642,8 @@ int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *o)
     o->dsync_writes = LD(dsync_writes);
     o->flush_frames = LD(flush_frames);
     o->fdatasyncs = LD(fdatasyncs);
+    o->frames_spliced = LD(frames_spliced);
+    o->bytes_spliced = LD(bytes_spliced);
 #undef LD
     o->dirty_blocks = mrd_bitmap_count(s->bm);
     o->dirty_granularity = mrd_bitmap_granularity(s->bm);
@@ -1718,5 +1832,6 @@ void mrd_server_free(struct mrd_server *s)
     pthread_mutex_destroy(&s->pend_mu);
     pthread_cond_destroy(&s->pend_cv);
     pthread_cond_destroy(&s->tx_cv);
+    pthread_cond_destroy(&s->zc_cv);
     free(s);
 }

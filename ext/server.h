@@ -91,6 +91,8 @@ struct mrd_server_stats {
     uint64_t al_updates, al_waits;
     uint32_t al_hot, al_slots;
     uint64_t al_extent_size;
+    /* Zero-copy sends: data frames whose payload was spliced, not copied. */
+    uint64_t frames_spliced, bytes_spliced;
 };
 
 /* Prepare a server for disk_path (opened O_RDWR) exposed at mountpoint (a

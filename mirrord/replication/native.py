@@ -361,6 +361,16 @@ class ActivityLogStats(_Stats):
 
 
 @dataclass(frozen=True)
+class ZeroCopyStats(_Stats):
+    """Data frames whose payload was spliced to the socket, not copied
+    ("Zero-copy sends" in ext/server.c): writes of at least 256 KiB while a
+    peer is connected."""
+
+    frames_spliced: int
+    bytes_spliced: int
+
+
+@dataclass(frozen=True)
 class ReceiverStats(_Stats):
     frames: int
     writes: int
@@ -541,6 +551,10 @@ class PrimaryServer:
 
     def activity_log_stats(self) -> ActivityLogStats:
         result: ActivityLogStats = self._read_stats(ActivityLogStats)
+        return result
+
+    def zero_copy_stats(self) -> ZeroCopyStats:
+        result: ZeroCopyStats = self._read_stats(ZeroCopyStats)
         return result
 
     def dirty_bitmap(self) -> bytes:

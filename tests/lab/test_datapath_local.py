@@ -82,6 +82,29 @@ def _wait(cond: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
+def _writers(dev: Path, n: int, body: Callable[[int, int], None], flags: Callable[[int], int] = lambda _: 0) -> None:
+    """Run body(seed, fd) in n threads at once, each with its own descriptor
+    of dev (O_RDWR | O_DIRECT | flags(seed)); fail with every exception."""
+    errors: list[BaseException] = []
+
+    def run(seed: int) -> None:
+        fd = os.open(dev, os.O_RDWR | os.O_DIRECT | flags(seed))
+        try:
+            body(seed, fd)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a writer is stuck"
+
+
 @dataclass
 class Pair:
     dir: Path
@@ -320,29 +343,16 @@ def test_concurrent_overlapping_writers_reach_both_disks_in_the_same_order(
     same order on both sides."""
     pair = make_pair()
     region, base = 512 * KiB, 3 * MiB - 32 * KiB
-    errors: list[BaseException] = []
     writes_each = 300
 
-    def writer(seed: int) -> None:
+    def writer(seed: int, fd: int) -> None:
         rnd = random.Random(seed)
-        dsync = seed % 2 == 0
-        fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT | (os.O_DSYNC if dsync else 0))
-        try:
-            for _ in range(writes_each):
-                length = rnd.choice([4, 4, 8, 60, 68, 192]) * KiB
-                off = base + rnd.randrange((region - length) // (4 * KiB)) * 4 * KiB
-                assert os.pwrite(fd, _aligned(rnd.randbytes(length)), off) == length
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-        finally:
-            os.close(fd)
+        for _ in range(writes_each):
+            length = rnd.choice([4, 4, 8, 60, 68, 192]) * KiB
+            off = base + rnd.randrange((region - length) // (4 * KiB)) * 4 * KiB
+            assert os.pwrite(fd, _aligned(rnd.randbytes(length)), off) == length
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    _writers(pair.dev, 16, writer, lambda seed: os.O_DSYNC if seed % 2 == 0 else 0)
     stats = pair.server.stats()
     assert stats.write_errors == 0 and stats.writes == 16 * writes_each, stats.last_error
     assert stats.dirty_blocks == 0 and stats.in_flight == 0 and stats.acked == stats.frames_sent
@@ -350,6 +360,102 @@ def test_concurrent_overlapping_writers_reach_both_disks_in_the_same_order(
     rstats = pair.receiver.stats()
     assert rstats.writes == stats.writes and rstats.crc_errors == 0
     assert rstats.durable_writes == pair.server.durability_stats().dsync_writes == 8 * writes_each
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_large_writes_are_spliced_and_reach_both_disks(make_pair: Callable[..., Pair]) -> None:
+    """Writes of 256 KiB and more are sent zero-copy: the socket reads the
+    FUSE request's own pages, so the writer must not let libfuse reuse them
+    before the ack ("Zero-copy sends" in ext/server.c). Eight writers
+    overwrite one 4 MiB region with fresh bytes in writes of 256 KiB to
+    1 MiB (spliced) and 4 to 192 KiB (copied), so FUSE workers are reused
+    as fast as the acks allow. A page changed under the socket would show
+    as a CRC error (connection dropped, range dirty) or as images that
+    differ; there must be neither, and every large frame was spliced."""
+    pair = make_pair()
+    region, base = 4 * MiB, 5 * MiB
+    large = [0] * 8
+
+    def writer(seed: int, fd: int) -> None:
+        rnd = random.Random(seed)
+        for _ in range(60):
+            length = rnd.choice([4, 64, 192, 256, 512, 768, 1024, 1024]) * KiB
+            off = base + rnd.randrange((region - length) // (4 * KiB) + 1) * 4 * KiB
+            assert os.pwrite(fd, _aligned(rnd.randbytes(length)), off) == length
+            large[seed] += length >= 256 * KiB
+
+    _writers(pair.dev, 8, writer, lambda seed: os.O_DSYNC if seed % 4 == 0 else 0)
+    stats = pair.server.stats()
+    assert stats.write_errors == 0 and stats.peer_failures == 0, stats.last_error
+    assert stats.dirty_blocks == 0 and stats.in_flight == 0 and stats.acked == stats.frames_sent
+    assert pair.receiver is not None
+    assert pair.receiver.stats().crc_errors == 0
+    zc = pair.server.zero_copy_stats()
+    assert zc.frames_spliced == sum(large) > 100
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_peer_lost_during_spliced_writes_then_resync(make_pair: Callable[..., Pair]) -> None:
+    """The secondary goes away while 1 MiB writes are being spliced: the
+    writers carry on (the ranges go dirty), a new connection gets a new pipe,
+    the dirty resync repairs the replica, and large writes are spliced again
+    on the new connection."""
+    pair = make_pair()
+    region = 8 * MiB
+    stop = threading.Event()
+    done = [0] * 4
+
+    def writer(seed: int, fd: int) -> None:
+        rnd = random.Random(seed)
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            off = rnd.randrange(region // MiB) * MiB
+            assert os.pwrite(fd, _aligned(rnd.randbytes(MiB)), off) == MiB
+            done[seed] += 1
+
+    dropped: list[BaseException | None] = []
+
+    def drop_the_peer_mid_stream() -> None:
+        try:
+            _wait(lambda: pair.server.zero_copy_stats().frames_spliced >= 40)
+            assert pair.receiver is not None
+            pair.receiver.stop()
+            _wait(lambda: not pair.server.stats().peer_connected)
+            before = sum(done)
+            _wait(lambda: sum(done) >= before + 20)  # writes go on without the peer
+            dropped.append(None)
+        except BaseException as e:  # noqa: BLE001
+            dropped.append(e)
+        finally:
+            stop.set()
+
+    dropper = threading.Thread(target=drop_the_peer_mid_stream)
+    dropper.start()
+    try:
+        _writers(pair.dev, 4, writer)
+    finally:
+        stop.set()
+        dropper.join(60)
+    assert dropped == [None], dropped
+    stats = pair.server.stats()
+    assert stats.write_errors == 0 and stats.dirty_blocks > 0
+
+    pair.receiver.close()
+    pair.connect()
+    pair.server.start_sync(0, dirty_only=True)
+    _wait(lambda: not pair.server.stats().sync_active)
+    assert pair.server.stats().sync_done and pair.server.stats().dirty_blocks == 0
+    spliced = pair.server.zero_copy_stats().frames_spliced
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        for i in range(8):
+            assert os.pwrite(fd, _aligned(random.Random(i).randbytes(MiB)), i * MiB) == MiB
+    finally:
+        os.close(fd)
+    assert pair.server.zero_copy_stats().frames_spliced == spliced + 8
+    assert pair.receiver.stats().crc_errors == 0
     pair.stop()
     assert _identical(pair.a, pair.b)
 
