@@ -118,6 +118,11 @@ int mrd_zero_range(int fd, uint64_t off, uint64_t len)
     return 0;
 }
 
+void mrd_start_writeback(int fd, uint64_t off, uint64_t len)
+{
+    (void)sync_file_range(fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE);
+}
+
 int mrd_pread_all(int fd, void *buf, size_t len, uint64_t off)
 {
     char *p = buf;

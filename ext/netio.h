@@ -21,6 +21,12 @@ int mrd_pread_all(int fd, void *buf, size_t len, uint64_t off);
  * pwrite + fdatasync where the kernel or file refuses RWF_DSYNC. */
 int mrd_pwrite_all_dsync(int fd, const void *buf, size_t len, uint64_t off);
 
+/* Write-behind: start writing [off, off + len) of fd's page cache to the
+ * disk now, without waiting for it (sync_file_range WRITE). A hint only:
+ * nothing becomes durable before an fdatasync, and an error of that
+ * writeback is reported by the next fdatasync, so none is returned here. */
+void mrd_start_writeback(int fd, uint64_t off, uint64_t len);
+
 /* Make [off, off + len) read as zeros: a punched hole (the replica stays as
  * sparse as the primary), else FALLOC_FL_ZERO_RANGE, else written zeros.
  * 0 or -errno. */

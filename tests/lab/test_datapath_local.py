@@ -8,6 +8,7 @@ test); without them the tests skip, or fail under CI=true.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -456,6 +457,51 @@ def test_peer_lost_during_spliced_writes_then_resync(make_pair: Callable[..., Pa
         os.close(fd)
     assert pair.server.zero_copy_stats().frames_spliced == spliced + 8
     assert pair.receiver.stats().crc_errors == 0
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+
+def _dirty_pages(path: Path) -> int:
+    """Pages of path's page cache not yet written to the disk (dirty or
+    under writeback), from cachestat(2) (Linux 6.5+)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    whole = (ctypes.c_uint64 * 2)(0, 0)
+    st = _CacheStat()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syscall(451, fd, whole, ctypes.byref(st), 0) != 0:  # __NR_cachestat
+            raise OSError(ctypes.get_errno(), f"cachestat {path}")
+    finally:
+        os.close(fd)
+    return int(st.dirty + st.writeback)
+
+
+def test_large_writes_start_their_writeback_on_both_disks(make_pair: Callable[..., Pair]) -> None:
+    """Write-behind (ext/server.c): a write of 256 KiB or more starts its own
+    writeback on the primary's disk and, after the ack, on the replica, so
+    neither holds it dirty until a flush; small writes are left dirty for the
+    kernel to merge. Without write-behind the kernel would start on these
+    pages only after 30 s (vm.dirty_expire_centisecs), far past the wait."""
+    pair = make_pair()
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(pair.dir)], capture_output=True, text=True).stdout.strip()
+    assert fs != "tmpfs", f"{pair.dir} is on tmpfs, which never writes back: this test needs a disk-backed /tmp"
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        rnd = random.Random(5)
+        for i in range(32):
+            assert os.pwrite(fd, _aligned(rnd.randbytes(MiB)), 8 * MiB + i * MiB) == MiB
+        _wait(lambda: _dirty_pages(pair.a) == 0 and _dirty_pages(pair.b) == 0, timeout=15)
+        for i in range(16):
+            assert os.pwrite(fd, _aligned(rnd.randbytes(4 * KiB)), i * 64 * KiB) == 4 * KiB
+        assert _dirty_pages(pair.a) > 0 and _dirty_pages(pair.b) > 0
+        os.fsync(fd)
+        assert _dirty_pages(pair.a) == 0 and _dirty_pages(pair.b) == 0
+    finally:
+        os.close(fd)
     pair.stop()
     assert _identical(pair.a, pair.b)
 
