@@ -116,7 +116,7 @@ struct mrd_server {
     pthread_t loop_th;
     int loop_live;
     int loop_done; /* atomic */
-    dev_t fuse_dev;
+    int abort_fd; /* this connection's fusectl abort file (see abort_connection), or -1 */
 
     /* Peer. send_mu orders the wire (seq assignment + socket write); pend_mu
      * guards the pending list and peer_state and is never held across I/O,
@@ -1193,7 +1193,7 @@ int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
     struct mrd_server *s = calloc(1, sizeof *s);
     if (!s)
         return -ENOMEM;
-    s->disk_fd = s->peer_fd = -1;
+    s->disk_fd = s->peer_fd = s->abort_fd = -1;
     s->peer_timeout_ms = 10000;
     s->local_gen = 1;
     s->head.next = s->head.prev = &s->head;
@@ -1280,6 +1280,40 @@ int mrd_server_set_activity_log(struct mrd_server *s, const char *path, uint64_t
     return 0;
 }
 
+/* Aborting the FUSE connection through fusectl is the only way to wake the
+ * workers when the file is still open (e.g. a loop device on it), and what
+ * makes libfuse's own unmount step quiet once we have unmounted ourselves.
+ *
+ * fusectl names a connection by the minor of its superblock's device, and
+ * that number is freed when the superblock goes (lazy unmount, last file
+ * closed) and handed to the next FUSE mount on the machine. Opening
+ * .../<minor>/abort when stopping could therefore abort someone else's
+ * connection: in the lab, where both appliances share one kernel, the old
+ * primary stopping a volume aborted the new primary's volume mounted a
+ * moment before with the recycled number, whose reads then failed with EIO
+ * mid-failover. So the abort file is opened once, right after the mount,
+ * while the number is surely ours, and kept: a write to that descriptor
+ * reaches this connection or, once it is gone, nothing (fusectl drops the
+ * file's link to its connection when it removes the directory). */
+#define FUSECTL_SUPER_MAGIC 0x65735543
+static int open_abort_file(dev_t fuse_dev)
+{
+    const char *dir = "/sys/fs/fuse/connections";
+    struct statfs sf;
+    if (statfs(dir, &sf) < 0 || sf.f_type != FUSECTL_SUPER_MAGIC)
+        mount("fusectl", dir, "fusectl", 0, NULL); /* e.g. in a fresh mount namespace */
+    char path[96];
+    snprintf(path, sizeof path, "%s/%u/abort", dir, minor(fuse_dev));
+    return open(path, O_WRONLY | O_CLOEXEC);
+}
+
+static void abort_connection(struct mrd_server *s)
+{
+    if (s->abort_fd >= 0 && write(s->abort_fd, "1", 1) < 0) {
+        /* the connection is already gone */
+    }
+}
+
 int mrd_server_start(struct mrd_server *s)
 {
     if (!s)
@@ -1322,7 +1356,7 @@ int mrd_server_start(struct mrd_server *s)
     /* The connection number (for a forced abort in stop) is the minor of the
      * mounted file's st_dev; this stat is served by the loop just started. */
     if (stat(s->mountpoint, &st) == 0)
-        s->fuse_dev = st.st_dev;
+        s->abort_fd = open_abort_file(st.st_dev);
     return 0;
 }
 
@@ -1747,27 +1781,6 @@ static int wait_loop_done(struct mrd_server *s, int ms)
     return __atomic_load_n(&s->loop_done, __ATOMIC_ACQUIRE);
 }
 
-/* Abort the FUSE connection through fusectl: the only way to wake the
- * workers when the file is still open (e.g. a loop device on it), and what
- * makes libfuse's own unmount step quiet once we have unmounted ourselves. */
-#define FUSECTL_SUPER_MAGIC 0x65735543
-static void abort_connection(struct mrd_server *s)
-{
-    const char *dir = "/sys/fs/fuse/connections";
-    struct statfs sf;
-    if (statfs(dir, &sf) < 0 || sf.f_type != FUSECTL_SUPER_MAGIC)
-        mount("fusectl", dir, "fusectl", 0, NULL); /* e.g. in a fresh mount namespace */
-    char path[96];
-    snprintf(path, sizeof path, "%s/%u/abort", dir, minor(s->fuse_dev));
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd >= 0) {
-        if (write(fd, "1", 1) < 0) {
-            /* the connection is already gone */
-        }
-        close(fd);
-    }
-}
-
 static int stop_serving(struct mrd_server *s)
 {
     mrd_server_stop_sync(s);
@@ -1809,6 +1822,10 @@ static int stop_serving(struct mrd_server *s)
     fuse_session_unmount(s->se);
     fuse_session_destroy(s->se);
     s->se = NULL;
+    if (s->abort_fd >= 0) {
+        close(s->abort_fd);
+        s->abort_fd = -1;
+    }
     return 0;
 }
 
