@@ -26,8 +26,8 @@ import pytest
 from write_path_report import Throughput, WritePathReport
 from write_targets import LABELS, Target, local_file, mirrord, passthrough_ll
 from write_workloads import (
-    CONCURRENT_WRITERS, GiB, KiB, MiB, LatencySummary, aligned_buffer, concurrent_dsync_4kib, dsync_4kib,
-    dsync_offsets, loopback_blast, loopback_round_trips, read_back, sequential_1mib, stamp,
+    CONCURRENT_WRITERS, PARALLEL_WRITERS, GiB, KiB, MiB, LatencySummary, aligned_buffer, concurrent_dsync_4kib,
+    dsync_4kib, dsync_offsets, loopback_blast, loopback_round_trips, parallel_1mib, read_back, sequential_1mib, stamp,
 )
 
 VARIANTS = list(LABELS)  # a b c d e
@@ -169,6 +169,26 @@ def test_concurrent_4kib_dsync_writers(benchmark: Any, key: str, target: Target,
                                 writes_per_s=round(summary.writes_per_s, 1), mean_us=round(summary.mean_us, 1),
                                 p99_us=round(summary.p99_us, 1))
     _check_mirrord(target, benchmark, write_path_report, 0)
+
+
+@pytest.mark.parametrize("key", ["c", "d"])
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_parallel_1mib_writers(benchmark: Any, sweep: int, key: str, target: Target,
+                               write_path_report: WritePathReport) -> None:
+    """1 GiB as 1 MiB O_DIRECT writes by PARALLEL_WRITERS writers at once (a quarter each), then one
+    fsync: several large writes in flight, as from a filesystem's writeback, where the one-writer
+    test above has one."""
+    bufs = [aligned_buffer(MiB, seed=200 + i) for i in range(PARALLEL_WRITERS)]
+    seconds: list[float] = []
+    benchmark.pedantic(lambda: seconds.append(parallel_1mib(target.path, bufs, SIZE, target.o_direct)),
+                       rounds=1, iterations=1, warmup_rounds=1)
+    share = SIZE // PARALLEL_WRITERS
+    for i, buf in enumerate(bufs):
+        _check_landed(target, [i * share, (i + 1) * share - MiB], bytes(buf))
+    write_path_report.parallel.setdefault(key, Throughput(SIZE, [])).seconds.append(seconds[-1])
+    benchmark.extra_info.update(variant=f"({key}) {target.label}", writers=PARALLEL_WRITERS,
+                                GiB_per_s=round(SIZE / seconds[-1] / GiB, 3))
+    _check_mirrord(target, benchmark, write_path_report, 2 * SIZE)
 
 
 def test_loopback_tcp_blast(benchmark: Any, bench_dir: Path, write_path_report: WritePathReport) -> None:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from write_targets import LABELS
-from write_workloads import CONCURRENT_WRITERS, GiB, LatencySummary
+from write_workloads import CONCURRENT_WRITERS, PARALLEL_WRITERS, GiB, LatencySummary
 
 
 @dataclass
@@ -61,6 +61,7 @@ class WritePathReport:
     disk_read: Throughput | None = None  # the image read sequentially, not cached (what a sync reads)
     round_trip: LatencySummary | None = None  # 127.0.0.1 ping-pong
     concurrent: dict[str, LatencySummary] = field(default_factory=dict)  # CONCURRENT_WRITERS at once
+    parallel: dict[str, Throughput] = field(default_factory=dict)  # 1 MiB writes, PARALLEL_WRITERS at once
     started: float = field(default_factory=time.time)
     load_at_start: str = field(default_factory=lambda: loadavg())
 
@@ -77,7 +78,7 @@ class WritePathReport:
 
     def empty(self) -> bool:
         return not (self.throughput or self.dsync_ns or self.full_sync or self.loopback or self.round_trip
-                    or self.concurrent)
+                    or self.concurrent or self.parallel)
 
     # ---- derived figures ----------------------------------------------------
 
@@ -132,6 +133,8 @@ class WritePathReport:
             ("1 MiB throughput (c)/(a): mirrord alone vs local", self._ratio(self._tp("c"), self._tp("a")), ""),
             ("1 MiB throughput (e)/(c): mirrored (root-disk peer) vs alone",
              self._ratio(self._tp("e"), self._tp("c")), ""),
+            (f"1 MiB throughput (d)/(c) with {PARALLEL_WRITERS} writers at once",
+             self._ratio(*(self.parallel[k].mean_bps if k in self.parallel else None for k in ("d", "c"))), ""),
             ("4 KiB latency (b)-(a): FUSE passthrough vs local", self._diff(self._lat("b"), self._lat("a")), "µs"),
             ("4 KiB latency (c)-(b): mirrord alone vs passthrough_ll", self._diff(self._lat("c"), self._lat("b")), "µs"),
             ("4 KiB latency (e)-(c): root-disk peer", self._diff(self._lat("e"), self._lat("c")), "µs"),
@@ -171,6 +174,11 @@ class WritePathReport:
                 scale = self.scaling(key)
                 out.append(f"| ({key}) {LABELS[key]} | {c.writes_per_s:.0f} | {c.mean_us:.0f} | {c.p99_us:.0f} | "
                            f"{'–' if scale is None else f'{scale:.2f}'} |")
+        if self.parallel:
+            out += ["", f"| 1 GiB as 1 MiB writes by {PARALLEL_WRITERS} writers at once + fsync | GiB/s (min–max) |",
+                    "|---|---|"]
+            for key, t in self.parallel.items():
+                out.append(f"| ({key}) {LABELS[key]} | {gib(t.mean_bps)} ({gib(t.spread[0])}–{gib(t.spread[1])}) |")
         if self.round_trip:
             r = self.round_trip
             out += ["", f"127.0.0.1 TCP round trip (64-byte ping-pong, Python both ends): mean {r.mean_us:.0f} µs, "

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 CONCURRENT_WRITERS = 16
+PARALLEL_WRITERS = 4  # 1 MiB writers at once in parallel_1mib's bench
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
@@ -55,6 +56,35 @@ def sequential_1mib(path: Path, buf: mmap.mmap, total: int, direct: bool) -> flo
             n = os.pwrite(fd, buf, off)
             if n != chunk:
                 raise OSError(f"short write at {off}: {n} of {chunk}")
+        os.fsync(fd)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+def parallel_1mib(path: Path, bufs: list[mmap.mmap], total: int, direct: bool) -> float:
+    """len(bufs) writers at once, writer i writing the i-th equal share of total sequentially in
+    len(bufs[i])-sized pwrites; then one fsync. Seconds taken (what a filesystem's writeback or
+    a database checkpoint looks like: several large writes in flight, not one)."""
+    n = len(bufs)
+    share = total // n
+    flags = os.O_WRONLY | (os.O_DIRECT if direct else 0)
+
+    def writer(i: int) -> None:
+        fd = os.open(path, flags)
+        try:
+            chunk = len(bufs[i])
+            for off in range(i * share, (i + 1) * share, chunk):
+                written = os.pwrite(fd, bufs[i], off)
+                if written != chunk:
+                    raise OSError(f"short write at {off}: {written} of {chunk}")
+        finally:
+            os.close(fd)
+
+    fd = os.open(path, flags)
+    try:
+        t0 = time.perf_counter()
+        run_together([lambda i=i: writer(i) for i in range(n)])
         os.fsync(fd)
         return time.perf_counter() - t0
     finally:
