@@ -83,6 +83,7 @@ struct pending {
     int zero;   /* P_SYNC sent as SYNC_ZERO: len bytes of hole, no data */
     int verify;   /* P_SYNC sent as VERIFY: answered SAME or DIFF, nothing written */
     int checksum; /* ... by a checksum sync: SAME means the peer holds the chunk */
+    int sync_flush; /* P_FLUSH that ends a sync: counted in sync_inflight */
     struct op *op;
     uint64_t t_sent;
     /* Payload sent zero-copy: the writer's count of such frames not yet
@@ -511,7 +512,7 @@ static int peer_queue(struct mrd_server *s, struct pending *e, uint16_t type, ui
     s->head.prev->next = e;
     s->head.prev = e;
     s->in_flight++;
-    if (e->kind == P_SYNC)
+    if (e->kind == P_SYNC || e->sync_flush)
         s->sync_inflight++;
     if (e->zc_out)
         ++*e->zc_out;
@@ -627,6 +628,9 @@ static struct pending *retire_acked(struct mrd_server *s, const struct mrd_frame
         if (e->zero)
             s->bytes_zeroed += e->len;
         s->sync_offset = e->off + e->len;
+        pthread_cond_broadcast(&s->pend_cv);
+    } else if (e->sync_flush) {
+        s->sync_inflight--;
         pthread_cond_broadcast(&s->pend_cv);
     } else if (!s->in_flight) {
         pthread_cond_broadcast(&s->pend_cv);
@@ -1603,6 +1607,32 @@ static int sync_pass(struct mrd_server *s, uint64_t from, int dirty, int compare
  * holds is cleared, then what is still dirty is copied. Interrupted at any
  * point, the bitmap still marks every chunk not known to be equal, so the
  * next connect resumes correctly with a plain bitmap resync. */
+/* A sync ends with a FLUSH: "the secondary is UpToDate" must mean its
+ * disk holds the synced data durably, as it does for writes after a flush.
+ * SYNC_DATA chunks are not durable on their own, and the daemon may
+ * acknowledge writes on the strength of a finished sync (a server that was
+ * suspended and whose peer came back: their frames were lost with the old
+ * connection and the resync sent their ranges again). 1 once it is acked,
+ * 0 if the peer went away first. */
+static int sync_flush(struct mrd_server *s)
+{
+    struct pending *e = calloc(1, sizeof *e);
+    if (!e)
+        return 0;
+    e->kind = P_FLUSH;
+    e->sync_flush = 1;
+    if (peer_send(s, e, MRD_FRAME_FLUSH, 0, NULL)) {
+        free(e);
+        return 0;
+    }
+    pthread_mutex_lock(&s->pend_mu);
+    while (s->sync_inflight > 0 && s->peer_state == PEER_CONNECTED)
+        pthread_cond_wait(&s->pend_cv, &s->pend_mu);
+    int ok = s->peer_state == PEER_CONNECTED;
+    pthread_mutex_unlock(&s->pend_mu);
+    return ok;
+}
+
 static void *sync_main(void *arg)
 {
     struct mrd_server *s = arg;
@@ -1616,6 +1646,8 @@ static void *sync_main(void *arg)
         finished = sync_pass(s, s->sync_from, 1, 1, t0, &sent) && sync_pass(s, s->sync_from, 1, 0, t0, &sent);
     else
         finished = sync_pass(s, s->sync_from, dirty_only, 0, t0, &sent);
+    if (finished && !(flags & MRD_SYNC_VERIFY))
+        finished = sync_flush(s);
     pthread_mutex_lock(&s->pend_mu);
     s->sync_done = finished && s->peer_state == PEER_CONNECTED;
     if (s->sync_done && !dirty_only)

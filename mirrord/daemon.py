@@ -297,7 +297,7 @@ class Daemon:
         if self.primary is not None:
             return Facts(disk_state=DiskState.UP_TO_DATE, peer_connected=self.primary.link_up(),
                          sync_percent=self.primary.sync_percent,
-                         io_suspended=self.primary.io_suspended(),
+                         io_suspended=self.primary.io_suspended(), link_synced=self.primary.in_sync,
                          app_healthy=self.app_monitor.healthy if self.app_monitor else None,
                          app_restarts=self.app_restarts,
                          restart_limit=self.settings.restart_limit if self.settings else 3, **common)
@@ -352,6 +352,10 @@ class Daemon:
         elif action is Action.RESUME_DEGRADED:
             assert self.primary is not None
             self.primary.resume(degraded=True)
+            self.outdate_request = False
+        elif action is Action.RESUME_MIRRORED:
+            assert self.primary is not None
+            self.primary.release_held()
             self.outdate_request = False
         elif action is Action.TAKEOVER:
             self._start_worker("taking over", lambda: self._promote(Event.TAKEOVER, sentence))
@@ -779,7 +783,7 @@ class Daemon:
         if self.heartbeat is not None:
             self.heartbeat.send_once()
         if self.primary is not None and settings is not None:
-            self.primary.resume_suspended()  # the operator ended the pair; the peer was told
+            self.primary.release_held()  # the operator ended the pair; the peer was told
             self._stop_app(settings, str(was))
             if floatip.remove(settings.floating_ip):
                 self.log.log(f"Released floating IP {settings.floating_ip} ({why}).")

@@ -61,6 +61,7 @@ class Action(str, enum.Enum):
     TAKEOVER = "take over"
     STEP_DOWN = "step down"
     RESUME_DEGRADED = "resume degraded"
+    RESUME_MIRRORED = "release the held writes: the peer caught up"
     REQUEST_OUTDATE = "ask the peer to outdate itself"
     OUTDATE_SELF = "mark own disk Outdated"
     SYNC_INTERRUPTED = "sync interrupted"
@@ -93,6 +94,7 @@ class Facts:
     split_brain: bool = False             # the generation identifiers say both copies changed alone
     my_links_up: bool = True
     io_suspended: bool = False            # the C data path holds writes after losing the peer
+    link_synced: bool = False             # primary: every volume's current link finished its sync (and flush)
     witness_ok: bool | None = None        # None: no witness configured
     busy: str | None = None               # a slow action already running beside the loop
     app_healthy: bool | None = None       # the OCF monitor's last answer (None: no monitor or not yet)
@@ -203,6 +205,13 @@ def _primary(f: Facts) -> Decision:
         return Decision(Action.STEP_DOWN, f"The other appliance says it is primary with term {f.peer_epoch} "
                         f"(ours is {f.epoch}): stepping down at once; nothing more is acknowledged here.")
     if f.io_suspended:
+        # The link came back before the secondary's "Outdated" reached us, and the resync on the
+        # new link (which ends with a flush) sent every held write's range again: they are on both
+        # disks. Waiting for an Outdated that the caught-up secondary will never report would hold
+        # them forever (it rightly ignores a request older than its link).
+        if f.peer_connected and f.link_synced:
+            return Decision(Action.RESUME_MIRRORED, "The secondary reconnected and its resync is done: the held "
+                            "writes are on both disks; releasing them.")
         silence = _silence(f)
         if _heard(f) and f.peer_disk is not None and f.peer_disk != str(DiskState.UP_TO_DATE):
             return Decision(Action.RESUME_DEGRADED, f"The secondary's disk is {f.peer_disk}, so it cannot be "

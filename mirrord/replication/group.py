@@ -154,8 +154,10 @@ class PrimaryGroup:
                 side.start_writing_alone()  # persisted before the first write is acknowledged
             side.server.resume(degraded=degraded)
 
-    def resume_suspended(self) -> None:
-        """stopHA: the operator ended the pair; held I/O is written alone."""
+    def release_held(self) -> None:
+        """Answer the writes held since the link was lost, as they were written locally, without
+        starting to write alone: stopHA (the operator ended the pair), or the peer reconnected and
+        its resync brought them to its disk."""
         for side in self.sides:
             if side.server is not None and side.server.stats().suspended:
                 side.server.resume(degraded=True)

@@ -171,6 +171,29 @@ def test_primary_fencing(heard: bool, peer_disk: str | None, witness: bool | Non
     assert d.action is expected
 
 
+@pytest.mark.parametrize("peer_disk", ["UpToDate", "Outdated", None])
+@pytest.mark.parametrize(("connected", "synced"), [(True, True), (True, False), (False, True), (False, False)])
+def test_primary_suspended_releases_held_writes_once_the_peer_caught_up(
+        connected: bool, synced: bool, peer_disk: str | None) -> None:
+    """Found by the torture test: the link came back and the resync finished before the
+    secondary's "Outdated" reached the primary; the caught-up secondary then ignores the old
+    request, so waiting for Outdated held the writes forever. A finished resync on the new
+    link (which ends with a flush) puts every held write on both disks: release them, and
+    without writing alone."""
+    d = decide(facts(Mode.PRIMARY, peer_connected=connected, link_synced=synced, io_suspended=True,
+                     peer_mode="secondary", peer_disk=peer_disk))
+    if connected and synced:
+        assert d.action is Action.RESUME_MIRRORED and "releasing them" in d.sentence
+    else:
+        assert d.action in (Action.REQUEST_OUTDATE, Action.RESUME_DEGRADED)
+
+
+def test_primary_suspended_steps_down_before_releasing_anything() -> None:
+    d = decide(facts(Mode.PRIMARY, peer_connected=True, link_synced=True, io_suspended=True, peer_mode="primary",
+                     peer_epoch=9, epoch=3))
+    assert d.action is Action.STEP_DOWN
+
+
 def test_primary_fencing_waits_while_peer_fades() -> None:
     d = decide(facts(Mode.PRIMARY, peer_connected=False, io_suspended=True, peer_mode="secondary",
                      silent_sync=0.5, silent_public=3.0))
