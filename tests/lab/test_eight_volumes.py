@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import select
 import subprocess
 import sys
 import time
@@ -55,6 +56,23 @@ def start(lab: Any, node: str, extra: str = "") -> None:
     assert done.returncode == 0, f"startHA on {node} exited {done.returncode}: {done.stdout}{done.stderr}"
 
 
+def first_acks(writer: subprocess.Popen[str], n: int, timeout: float) -> list[str]:
+    """Read writer.py's output until it has acknowledged n writes; the lines read. Fails if
+    that takes longer than timeout seconds (the volume is stalled) or the writer ends first."""
+    assert writer.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while sum(line.startswith("ACK ") for line in lines) < n:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"fewer than {n} writes acknowledged in {timeout:g} s: {lines[-3:]}"
+        ready, _, _ = select.select([writer.stdout], [], [], remaining)
+        line = writer.stdout.readline() if ready else ""
+        assert line or not ready, f"the writer ended after {len(lines)} lines"
+        if line:
+            lines.append(line.rstrip("\n"))
+    return lines
+
+
 def image(lab: Any, node: str, index: int) -> Path:
     return lab.home(node) / ("disk.img" if index == 0 else f"v{index}.img")
 
@@ -90,13 +108,16 @@ def test_eight_volumes_are_mirrored_and_fail_over_together(pair: Any) -> None:
     writers = {i: pair.popen("a1", [sys.executable, WRITER, f"{pair.home('a1')}/m{i}/records", "0", "2000",
                                     f"{tag}-{i}"], stdout=subprocess.PIPE, text=True)
                for i in (0, 3, VOLUMES - 1)}
-    time.sleep(random.uniform(0.5, 1.5))
+    # Crash once every writer has had writes acknowledged (not after a fixed sleep: three Python
+    # processes starting on two busy cores may take longer than it), at a random moment after.
+    early = {i: first_acks(writer, 6, timeout=30) for i, writer in writers.items()}
+    time.sleep(random.uniform(0.0, 0.5))
     pair.crash("a1")
     acked: dict[int, list[tuple[int, int]]] = {}
     for i, writer in writers.items():
         out, _ = writer.communicate(timeout=30)
-        acked[i] = [tuple(map(int, line.split()[1:])) for line in out.splitlines() if line.startswith("ACK ")]
-        assert len(acked[i]) > 5, f"the writer on volume r{i} acknowledged only {len(acked[i])} writes"
+        acked[i] = [tuple(map(int, line.split()[1:])) for line in early[i] + out.splitlines()
+                    if line.startswith("ACK ")]
 
     s2 = wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=60)
     assert len(s2["volumes"]) == VOLUMES
