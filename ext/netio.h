@@ -26,6 +26,9 @@ int mrd_pwrite_all_dsync(int fd, const void *buf, size_t len, uint64_t off);
  * nothing becomes durable before an fdatasync, and an error of that
  * writeback is reported by the next fdatasync, so none is returned here. */
 void mrd_start_writeback(int fd, uint64_t off, uint64_t len);
+/* Writes (primary) and applied data frames (receiver) at least this large
+ * start their own writeback; smaller ones are left for the kernel to merge. */
+#define MRD_WRITE_BEHIND_MIN (256u << 10)
 
 /* Make [off, off + len) read as zeros: a punched hole (the replica stays as
  * sparse as the primary), else FALLOC_FL_ZERO_RANGE, else written zeros.

@@ -23,8 +23,6 @@
 /* How long an applied frame's ack may wait for others to share its send
  * while more input is still being applied. */
 #define ACK_DELAY_NS 50000ull
-/* Applied data frames at least this large start their own writeback. */
-#define WRITE_BEHIND_MIN (256u << 10)
 
 struct mrd_receiver {
     int disk_fd, sock_fd;
@@ -302,7 +300,7 @@ static void *rx_main(void *arg)
          * out: the FLUSH that follows a large write or a full sync then finds
          * little left to write. */
         if ((h.type == MRD_FRAME_WRITE || h.type == MRD_FRAME_SYNC_DATA) && !(h.flags & MRD_FRAME_F_SYNC) &&
-            h.length >= WRITE_BEHIND_MIN)
+            h.length >= MRD_WRITE_BEHIND_MIN)
             mrd_start_writeback(r->disk_fd, h.offset, h.length);
     }
     /* Everything applied so far has been written; acks not sent are simply

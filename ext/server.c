@@ -48,9 +48,6 @@
  * sends"); below it a copy costs less than pinning pages and holding the
  * FUSE worker until the ack. */
 #define ZC_MIN (256u << 10)
-/* Writes at least this large start their own writeback (see "Write-behind"
- * at op_write); smaller ones are left for the kernel to merge. */
-#define WRITE_BEHIND_MIN (256u << 10)
 
 enum { PEER_NONE, PEER_CONNECTED, PEER_FAILED };
 enum { P_WRITE, P_FLUSH, P_SYNC };
@@ -923,7 +920,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
  * goes to the disk, and the next flush pays for all of it: after 1 GiB of
  * 1 MiB writes the fsync took 0.3 s, longer than the writes before it. A
  * block device, DRBD included, has no such cache: a write goes to the disk
- * when it is issued. So a write of WRITE_BEHIND_MIN or more starts its own
+ * when it is issued. So a write of MRD_WRITE_BEHIND_MIN or more starts its own
  * writeback as soon as it is done (sync_file_range WRITE, no wait), and the
  * disk works while the application goes on; the flush then finds little
  * left. It changes no promise: durability still comes from the flush's
@@ -1044,7 +1041,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     o->local_err = -rc;
     op_put(s, o);
     /* After op_put: the reply need not wait for this. */
-    if (!rc && !dsync && size >= WRITE_BEHIND_MIN)
+    if (!rc && !dsync && size >= MRD_WRITE_BEHIND_MIN)
         mrd_start_writeback(s->disk_fd, (uint64_t)off, size);
     if (zc && ntx) {
         /* Spliced: the socket may read buf until the peer has it. The reply

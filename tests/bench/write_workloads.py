@@ -45,17 +45,21 @@ def stamp(buf: mmap.mmap, round_no: int) -> None:
     buf[:16] = f"round {round_no:010d}".encode()
 
 
+def _write_range(fd: int, buf: mmap.mmap, start: int, end: int) -> None:
+    """[start, end) as len(buf)-sized pwrites in order; a short write is an error."""
+    chunk = len(buf)
+    for off in range(start, end, chunk):
+        n = os.pwrite(fd, buf, off)
+        if n != chunk:
+            raise OSError(f"short write at {off}: {n} of {chunk}")
+
+
 def sequential_1mib(path: Path, buf: mmap.mmap, total: int, direct: bool) -> float:
     """Write total bytes as len(buf)-sized pwrites from offset 0, then fsync; seconds taken."""
-    flags = os.O_WRONLY | (os.O_DIRECT if direct else 0)
-    chunk = len(buf)
-    fd = os.open(path, flags)
+    fd = os.open(path, os.O_WRONLY | (os.O_DIRECT if direct else 0))
     try:
         t0 = time.perf_counter()
-        for off in range(0, total, chunk):
-            n = os.pwrite(fd, buf, off)
-            if n != chunk:
-                raise OSError(f"short write at {off}: {n} of {chunk}")
+        _write_range(fd, buf, 0, total)
         os.fsync(fd)
         return time.perf_counter() - t0
     finally:
@@ -73,11 +77,7 @@ def parallel_1mib(path: Path, bufs: list[mmap.mmap], total: int, direct: bool) -
     def writer(i: int) -> None:
         fd = os.open(path, flags)
         try:
-            chunk = len(bufs[i])
-            for off in range(i * share, (i + 1) * share, chunk):
-                written = os.pwrite(fd, bufs[i], off)
-                if written != chunk:
-                    raise OSError(f"short write at {off}: {written} of {chunk}")
+            _write_range(fd, bufs[i], i * share, (i + 1) * share)
         finally:
             os.close(fd)
 
