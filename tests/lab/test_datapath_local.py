@@ -232,6 +232,37 @@ def test_writes_reach_both_disks(make_pair: Callable[..., Pair]) -> None:
     assert _identical(pair.a, pair.b)
 
 
+def _congestion_control(local_port: int) -> str:
+    """The congestion control `ss` reports for the 127.0.0.1 socket bound to local_port."""
+    out = subprocess.run(["ss", "-tinH", "state", "established", "src", f"127.0.0.1:{local_port}"],
+                         capture_output=True, text=True, check=True).stdout
+    algos = [w for w in out.split() if w in ("cubic", "reno", "bbr")]
+    assert len(algos) == 1, out
+    return algos[0]
+
+
+def test_sync_link_uses_cubic_whatever_the_system_default(make_pair: Callable[..., Pair]) -> None:
+    """Both ends of the data connection are switched away from a pacing default (bbr here)."""
+    _require("ss")
+    with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+        available = f.read().split()
+    want = "cubic" if "cubic" in available else "reno"
+    pair = make_pair(connect=False)
+    primary_end, secondary_end = _socket_pair()
+    ports = primary_end.getsockname()[1], secondary_end.getsockname()[1]
+    pair.receiver = Receiver(str(pair.b), pair.size, secondary_end.detach())
+    pair.server.attach_peer(primary_end.detach())
+    assert [_congestion_control(p) for p in ports] == [want, want]
+    fd = os.open(pair.dev, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"cc" * 2048, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
 def test_flush_frames_only_when_the_peer_holds_unsynced_data(make_pair: Callable[..., Pair]) -> None:
     """Which fsyncs travel: unflagged writes need a FLUSH (and a local
     fdatasync), durable writes and repeated fsyncs need neither."""
