@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 PING_INTERVAL = "1"
@@ -14,6 +15,12 @@ HA_ARGS = (
     "--primary-sync-ip 198.19.0.1 --secondary-sync-ip 198.19.0.2 "
     f"--floating-ip 198.18.0.10/24 --ping-interval {PING_INTERVAL} --disk $MIRRORD_HOME/disk.img"
 )
+
+
+def sync_link_congestion_control() -> str:
+    """What the data path sets on the sync link: cubic, reno on a kernel without it (decisions.md 31)."""
+    available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    return "cubic" if "cubic" in available else "reno"
 
 
 def start_ha(lab: Any, node: str, extra: str = "", check: bool = True) -> Any:

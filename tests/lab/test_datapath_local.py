@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from hactl import sync_link_congestion_control
 from mirrord.errors import NativeError
 from mirrord.replication.native import E_STATE, PrimaryServer, Receiver
 
@@ -244,9 +245,7 @@ def _congestion_control(local_port: int) -> str:
 def test_sync_link_uses_cubic_whatever_the_system_default(make_pair: Callable[..., Pair]) -> None:
     """Both ends of the data connection are switched away from a pacing default (bbr here)."""
     _require("ss")
-    with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
-        available = f.read().split()
-    want = "cubic" if "cubic" in available else "reno"
+    want = sync_link_congestion_control()
     pair = make_pair(connect=False)
     primary_end, secondary_end = _socket_pair()
     ports = primary_end.getsockname()[1], secondary_end.getsockname()[1]

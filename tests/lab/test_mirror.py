@@ -12,7 +12,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from hactl import ha_log, in_sync, reset_pair, start_ha, start_primary_with_fs, status, stop_all, stop_ha, wait_status
+from hactl import (ha_log, in_sync, reset_pair, start_ha, start_primary_with_fs, status, stop_all, stop_ha,
+                   sync_link_congestion_control, wait_status)
 from mirrord.replication.link import PROTOCOL_VERSION
 from writer import BLOCK, block_bytes
 
@@ -55,8 +56,7 @@ def test_filesystem_writes_are_on_both_disks(pair: Any) -> None:
     # The data connection runs cubic (reno without it) at both ends whatever
     # the system default (docs/decisions.md 31); the control connection
     # keeps the default.
-    available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
-    want = "cubic" if "cubic" in available else "reno"
+    want = sync_link_congestion_control()
     for node, side in (("a1", "dport"), ("a2", "sport")):
         out = pair.run(node, f"ss -tinH state established '( {side} = :7788 )'", check=True).stdout
         assert out.split().count(want) >= 1, out
