@@ -4,8 +4,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# python3-venv and python3-dev: a clean Debian 12 has neither the venv's pip nor the headers cffi builds ext/ with.
 # fio and postgresql-15: the torture test's second workload and its database (tests/torture).
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc e2fsprogs util-linux iproute2 procps psmisc haproxy fio postgresql-15
+APT_PACKAGES := python3 python3-venv python3-dev fuse3 libfuse3-dev pkg-config gcc e2fsprogs util-linux iproute2 procps psmisc haproxy fio postgresql-15
 # Only for the tests: `vagrant validate` of vagrant/Vagrantfile (no VM is started).
 TEST_APT_PACKAGES := vagrant
 BENCH_APT_PACKAGES := rsync keepalived
@@ -25,7 +26,8 @@ all: test
 	@touch $@
 
 .stamp-venv: pyproject.toml setup.py $(wildcard ext/*.c ext/*.h ext/*.py) .stamp-apt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# pip, not python: a venv whose creation failed (no ensurepip) has a python and no pip.
+	@test -x $(VENV)/bin/pip || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } || { rm -rf $(VENV); exit 1; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from under_ci import skip_or_fail
 from write_path_report import WritePathReport
 from write_targets import GiB, MiB, build_passthrough_ll, fill_image, remove_tree, tmpfs
 
@@ -39,9 +40,7 @@ def _require() -> None:
         missing = next((t for t in ("gcc", "pkg-config", "mount", "umount") if shutil.which(t) is None), None)
     if missing:
         message = f"the write-path benchmarks need {missing}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
 
 
 @pytest.hookimpl(tryfirst=True)

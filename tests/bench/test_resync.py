@@ -39,6 +39,7 @@ from typing import Any
 
 import pytest
 
+from under_ci import skip_or_fail
 from write_targets import mirrord
 from write_workloads import GiB, KiB, MiB, LatencySummary, aligned_buffer, dsync_offsets
 
@@ -54,9 +55,7 @@ LATENCY_GOAL = 2.0
 def _require_rsync() -> None:
     if shutil.which("rsync") is None:
         message = "the resync benchmark needs rsync (Debian package rsync)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ import pytest
 
 from mirrord.net import lab as labmod
 from mirrord.net import namespaces as ns
+from under_ci import skip_or_fail
 
 Argv = str | Sequence[str]  # a str is run with `sh -c`
 
@@ -106,9 +107,7 @@ def require_lab_prerequisites() -> None:
     missing = _missing_prerequisites()
     if missing:
         message = "the namespace lab needs " + ", ".join(missing)
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
@@ -344,9 +343,7 @@ def fuse_hello(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          text=True) if shutil.which("pkg-config") else None
     if not source.exists() or cc is None or pkg is None or pkg.returncode != 0:
         message = "libfuse3-dev (examples/hello.c), pkg-config and a C compiler are needed"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
     binary = tmp_path_factory.mktemp("fuse") / "hello"
     subprocess.run([cc, "-o", str(binary), str(source), *shlex.split(pkg.stdout)], check=True,
                    capture_output=True, timeout=120)

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from under_ci import skip_or_fail
+
 pytestmark = pytest.mark.lab
 
 A_IF, B_IF = "arpa", "arpb"
@@ -33,9 +35,7 @@ HELPER_TIMEOUT = 30
 
 def require_root() -> None:
     if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the ARP lab tests need root (network namespaces, packet sockets)")
-        pytest.skip("needs root: network namespaces and packet sockets")
+        skip_or_fail("the ARP lab tests need root (network namespaces, packet sockets)")
 
 
 def in_ns(nsname: str, body: str, *args: str) -> Any:

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import pytest
 
 from hactl import ha_log, in_sync, install_named_app, reset_pair, start_ha, status, wait_status
+from under_ci import skip_or_fail
 
 pytestmark = pytest.mark.lab
 
@@ -101,9 +102,7 @@ def haproxy_binary() -> str:
     found = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
     if found is None:
         message = "HAProxy is not installed (Debian package haproxy)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
     return found
 
 

@@ -21,6 +21,7 @@ import pytest
 
 import pgapp
 from pair import Pair, PairError, other
+from under_ci import skip_or_fail
 
 pytestmark = pytest.mark.lab
 
@@ -32,9 +33,7 @@ def require_postgres() -> None:
     missing = pgapp.installed()
     if missing:
         message = f"{missing} is missing; `make test` installs it"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
 
 
 def wait_until(predicate: Any, bound: float, what: str, logs: Any) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from nemesis import CATALOGUE, Torture
 from pair import Pair
+from under_ci import skip_or_fail
 
 pytestmark = pytest.mark.lab
 
@@ -34,9 +35,7 @@ exit 0
 def require(tool: str, package: str) -> None:
     if shutil.which(tool) is None:
         message = f"`{tool}` is missing (Debian package {package}; `make test` installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(message)
 
 
 def seed_from_env() -> int:
