@@ -239,8 +239,20 @@ class LabHandle:
 
     # tear down ------------------------------------------------------------
 
-    def reap(self) -> None:
-        """Kill and reap every process started with popen."""
+    def reap(self, grace: float = 0.0) -> None:
+        """Kill and reap every process started with popen. With a ``grace``,
+        SIGTERM first: a daemon started this way then stops as systemd would
+        stop it (floating IP, mount, FUSE released), not as a crash."""
+        alive = [proc for proc in self._popens if proc.poll() is None]
+        if grace > 0:
+            for proc in alive:
+                proc.terminate()
+            deadline = time.monotonic() + grace
+            for proc in alive:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
         for proc in self._popens:
             if proc.poll() is None:
                 proc.kill()

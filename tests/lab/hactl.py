@@ -73,10 +73,18 @@ def stop_all(lab: Any) -> None:
         lab.run(node, "mirrord shutdown >/dev/null 2>&1; true", timeout=30)
 
 
+# A popen'd daemon may hand the service over before it stops (as on systemctl stop).
+REAP_GRACE = 60.0
+
+
 def reset_pair(lab: Any) -> None:
-    """After a test: both appliances powered, thawed, cabled, standalone, with no HA state."""
+    """After a test: both appliances powered, thawed, cabled, standalone, with no HA state,
+    and nothing the test started with lab.popen still running (a writer left by a failed
+    assertion would keep the disk busy for the next test)."""
     for node in ("a1", "a2"):
-        lab.thaw(node)
+        lab.thaw(node)  # a frozen process cannot act on its SIGTERM
+    lab.reap(REAP_GRACE)
+    for node in ("a1", "a2"):
         if lab.run(node, "true").returncode != 0:  # a crashed node: power it back
             lab.boot(node)
         lab.heal(node, "all")

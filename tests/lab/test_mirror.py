@@ -93,12 +93,15 @@ def test_initial_sync_under_a_running_writer(pair: Any) -> None:
     start_ha(pair, "a1")
     writer = pair.popen("a1", [sys.executable, WRITER, f"{pair.home('a1')}/dev/r0", "0", "65536", "sync-race",
                                "random"], stdout=subprocess.DEVNULL)
-    time.sleep(0.5)
-    start_ha(pair, "a2")
-    wait_status(pair, "a2", lambda s: s["disk"]["state"] == "UpToDate" and s["disk"]["sync_percent"] >= 100)
-    time.sleep(0.5)
-    writer.kill()
-    writer.wait(timeout=10)
+    try:
+        time.sleep(0.5)
+        start_ha(pair, "a2")
+        wait_status(pair, "a2", lambda s: s["disk"]["state"] == "UpToDate" and s["disk"]["sync_percent"] >= 100)
+        time.sleep(0.5)
+        assert writer.poll() is None, f"the writer exited {writer.returncode} before the sync finished"
+    finally:
+        writer.kill()
+        writer.wait(timeout=10)
     assert status(pair, "a1")["peer_connected"]
     assert images_identical(pair), first_difference(pair)
 
@@ -174,9 +177,11 @@ def test_returning_secondary_gets_only_what_changed(pair: Any) -> None:
     # 4 MiB of 4 KiB writes at random offsets while the secondary is away.
     writer = pair.popen("a1", [sys.executable, WRITER, f"{pair.home('a1')}/dev/r0", "0", "65536", "away", "random"],
                         stdout=subprocess.PIPE, text=True)
-    s1 = wait_status(pair, "a1", lambda s: s["replication"].get("dirty_blocks", 0) >= 1024, timeout=60)
-    writer.kill()
-    writer.wait(timeout=10)
+    try:
+        wait_status(pair, "a1", lambda s: s["replication"].get("dirty_blocks", 0) >= 1024, timeout=60)
+    finally:
+        writer.kill()
+        writer.wait(timeout=10)
     s1 = status(pair, "a1")
     dirty = s1["replication"]["dirty_blocks"] * s1["replication"]["dirty_granularity"]
     assert s1["mode"] == "primary" and not s1["peer_connected"]

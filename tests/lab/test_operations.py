@@ -22,7 +22,8 @@ from typing import Any, Iterator
 import pytest
 
 import mirrord
-from hactl import HA_ARGS, forget_ha_state, ha_log, in_sync, start_ha, start_primary_with_fs, status, stop_all, wait_status
+from hactl import (HA_ARGS, REAP_GRACE, forget_ha_state, ha_log, in_sync, start_ha, start_primary_with_fs, status,
+                   stop_all, wait_status)
 
 pytestmark = pytest.mark.lab
 
@@ -49,6 +50,7 @@ def pair(lab: Any) -> Iterator[Any]:
         wait_status(lab, "a1", in_sync, timeout=120)
         yield lab
     finally:
+        lab.reap(REAP_GRACE)
         lab.run("a1", f"{FAST_SYNC} 2>/dev/null; true")
         stop_all(lab)
         forget_ha_state(lab)

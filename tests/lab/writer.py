@@ -4,8 +4,8 @@ Run inside a node: ``python writer.py DEVICE START_BLOCK COUNT TAG [random]``.
 Each 4 KiB block written carries a unique header (tag, block number, counter)
 and is written with O_DIRECT|O_DSYNC; only after pwrite returns does the
 writer print ``ACK <block> <counter>``: a printed line is an acknowledged
-write. With ``random`` it writes random blocks in the range forever (until
-killed), otherwise blocks START..START+COUNT once each.
+write. With ``random`` it writes random blocks in the range until killed, or
+for RANDOM_SECONDS at most; otherwise blocks START..START+COUNT once each.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import mmap
 import os
 import random
 import sys
+import time
 
 BLOCK = 4096
+# pytest's timeout: a writer that a failed test never killed still stops by itself.
+RANDOM_SECONDS = 300.0
 
 
 def block_bytes(tag: str, block: int, counter: int) -> bytes:
@@ -32,10 +35,9 @@ def main() -> None:
     buf = mmap.mmap(-1, BLOCK)
     rng = random.Random(tag)
     counter = 0
-    while True:
+    deadline = time.monotonic() + RANDOM_SECONDS
+    while (time.monotonic() < deadline) if randomly else (counter < count):
         block = start + (rng.randrange(count) if randomly else counter)
-        if not randomly and counter >= count:
-            break
         buf.seek(0)
         buf.write(block_bytes(tag, block, counter))
         os.pwrite(fd, buf, block * BLOCK)
