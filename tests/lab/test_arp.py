@@ -114,28 +114,24 @@ def pair() -> Iterator[tuple[str, str]]:
                 print(f"could not remove namespace {n}: {exc}", file=sys.stderr)
 
 
+# How long DAD waits, and when it probes again, is tested on a fake clock in tests/unit/test_arp_frames.py.
 DAD = """
-import time
 from mirrord.net import arp
 arp.preload()
-t = time.monotonic()
-used = arp.address_in_use(sys.argv[2], sys.argv[3], float(sys.argv[4]))
-print(json.dumps({"used": used is not None, "mac": used, "elapsed": time.monotonic() - t}))
+print(json.dumps({"mac": arp.address_in_use(sys.argv[2], sys.argv[3], float(sys.argv[4]))}))
 """
 
 
 def test_dad_sees_an_address_the_other_namespace_holds(pair: tuple[str, str]) -> None:
-    _, b = pair
+    a, b = pair
     r = in_ns(b, DAD, A_IP, B_IF, "2.0")
-    assert r["used"] is True
-    assert r["elapsed"] < 1.0  # answered, not timed out
+    assert r["mac"] == mac_of(a, A_IF)  # the holder answered (a timeout gives None)
 
 
 def test_dad_says_free_for_a_free_address(pair: tuple[str, str]) -> None:
     _, b = pair
     r = in_ns(b, DAD, FREE, B_IF, "0.5")
-    assert r["used"] is False
-    assert 0.45 <= r["elapsed"] < 1.0  # bounded by the timeout
+    assert r["mac"] is None
 
 
 def test_gratuitous_arp_moves_the_neighbour_entry(pair: tuple[str, str]) -> None:
@@ -150,15 +146,11 @@ def test_gratuitous_arp_moves_the_neighbour_entry(pair: tuple[str, str]) -> None
         r.addr("add", index=link_index(a, A_IF), address=FLOATING, prefixlen=PREFIX)
     try:
         result = in_ns(a, """
-            import time
             from mirrord.net import arp
             arp.preload()
-            t = time.monotonic()
-            sent = arp.announce(sys.argv[2], sys.argv[3], count=3, spacing=0.1)
-            print(json.dumps({"sent": sent, "elapsed": time.monotonic() - t}))
+            print(json.dumps({"sent": arp.announce(sys.argv[2], sys.argv[3], count=3, spacing=0.1)}))
         """, FLOATING, A_IF)
         assert result["sent"] == 6  # a request and a reply per round
-        assert result["elapsed"] < 3 * 0.1
 
         deadline = time.monotonic() + 2.0
         seen = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -96,3 +98,76 @@ def test_preload_does_not_read_routes_and_makes_later_use_cheap() -> None:
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+# -- the timing of announce and DAD, on a fake clock (the lab test checks the frames on the wire) --
+
+
+class FakeTime:
+    """Stands in for the time module inside arp: sleeping and select waits only move ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class FakeSocket:
+    """A packet socket whose sends cost ``send_cost`` seconds of the fake clock."""
+
+    def __init__(self, clock: FakeTime, send_cost: float = 0.0) -> None:
+        self.clock = clock
+        self.send_cost = send_cost
+        self.sent_at: list[float] = []
+
+    def send(self, frame: bytes) -> int:
+        self.sent_at.append(self.clock.now)
+        self.clock.now += self.send_cost
+        return len(frame)
+
+    def __enter__(self) -> "FakeSocket":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_link(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeTime, FakeSocket]:
+    clock = FakeTime()
+    sock = FakeSocket(clock, send_cost=0.01)
+    monkeypatch.setattr(arp, "time", clock)
+    monkeypatch.setattr(arp, "_open", lambda iface: (sock, MINE))
+    return clock, sock
+
+
+def test_announce_is_paced_from_its_start_and_ends_after_its_last_round(
+        fake_link: tuple[FakeTime, FakeSocket]) -> None:
+    clock, sock = fake_link
+    assert arp.announce(IP, "eth0", count=3, spacing=0.1) == 6  # a request and a reply per round
+    # Rounds start 0.1 s apart although each round's sends take 0.02 s: the pace does not drift.
+    assert [round(t - 100.0, 6) for t in sock.sent_at[::2]] == [0.0, 0.1, 0.2]
+    # No wait after the last round: (count - 1) * spacing plus the sends, under count * spacing.
+    assert round(clock.now - 100.0, 6) == 0.22
+
+
+def test_dad_of_a_free_address_probes_twice_and_waits_exactly_its_timeout(
+        fake_link: tuple[FakeTime, FakeSocket], monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, sock = fake_link
+    sock.send_cost = 0.0
+
+    def silent_select(rlist: list[Any], wlist: list[Any], xlist: list[Any], timeout: float) -> tuple[list[Any], ...]:
+        clock.now += timeout  # nobody answers: every wait runs to its end
+        return [], [], []
+
+    monkeypatch.setattr(arp, "select", SimpleNamespace(select=silent_select))
+    assert arp.address_in_use(IP, "eth0", timeout=0.5) is None
+    # A second probe half way (one lost frame must not make a held address look free), and no wait past the timeout.
+    assert [round(t - 100.0, 6) for t in sock.sent_at] == [0.0, 0.25]
+    assert round(clock.now - 100.0, 6) == 0.5

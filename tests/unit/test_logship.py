@@ -195,19 +195,15 @@ def test_only_the_peer_address_is_accepted(homes: tuple[Home, Home]) -> None:
 def test_backlog_is_shipped_after_reconnect(homes: tuple[Home, Home]) -> None:
     a, b = homes
     log = HALog(a)
-    receiver = LogReceiver(b, (ME, 0), ME, SECRET)
-    receiver.start()
-    port = receiver.port
-    shipper = LogShipper(a, (ME, port), ME, SECRET, poll=0.02)
     copy = peer_file(b, ME, "ha.log")
-    with shipper:
+    with LogReceiver(b, (ME, 0), ME, SECRET) as first, \
+            LogShipper(a, (ME, first.port), ME, SECRET, poll=0.02) as shipper:
         log.log("one")
         assert wait_until(lambda: b"one" in read(copy))
-        receiver.stop()
+        first.stop()
         log.log("two, while the receiver is down")
         time.sleep(0.1)
-        receiver = LogReceiver(b, (ME, port), ME, SECRET)
-        with receiver:
+        with LogReceiver(b, shipper.peer, ME, SECRET):  # the same port, where the shipper retries
             log.log("three")
             assert wait_until(lambda: b"three" in read(copy), timeout=8)
     lines = read(copy).decode().splitlines()
@@ -253,15 +249,20 @@ def test_bind_in_use_is_mirrord_error(homes: tuple[Home, Home]) -> None:
             LogReceiver(b, (ME, first.port), ME, None).start()
 
 
-def test_stop_is_bounded_with_a_connected_shipper(homes: tuple[Home, Home]) -> None:
+def test_stop_ends_every_thread_with_a_connected_shipper(homes: tuple[Home, Home]) -> None:
     a, b = homes
+    before = set(threading.enumerate())
     shipper, receiver = pair(a, b, SECRET, SECRET)
-    shipper.start()
-    assert wait_until(lambda: shipper.counters.connections == 1)
-    t = time.monotonic()
-    receiver.stop()
-    shipper.stop()
-    assert time.monotonic() - t < 1.5
+    with receiver, shipper:
+        assert wait_until(lambda: shipper.counters.connections == 1)
+        started = set(threading.enumerate()) - before
+        assert {t.name for t in started} == {"logship", "logreceive", "logreceive-conn"}
+        receiver.stop()
+        shipper.stop()
+        # stop() gives up quietly when its join times out: a thread still alive here is one it did not wake.
+        # The connection's handler is not joined: it ends once its socket is shut down.
+        assert not [t.name for t in started if t.name != "logreceive-conn" and t.is_alive()]
+        assert wait_until(lambda: not any(t.is_alive() for t in started))
 
 
 def test_offset_of_last_finds_the_line_start(tmp_path: Path) -> None:
