@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 # python3-venv and python3-dev: a clean Debian 12 has neither the venv's pip nor the headers cffi builds ext/ with.
 # fio and postgresql-15: the torture test's second workload and its database (tests/torture).
 APT_PACKAGES := python3 python3-venv python3-dev fuse3 libfuse3-dev pkg-config gcc e2fsprogs util-linux iproute2 procps psmisc haproxy fio postgresql-15
-# Only for the tests: `vagrant validate` of vagrant/Vagrantfile (no VM is started).
-TEST_APT_PACKAGES := vagrant
+# Only for the tests: `vagrant validate` of vagrant/Vagrantfile (no VM is started), shellcheck of vagrant/provision.sh.
+TEST_APT_PACKAGES := vagrant shellcheck
 BENCH_APT_PACKAGES := rsync keepalived
 
 .PHONY: all setup demo test unit lab torture bench clean
