@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import sys
@@ -43,7 +44,11 @@ def torture_lab(make_lab: Any, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
                 log = lab.home(node) / "log" / "ha.log"
                 if log.exists():
                     shutil.copy(log, tmp_path / f"{node}-ha.log")
-            reset_pair(lab)
-            shutil.rmtree(MOUNT_ROOT / lab.name, ignore_errors=True)
+            try:
+                reset_pair(lab)
+            finally:
+                shutil.rmtree(MOUNT_ROOT / lab.name, ignore_errors=True)
+                with contextlib.suppress(OSError):  # not empty: a torture run in another checkout uses it
+                    MOUNT_ROOT.rmdir()
 
 
