@@ -141,7 +141,8 @@ def test_losing_one_volumes_link_reconnects_all_and_they_end_up_in_sync(pair: An
     wait_status(pair, "a1", all_in_sync, timeout=120)
     pair.run("a1", "mirrord debug corrupt-next 1", check=True)  # breaks volume r0's link only
     pair.run("a1", "head -c 64K /dev/urandom > $MIRRORD_HOME/m0/after && sync", check=True)
-    pair.wait_for(lambda: "dropped the links of" in ha_log(pair, "a1"), timeout=30)
+    assert pair.wait_for(lambda: "dropped the links of" in ha_log(pair, "a1"), timeout=30), \
+        "the corrupt frame never dropped the links"
     s1 = wait_status(pair, "a1", all_in_sync, timeout=120)
     assert s1["mode"] == "primary"
     # No volume is left Outdated on the secondary: every one reconnected and resynced.
@@ -166,7 +167,7 @@ def test_a_peer_with_another_number_of_volumes_is_reported(pair: Any) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     done = pair.run("a1", f"startHA {HA_ARGS}", timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    pair.wait_for(lambda: "volumes here 1 / peer 2" in ha_log(pair, "a1"), timeout=30)
+    assert pair.wait_for(lambda: "volumes here 1 / peer 2" in ha_log(pair, "a1"), timeout=30), ha_log(pair, "a1")
     assert "volumes here 2 / peer 1" in ha_log(pair, "a2")
 
 

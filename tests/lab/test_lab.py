@@ -123,7 +123,7 @@ def test_exec_environment_cwd_pid_and_exit_codes(lab: "LabHandle", tmp_path: Pat
     # the Popen pid is the command's pid, in the node's cgroup and namespaces
     proc = lab.popen("a2", ["sleep", "30"])
     background.append(proc)
-    lab.wait_for(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(b"sleep"), 5)
+    assert lab.wait_for(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(b"sleep"), 5)
     assert Path(f"/proc/{proc.pid}/cmdline").read_bytes() == b"sleep\x0030\x00"
     assert f"freezer:/mirrord-lab/{lab.name}/a2" in Path(f"/proc/{proc.pid}/cgroup").read_text()
     assert ns.ns_id(f"/proc/{proc.pid}/ns/net") == ns.ns_id(ns.netns_path(lab.netns("a2")))

@@ -143,7 +143,8 @@ def test_protocol_version_mismatch_is_refused(pair: Any) -> None:
 def test_disk_in_use_is_refused(pair: Any) -> None:
     holder = pair.popen("a2", "exec 3<>$MIRRORD_HOME/disk.img; exec sleep 60")
     try:
-        pair.wait_for(lambda: "disk.img" in pair.run("a2", f"ls -l /proc/{holder.pid}/fd").stdout, timeout=10)
+        assert pair.wait_for(lambda: "disk.img" in pair.run("a2", f"ls -l /proc/{holder.pid}/fd").stdout,
+                             timeout=10), "the holder never opened disk.img"
         done = start_ha(pair, "a2", check=False)
         assert done.returncode == 3, done.stderr
         assert "is in use by process" in done.stderr

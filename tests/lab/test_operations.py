@@ -174,16 +174,17 @@ def kill_daemon(lab: Any, node: str) -> None:
     """kill -9: what an OOM kill or a crash of the daemon alone does (the machine stays up)."""
     pid = daemon_pid(lab, node)
     os.kill(pid, signal.SIGKILL)
-    lab.wait_for(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
-                 .lower(), timeout=10)
+    assert lab.wait_for(lambda: not Path(f"/proc/{pid}").exists()
+                        or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), timeout=10), \
+        f"{node}'s daemon (pid {pid}) outlived SIGKILL"
 
 
 def systemd_start(lab: Any, node: str) -> None:
     """What systemd's Restart= does: `mirrord daemon` in the foreground, with no command given."""
     before = daemon_pid(lab, node)
     lab.popen(node, ["mirrord", "daemon"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lab.wait_for(lambda: daemon_pid(lab, node) != before and lab.run(node, "HAstatus --json").returncode == 0,
-                 timeout=30)
+    assert lab.wait_for(lambda: daemon_pid(lab, node) != before and lab.run(node, "HAstatus --json").returncode == 0,
+                        timeout=30), f"no new daemon answered on {node}"
 
 
 def test_restarted_daemons_never_come_back_primary(pair: Any) -> None:
@@ -303,7 +304,8 @@ def read_until(fd: int, marker: str, timeout: float = 30.0) -> str:
 
 def test_restricted_shell_through_a_terminal(lab: Any) -> None:
     lab.popen("a1", ["mirrord", "daemon"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lab.wait_for(lambda: lab.run("a1", "HAstatus --json").returncode == 0, timeout=30)
+    assert lab.wait_for(lambda: lab.run("a1", "HAstatus --json").returncode == 0, timeout=30), \
+        "the daemon never answered"
     master, slave = os.openpty()
     proc = subprocess.Popen(lab.exec_argv("a1", ["mirrord", "shell"]), stdin=slave, stdout=slave, stderr=slave,
                             env=lab.env, start_new_session=True)
