@@ -12,12 +12,14 @@ without them, fails under CI=true.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,7 @@ MiB = 1 << 20
 EXT = 4 * MiB
 SIZE = 512 * MiB
 CHILD = str(Path(__file__).with_name("al_server.py"))
+EXPECT_TIMEOUT = 60.0  # for the child's mount or peer to come up on a busy host
 
 
 def _image(path: Path) -> Path:
@@ -58,7 +61,7 @@ def _write(dev: Path, off: int, length: int = 4 * KiB, fill: int = 0x5A) -> None
 
 def _unmount(dev: Path) -> None:
     if _mounted(dev):
-        subprocess.run(["umount", "-l", str(dev)], check=False)
+        subprocess.run(["umount", "-l", str(dev)], check=False, timeout=30)
 
 
 @pytest.fixture
@@ -142,7 +145,9 @@ class Child:
         self.dev, self.al, self.img = tmp_path / "r0", tmp_path / "v.al", _image(tmp_path / "a.img")
         self.dev.touch()
         argv = [sys.executable, CHILD, str(self.img), str(self.dev), str(self.al), str(slots)]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # Unbuffered: a command written to stdin goes out at once, and _expect reads stdout's fd itself.
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self._out = b""
         try:
             self._expect("ready")
         except BaseException:
@@ -150,16 +155,26 @@ class Child:
             raise
 
     def _expect(self, word: str) -> None:
+        """The child's next line is ``word``; a child that hangs (e.g. its mount never comes up) fails it."""
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # ends with the child: bounded by its life
-        if line.strip() != word:
-            raise AssertionError(f"the server process did not say {word!r} (exit {self.proc.poll()})")
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + EXPECT_TIMEOUT
+        while b"\n" not in self._out:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise AssertionError(f"the server process did not say {word!r} in {EXPECT_TIMEOUT} s")
+            chunk = os.read(fd, 4096)
+            if not chunk:  # it exited
+                break
+            self._out += chunk
+        line, _, self._out = self._out.partition(b"\n")
+        if line.strip() != word.encode():
+            raise AssertionError(f"the server process did not say {word!r} (said {line!r}, exit {self.proc.poll()})")
 
     def attach_silent_peer(self) -> None:
         """From now on every write stays in flight (see al_server.py)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write("silent-peer\n")
-        self.proc.stdin.flush()
+        self.proc.stdin.write(b"silent-peer\n")
         self._expect("attached")
 
     def kill(self) -> None:
@@ -175,24 +190,29 @@ class Child:
         return self.loop
 
     def close(self) -> None:
-        self.kill()
-        if self.loop is not None:
-            volume.detach_loop(self.loop)
-        _unmount(self.dev)
+        """Kill, detach, unmount: each step even when the one before it failed."""
+        try:
+            self.kill()
+        finally:
+            try:
+                if self.loop is not None:
+                    volume.detach_loop(self.loop)
+                    self.loop = None
+            finally:
+                _unmount(self.dev)
 
 
 @pytest.fixture
 def child(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    children: list[Child] = []
+    closes = ExitStack()  # every child is closed even when closing another one raised
 
     def make(slots: int) -> Child:
         c = Child(tmp_path, slots)
-        children.append(c)
+        closes.callback(c.close)
         return c
 
-    yield make
-    for c in children:
-        c.close()
+    with closes:
+        yield make
 
 
 def test_crash_leaves_every_written_extent_listed(child: Callable[..., Child]) -> None:
