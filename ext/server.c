@@ -611,11 +611,13 @@ static struct pending *retire_acked(struct mrd_server *s, const struct mrd_frame
          * copy pass) sends it again. */
         mrd_bitmap_set_range(s->bm, e->off, e->len);
         s->verify_diff_bytes += e->len;
-    } else if (e->kind != P_FLUSH && (!e->verify || e->checksum)) {
+    } else if (e->kind == P_FLUSH) {
+        /* Only a FLUSH_ACK means durable: the peer fdatasyncs before it. */
+        if (e->seq > s->peer_durable_seq)
+            s->peer_durable_seq = e->seq; /* the peer applies in order */
+    } else if (!e->verify || e->checksum) {
         mrd_bitmap_clear_range(s->bm, e->off, e->len);
     }
-    else if (e->seq > s->peer_durable_seq)
-        s->peer_durable_seq = e->seq; /* the peer applies in order */
     if (e->kind == P_SYNC) {
         s->sync_inflight--;
         if (e->verify)

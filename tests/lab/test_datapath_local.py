@@ -709,6 +709,27 @@ def test_online_verify_finds_a_flipped_byte_and_the_resync_repairs_it(make_pair:
     assert _identical(pair.a, pair.b)
 
 
+def test_online_verify_leaves_the_next_fsync_its_flush(make_pair: Callable[..., Pair]) -> None:
+    """A verify's VERIFY_SAME answers make nothing durable on the peer: the
+    fsync after a plain write still sends its FLUSH (it was skipped when a
+    VERIFY_SAME moved the peer's durability watermark)."""
+    pair = make_pair(size=8 * MiB)
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwrite(fd, _aligned(random.Random(41).randbytes(4 * KiB)), 0)
+        before = pair.server.durability_stats().flush_frames
+        assert pair.receiver is not None
+        rflushes = pair.receiver.stats().flushes
+        _verify(pair)
+        os.fsync(fd)
+        assert pair.server.durability_stats().flush_frames == before + 1
+        assert pair.receiver.stats().flushes == rflushes + 1
+    finally:
+        os.close(fd)
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
 def test_online_verify_under_writes_reports_no_false_difference(make_pair: Callable[..., Pair]) -> None:
     """Writes racing the verify: each chunk is compared in stream order, so an in-flight write never shows."""
     size = 64 * MiB
