@@ -48,6 +48,10 @@
  * sends"); below it a copy costs less than pinning pages and holding the
  * FUSE worker until the ack. */
 #define ZC_MIN (256u << 10)
+/* Default bounds on what the peer acked but has not made durable (see
+ * "Unflushed ranges"); docs/decisions.md 32 says why these values. */
+#define UNFLUSHED_MAX_BYTES (64ull << 20)
+#define UNFLUSHED_MAX_MS 1000u
 
 enum { PEER_NONE, PEER_CONNECTED, PEER_FAILED };
 enum { P_WRITE, P_FLUSH, P_SYNC };
@@ -81,11 +85,19 @@ struct pending {
     int verify;   /* P_SYNC sent as VERIFY: answered SAME or DIFF, nothing written */
     int checksum; /* ... by a checksum sync: SAME means the peer holds the chunk */
     int sync_flush; /* P_FLUSH that ends a sync: counted in sync_inflight */
+    int durable;    /* sent with MRD_FRAME_F_SYNC: its ack means durable */
     struct op *op;
     uint64_t t_sent;
     /* Payload sent zero-copy: the writer's count of such frames not yet
      * acked or failed, under pend_mu (NULL for a copied payload). */
     int *zc_out;
+};
+
+/* A range the peer acked but may still hold only in its page cache (see
+ * "Unflushed ranges"). */
+struct unflushed {
+    uint64_t seq, off, t_acked;
+    uint32_t len;
 };
 
 /* One frame on the send queue (see tx_drain); lives with its owner, who
@@ -151,6 +163,17 @@ struct mrd_server {
      * covers every frame sent before it. A flush needs a FLUSH frame only
      * while peer_dirty_seq > peer_durable_seq. */
     uint64_t peer_dirty_seq, peer_durable_seq;
+    /* Unflushed ranges of this connection, under pend_mu: unfl[unfl_head ..
+     * unfl_head + unfl_n) in ack (= seq) order, unfl_bytes their total;
+     * flush_sent_seq is the last FLUSH queued on it. The flusher thread
+     * (flush_cv, a CLOCK_MONOTONIC condition) sends a FLUSH of its own when
+     * they exceed unfl_max_bytes or the oldest is unfl_max_ns old. */
+    struct unflushed *unfl;
+    size_t unfl_head, unfl_n, unfl_cap;
+    uint64_t unfl_bytes, flush_sent_seq, unfl_max_bytes, unfl_max_ns;
+    pthread_cond_t flush_cv;
+    pthread_t flush_th;
+    int flush_live;
     int sync_inflight;
     int corrupt_next; /* atomic */
 
@@ -330,6 +353,76 @@ static int release_held(struct mrd_server *s, int to)
     return was;
 }
 
+/* ---- unflushed ranges -------------------------------------------------- */
+
+/* Unflushed ranges (DRBD's transfer log, which keeps requests until the
+ * barrier ack of their epoch). The receiver acks a WRITE or a sync chunk
+ * once it is in its page cache; only the FLUSH_ACK of a later FLUSH means
+ * it is on its disk. The dirty bit is still cleared at the ack, so that
+ * HAstatus shows nothing dirty in normal operation, but the range is kept
+ * here (seq, offset, length) until such a FLUSH_ACK. If the connection is
+ * lost first, the secondary may lose the range as well (power loss,
+ * reboot) and nothing would send it again: fail_peer marks every range
+ * still kept dirty, and the next resync sends it. Frames sent with F_SYNC
+ * are durable at their ack and are not kept.
+ *
+ * The list is bounded without making any write wait: the flusher thread
+ * sends a FLUSH of its own once the kept ranges add up to unfl_max_bytes
+ * or the oldest is unfl_max_ns old. Its frame is queued like any other and
+ * no FUSE request waits for its ack. A clean stop sends one and waits for
+ * it (stop_serving), so that it can report nothing dirty. */
+
+/* Keep e's range, acked at now; under pend_mu. 0, or -ENOMEM: the caller
+ * then leaves the range dirty. */
+static int unflushed_add(struct mrd_server *s, const struct pending *e, uint64_t now)
+{
+    if (s->unfl_n == s->unfl_cap) {
+        size_t cap = s->unfl_cap ? 2 * s->unfl_cap : 1024;
+        struct unflushed *u = realloc(s->unfl, cap * sizeof *u);
+        if (!u)
+            return -ENOMEM;
+        /* The ring was full: its wrapped part [0, head) moves past the old
+         * end, so that indexes modulo the new capacity still run in order. */
+        memcpy(u + s->unfl_cap, u, s->unfl_head * sizeof *u);
+        s->unfl = u;
+        s->unfl_cap = cap;
+    }
+    s->unfl[(s->unfl_head + s->unfl_n) & (s->unfl_cap - 1)] =
+        (struct unflushed){.seq = e->seq, .off = e->off, .t_acked = now, .len = e->len};
+    int wake = !s->unfl_n || (s->unfl_bytes < s->unfl_max_bytes && s->unfl_bytes + e->len >= s->unfl_max_bytes);
+    s->unfl_n++;
+    s->unfl_bytes += e->len;
+    if (wake) /* the age timer starts, or the size bound was crossed */
+        pthread_cond_signal(&s->flush_cv);
+    return 0;
+}
+
+/* A FLUSH with this seq was acked: forget what it made durable (the
+ * receiver acks in order, so that is a prefix of the ring); under pend_mu. */
+static void unflushed_flushed(struct mrd_server *s, uint64_t flush_seq)
+{
+    while (s->unfl_n && s->unfl[s->unfl_head].seq < flush_seq) {
+        s->unfl_bytes -= s->unfl[s->unfl_head].len;
+        s->unfl_head = (s->unfl_head + 1) & (s->unfl_cap - 1);
+        s->unfl_n--;
+    }
+    if (s->unfl_n) /* what came after it: a fresh deadline */
+        pthread_cond_signal(&s->flush_cv);
+}
+
+/* The connection is lost: everything kept may be lost on the peer too;
+ * under pend_mu. */
+static void unflushed_to_dirty(struct mrd_server *s)
+{
+    for (size_t i = 0; i < s->unfl_n; i++) {
+        const struct unflushed *u = &s->unfl[(s->unfl_head + i) & (s->unfl_cap - 1)];
+        mrd_bitmap_set_range(s->bm, u->off, u->len);
+    }
+    s->unfl_head = s->unfl_n = 0;
+    s->unfl_bytes = 0;
+    pthread_cond_broadcast(&s->flush_cv);
+}
+
 /* The peer side of e is over: acked (ok) or lost with the connection. */
 static void complete_peer(struct mrd_server *s, struct pending *e, int ok)
 {
@@ -372,6 +465,7 @@ static void fail_peer(struct mrd_server *s, int code, const char *why, int fence
     s->head.next = s->head.prev = &s->head;
     s->in_flight = 0;
     s->sync_inflight = 0;
+    unflushed_to_dirty(s);
     for (struct pending *e = list.next; e != &list; e = e->next)
         if (e->zc_out)
             --*e->zc_out;
@@ -513,10 +607,13 @@ static int peer_queue(struct mrd_server *s, struct pending *e, uint16_t type, ui
         s->sync_inflight++;
     if (e->zc_out)
         ++*e->zc_out;
-    if (e->kind != P_FLUSH && !(flags & MRD_FRAME_F_SYNC))
+    e->durable = (flags & MRD_FRAME_F_SYNC) != 0;
+    if (e->kind != P_FLUSH && !e->durable) {
         s->peer_dirty_seq = e->seq; /* acked will not mean durable */
-    else if (e->kind == P_FLUSH)
+    } else if (e->kind == P_FLUSH) {
+        s->flush_sent_seq = e->seq;
         ADD(s->flush_frames, 1); /* counted before it can be acked */
+    }
     pthread_mutex_unlock(&s->pend_mu);
 
     uint32_t plen = e->kind == P_FLUSH ? 0
@@ -573,6 +670,49 @@ static int peer_send(struct mrd_server *s, struct pending *e, uint16_t type, uin
     return rc;
 }
 
+/* Send a FLUSH that no FUSE request waits for; flush_sent_seq is then its
+ * seq or a later FLUSH's. 0, MRD_ENOPEER or -ENOMEM. */
+static int flush_frame(struct mrd_server *s)
+{
+    struct pending *e = calloc(1, sizeof *e);
+    if (!e)
+        return -ENOMEM;
+    e->kind = P_FLUSH;
+    int rc = peer_send(s, e, MRD_FRAME_FLUSH, 0, NULL);
+    if (rc)
+        free(e);
+    return rc;
+}
+
+/* The flusher (see "Unflushed ranges"): one per connection, it only waits
+ * and queues FLUSH frames, so no writer or ack ever waits for it. At most
+ * one of its FLUSHes (or any other) is outstanding at a time. */
+static void *flusher_main(void *arg)
+{
+    struct mrd_server *s = arg;
+    pthread_mutex_lock(&s->pend_mu);
+    while (s->peer_state == PEER_CONNECTED) {
+        int outstanding = s->flush_sent_seq > s->peer_durable_seq;
+        if (!s->unfl_n || outstanding) {
+            pthread_cond_wait(&s->flush_cv, &s->pend_mu);
+            continue;
+        }
+        uint64_t due = s->unfl[s->unfl_head].t_acked + s->unfl_max_ns;
+        if (s->unfl_bytes < s->unfl_max_bytes && mrd_now_ns() < due) {
+            struct timespec ts = {(time_t)(due / 1000000000ull), (long)(due % 1000000000ull)};
+            pthread_cond_timedwait(&s->flush_cv, &s->pend_mu, &ts);
+            continue;
+        }
+        pthread_mutex_unlock(&s->pend_mu);
+        int rc = flush_frame(s);
+        pthread_mutex_lock(&s->pend_mu);
+        if (rc == -ENOMEM && s->unfl_n) /* kept ranges stay kept; try again at the next deadline */
+            s->unfl[s->unfl_head].t_acked = mrd_now_ns();
+    }
+    pthread_mutex_unlock(&s->pend_mu);
+    return NULL;
+}
+
 /* Match one ack (decoded and verified) with its pending frame and retire
  * it under pend_mu. Returns the entry, for complete_peer once pend_mu is
  * released; NULL for a PONG; *err set (pend_mu still held) for an ack that
@@ -600,7 +740,7 @@ static struct pending *retire_acked(struct mrd_server *s, const struct mrd_frame
     s->acked++;
     if (e->zc_out)
         --*e->zc_out; /* ack_main wakes the writer once the replies are out */
-    uint64_t lat = mrd_now_ns() - e->t_sent;
+    uint64_t now = mrd_now_ns(), lat = now - e->t_sent;
     s->lat_total += lat;
     if (lat > s->lat_max)
         s->lat_max = lat;
@@ -615,8 +755,13 @@ static struct pending *retire_acked(struct mrd_server *s, const struct mrd_frame
         /* Only a FLUSH_ACK means durable: the peer fdatasyncs before it. */
         if (e->seq > s->peer_durable_seq)
             s->peer_durable_seq = e->seq; /* the peer applies in order */
+        unflushed_flushed(s, e->seq);
+        pthread_cond_broadcast(&s->pend_cv); /* stop_serving may wait for it */
     } else if (!e->verify || e->checksum) {
-        mrd_bitmap_clear_range(s->bm, e->off, e->len);
+        /* A checksum sync's SAME is kept too: the peer's copy it compared
+         * may be in its page cache only. */
+        if (e->durable || unflushed_add(s, e, now) == 0)
+            mrd_bitmap_clear_range(s->bm, e->off, e->len);
     }
     if (e->kind == P_SYNC) {
         s->sync_inflight--;
@@ -731,6 +876,10 @@ static void reap_peer(struct mrd_server *s)
     if (s->ack_live) {
         pthread_join(s->ack_th, NULL);
         s->ack_live = 0;
+    }
+    if (s->flush_live) {
+        pthread_join(s->flush_th, NULL);
+        s->flush_live = 0;
     }
     pthread_mutex_lock(&s->send_mu);
     /* A drainer sends with send_mu released: the fd is ours once it is
@@ -1199,6 +1348,8 @@ int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
     s->disk_fd = s->peer_fd = s->abort_fd = -1;
     s->peer_timeout_ms = 10000;
     s->local_gen = 1;
+    s->unfl_max_bytes = UNFLUSHED_MAX_BYTES;
+    s->unfl_max_ns = UNFLUSHED_MAX_MS * 1000000ull;
     s->head.next = s->head.prev = &s->head;
     for (int i = 0; i < NSTRIPES; i++)
         pthread_mutex_init(&s->stripes[i], NULL);
@@ -1207,6 +1358,11 @@ int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
     pthread_cond_init(&s->pend_cv, NULL);
     pthread_cond_init(&s->tx_cv, NULL);
     pthread_cond_init(&s->zc_cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* deadlines come from mrd_now_ns */
+    pthread_cond_init(&s->flush_cv, &ca);
+    pthread_condattr_destroy(&ca);
     s->zc_pipe[0] = s->zc_pipe[1] = -1;
     s->txq_tail = &s->txq;
     s->start_time = time(NULL);
@@ -1241,6 +1397,18 @@ int mrd_server_set_peer_timeout(struct mrd_server *s, uint32_t timeout_ms)
     if (!s || timeout_ms < 100)
         return -EINVAL;
     s->peer_timeout_ms = timeout_ms;
+    return 0;
+}
+
+int mrd_server_set_unflushed_limit(struct mrd_server *s, uint64_t max_bytes, uint32_t max_ms)
+{
+    if (!s || !max_bytes || !max_ms)
+        return -EINVAL;
+    pthread_mutex_lock(&s->pend_mu);
+    s->unfl_max_bytes = max_bytes;
+    s->unfl_max_ns = max_ms * 1000000ull;
+    pthread_cond_broadcast(&s->flush_cv);
+    pthread_mutex_unlock(&s->pend_mu);
     return 0;
 }
 
@@ -1387,6 +1555,7 @@ int mrd_server_attach_peer(struct mrd_server *s, int sock_fd)
     /* Nothing this peer holds is known durable yet: the next frame's seq
      * is the marker, so the first flush sends a FLUSH. */
     s->peer_dirty_seq = s->next_seq + 1;
+    s->flush_sent_seq = s->peer_durable_seq; /* no FLUSH outstanding here yet */
     pthread_mutex_unlock(&s->pend_mu);
     pthread_mutex_unlock(&s->send_mu);
     int rc = mrd_thread_start(&s->ack_th, ack_main, s);
@@ -1396,6 +1565,13 @@ int mrd_server_attach_peer(struct mrd_server *s, int sock_fd)
         return rc;
     }
     s->ack_live = 1;
+    rc = mrd_thread_start(&s->flush_th, flusher_main, s);
+    if (rc) {
+        fail_peer(s, rc, "cannot start the flusher", 1);
+        reap_peer(s);
+        return rc;
+    }
+    s->flush_live = 1;
     return 0;
 }
 
@@ -1825,6 +2001,24 @@ static int stop_serving(struct mrd_server *s)
         if (pthread_cond_timedwait(&s->pend_cv, &s->pend_mu, &until) == ETIMEDOUT)
             break;
     pthread_mutex_unlock(&s->pend_mu);
+    /* What the peer acked may still be in its page cache only: losing the
+     * connection now would mark it dirty (see "Unflushed ranges"). A FLUSH,
+     * and its ack within the peer timeout, make it durable and the stop
+     * clean. */
+    if (peer_flush_needed(s) && flush_frame(s) == 0) {
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += s->peer_timeout_ms / 1000;
+        until.tv_nsec += (long)(s->peer_timeout_ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_mutex_lock(&s->pend_mu);
+        while (s->peer_durable_seq < s->flush_sent_seq && s->peer_state == PEER_CONNECTED)
+            if (pthread_cond_timedwait(&s->pend_cv, &s->pend_mu, &until) == ETIMEDOUT)
+                break;
+        pthread_mutex_unlock(&s->pend_mu);
+    }
     fail_peer(s, 0, "server stopped", 1);
     reap_peer(s);
     /* Never leave a FUSE request unanswered (unmount would wait for it):
@@ -1902,5 +2096,7 @@ void mrd_server_free(struct mrd_server *s)
     pthread_cond_destroy(&s->pend_cv);
     pthread_cond_destroy(&s->tx_cv);
     pthread_cond_destroy(&s->zc_cv);
+    pthread_cond_destroy(&s->flush_cv);
+    free(s->unfl);
     free(s);
 }

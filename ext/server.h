@@ -145,6 +145,11 @@ int mrd_server_resume(struct mrd_server *s, int how);
  * disks that are mostly equal moves only what differs). MRD_ENOPEER without a peer,
  * MRD_ESTATE if a sync or verify is running. */
 int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t flags);
+/* Bounds on what the peer acked but may hold in its page cache only (ext/
+ * server.c, "Unflushed ranges"): past max_bytes of such ranges, or when the
+ * oldest is max_ms old, the server sends a FLUSH of its own; 64 MiB and
+ * 1000 ms by default. Both > 0, else -EINVAL. Takes effect at once. */
+int mrd_server_set_unflushed_limit(struct mrd_server *s, uint64_t max_bytes, uint32_t max_ms);
 /* Ceiling on a sync's (or verify's) average rate, bytes/s; 0 = none (the
  * default). Takes effect at once, also on a running sync. Whatever the
  * ceiling, a sync yields to application writes (ext/server.c, "Pacing"). */

@@ -8,6 +8,7 @@ test); without them the tests skip, or fail under CI=true.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -123,6 +124,15 @@ class Pair:
         self.receiver = Receiver(str(self.b), self.size, secondary_end.detach())
         self.server.attach_peer(primary_end.detach())
         return self.receiver
+
+    def resync_dirty(self) -> None:
+        """Close the old receiver, connect a new one and run a dirty-only
+        resync to its end."""
+        if self.receiver is not None:
+            self.receiver.close()
+        self.connect()
+        self.server.start_sync(0, dirty_only=True)
+        _wait(lambda: not self.server.stats().sync_active)
 
     def stop(self) -> None:
         """Stop both ends (idempotent): every frame sent is applied or dropped."""
@@ -714,6 +724,7 @@ def test_online_verify_leaves_the_next_fsync_its_flush(make_pair: Callable[..., 
     fsync after a plain write still sends its FLUSH (it was skipped when a
     VERIFY_SAME moved the peer's durability watermark)."""
     pair = make_pair(size=8 * MiB)
+    pair.server.set_unflushed_limit(1 << 40, 3_600_000)  # no FLUSH of the server's own
     fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
     try:
         os.pwrite(fd, _aligned(random.Random(41).randbytes(4 * KiB)), 0)
@@ -838,6 +849,7 @@ def test_peer_drop_keeps_serving_and_dirty_resync_catches_up(make_pair: Callable
     fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
     try:
         os.pwrite(fd, _aligned(rnd.randbytes(MiB)), 0)
+        os.fsync(fd)  # durable on the peer: the drop below leaves it clean
         assert pair.server.stats().dirty_blocks == 0
         assert pair.receiver is not None
         pair.receiver.stop()  # the secondary goes away
@@ -853,10 +865,7 @@ def test_peer_drop_keeps_serving_and_dirty_resync_catches_up(make_pair: Callable
         bitmap = pair.server.dirty_bitmap()
         assert {i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1} == written
 
-        pair.receiver.close()
-        pair.connect()  # a new connection; only the dirty blocks travel
-        pair.server.start_sync(0, dirty_only=True)
-        _wait(lambda: not pair.server.stats().sync_active)
+        pair.resync_dirty()  # a new connection; only the dirty blocks travel
         stats = pair.server.stats()
         assert stats.sync_done and stats.dirty_blocks == 0
         assert stats.bytes_synced == len(written) * 4 * KiB
@@ -864,12 +873,94 @@ def test_peer_drop_keeps_serving_and_dirty_resync_catches_up(make_pair: Callable
         pair.server.detach_peer()  # on purpose, same bookkeeping
         os.pwrite(fd, _aligned(rnd.randbytes(4 * KiB)), 0)
         assert pair.server.stats().dirty_blocks == 1
-        pair.receiver.close()
-        pair.connect()
-        pair.server.start_sync(0, dirty_only=True)
-        _wait(lambda: not pair.server.stats().sync_active)
+        pair.resync_dirty()
     finally:
         os.close(fd)
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_acked_but_unflushed_write_lost_by_the_peer_is_resynced(make_pair: Callable[..., Pair]) -> None:
+    """The peer acks a write once it is in its page cache. If the secondary
+    then loses that cache (power loss, reboot) before any FLUSH, the range
+    must be dirty once the connection is gone, so the resync sends it again
+    (the bit was cleared at the ack and nothing ever sent it again)."""
+    pair = make_pair(size=8 * MiB)
+    pair.server.set_unflushed_limit(1 << 40, 3_600_000)  # no FLUSH of the server's own
+    where = 3 * MiB + 12 * KiB
+    before = random.Random(43).randbytes(4 * KiB)
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwrite(fd, _aligned(before), where)
+        os.fsync(fd)
+        new = _aligned(random.Random(44).randbytes(4 * KiB))
+        os.pwrite(fd, new, where)  # acked when pwrite returns; no fsync
+        stats = pair.server.stats()
+        assert stats.in_flight == 0 and stats.dirty_blocks == 0
+        assert _read_at(pair.b, where, 4 * KiB) == bytes(new)
+        # The secondary loses its page cache: its disk still holds the
+        # bytes of the flushed write before.
+        with open(pair.b, "r+b") as f:
+            f.seek(where)
+            f.write(before)
+        assert pair.receiver is not None
+        pair.receiver.stop()
+        _wait(lambda: not pair.server.stats().peer_connected)
+        assert pair.server.stats().dirty_blocks == 1
+        pair.resync_dirty()
+        stats = pair.server.stats()
+        assert stats.sync_done and stats.dirty_blocks == 0
+    finally:
+        os.close(fd)
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_unflushed_data_past_the_bound_is_flushed_by_the_server(make_pair: Callable[..., Pair]) -> None:
+    """Writes without any fsync: once the peer holds more than the bound
+    acked but not flushed, the server sends a FLUSH of its own (and none
+    before), so the list of such ranges stays bounded."""
+    pair = make_pair(size=16 * MiB)
+    pair.server.set_unflushed_limit(4 * MiB, 3_600_000)  # the size bound only
+    assert pair.receiver is not None
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        data = _aligned(random.Random(45).randbytes(MiB))
+        for i in range(3):
+            os.pwrite(fd, data, i * MiB)
+        assert pair.receiver.stats().flushes == 0  # 3 MiB: under the bound
+        for i in range(3, 9):
+            os.pwrite(fd, data, i * MiB)
+        _wait(lambda: pair.receiver is not None and pair.receiver.stats().flushes >= 1)
+        assert pair.server.stats().dirty_blocks == 0
+        pair.receiver.stop()
+        _wait(lambda: not pair.server.stats().peer_connected)
+        # The flush covered the first four MiB at least; later ones may be dirty.
+        stats = pair.server.stats()
+        assert stats.dirty_blocks * stats.dirty_granularity <= 5 * MiB
+        pair.resync_dirty()
+    finally:
+        os.close(fd)
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_clean_stop_flushes_the_peer_and_leaves_nothing_dirty(make_pair: Callable[..., Pair]) -> None:
+    """A clean stop after writes without fsync: the server flushes the peer
+    and waits for it before it reports nothing dirty."""
+    pair = make_pair(size=8 * MiB)
+    pair.server.set_unflushed_limit(1 << 40, 3_600_000)  # no FLUSH of the server's own
+    assert pair.receiver is not None
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwrite(fd, _aligned(random.Random(46).randbytes(MiB)), 0)
+        flushes = pair.receiver.stats().flushes
+        pair.server.stop()  # with the file still open: no close() flush before it
+        assert pair.receiver.stats().flushes == flushes + 1
+        assert pair.server.stats().dirty_blocks == 0
+    finally:
+        with contextlib.suppress(OSError):  # the server is gone: close's flush may fail
+            os.close(fd)
     pair.stop()
     assert _identical(pair.a, pair.b)
 
