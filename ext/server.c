@@ -68,7 +68,7 @@ struct op {
     fuse_req_t req;
     int kind;
     int refs;      /* atomic */
-    int local_err; /* positive errno from the local disk, 0 if fine */
+    int local_err; /* positive errno the reply carries (local disk, or the write could not be sent), 0 if fine */
     uint64_t off;  /* writes: the range counted in flight in the activity log */
     uint32_t len;
     struct op *hnext; /* held list link (under pend_mu) */
@@ -305,6 +305,12 @@ static void op_put(struct mrd_server *s, struct op *o)
 {
     if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_ACQ_REL))
         return;
+    /* A failed write may have reached the peer but not this disk (or the
+     * reverse), and the peer's ack cleared its bits: dirty, so the resync
+     * makes the peer equal to this disk again. After every ack, so nothing
+     * clears it. */
+    if (o->kind == P_WRITE && o->local_err)
+        mrd_bitmap_set_range(s->bm, o->off, o->len);
     /* Local write done and the peer acked or is gone: the extent may cool
      * (a write the peer lost is the dirty bitmap's from here on). */
     if (o->kind == P_WRITE && s->al)
@@ -1144,28 +1150,30 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     /* Frames first, then the local write: the peer works while we pwrite,
      * and both happen inside the extent lock, so order is the same on both. */
     struct tx tx[(MAX_WRITE + FRAME_SPLIT - 1) / FRAME_SPLIT];
-    int ntx = 0, zc = size >= ZC_MIN, zc_out = 0;
+    int ntx = 0, zc = size >= ZC_MIN, zc_out = 0, unsent = 0;
     for (size_t done = 0; done < size;) {
         size_t n = size - done > FRAME_SPLIT ? FRAME_SPLIT : size - done;
         struct pending *e = calloc(1, sizeof *e);
-        int rc = MRD_ENOPEER;
-        if (e) {
-            e->kind = P_WRITE;
-            e->off = (uint64_t)off + done;
-            e->len = (uint32_t)n;
-            e->op = o;
-            e->zc_out = zc ? &zc_out : NULL;
-            __atomic_add_fetch(&o->refs, 1, __ATOMIC_RELAXED);
-            rc = peer_queue(s, e, MRD_FRAME_WRITE, dsync ? MRD_FRAME_F_SYNC : 0, buf + done, &tx[ntx]);
-            if (!rc)
-                ntx++;
-            else {
-                __atomic_sub_fetch(&o->refs, 1, __ATOMIC_RELAXED);
-                free(e);
-            }
+        if (!e) {
+            /* Untracked, the frame cannot be sent, and a connected peer
+             * would miss a write acknowledged from this disk alone: the
+             * write fails instead (op_put marks it dirty). */
+            unsent = ENOMEM;
+            break;
         }
-        if (rc)
+        e->kind = P_WRITE;
+        e->off = (uint64_t)off + done;
+        e->len = (uint32_t)n;
+        e->op = o;
+        e->zc_out = zc ? &zc_out : NULL;
+        __atomic_add_fetch(&o->refs, 1, __ATOMIC_RELAXED);
+        if (peer_queue(s, e, MRD_FRAME_WRITE, dsync ? MRD_FRAME_F_SYNC : 0, buf + done, &tx[ntx]) == 0) {
+            ntx++;
+        } else {
+            __atomic_sub_fetch(&o->refs, 1, __ATOMIC_RELAXED);
+            free(e);
             mrd_bitmap_set_range(s->bm, (uint64_t)off + done, n);
+        }
         done += n;
     }
     int rc = dsync ? mrd_pwrite_all_dsync(s->disk_fd, buf, size, (uint64_t)off)
@@ -1178,9 +1186,10 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     if (!rc && !dsync)
         __atomic_add_fetch(&s->local_gen, 1, __ATOMIC_SEQ_CST);
 
-    if (rc) {
+    if (rc || unsent) {
         pthread_mutex_lock(&s->pend_mu);
-        set_error_locked(s, "local pwrite at %llu: %s", (unsigned long long)off, strerror(-rc));
+        set_error_locked(s, "%s at %llu: %s", rc ? "local pwrite" : "replicating a write",
+                         (unsigned long long)off, strerror(rc ? -rc : unsent));
         pthread_mutex_unlock(&s->pend_mu);
         ADD(s->write_errors, 1);
     } else {
@@ -1189,7 +1198,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
         if (dsync)
             ADD(s->dsync_writes, 1);
     }
-    o->local_err = -rc;
+    o->local_err = rc ? -rc : unsent;
     op_put(s, o);
     /* After op_put: the reply need not wait for this. */
     if (!rc && !dsync && size >= MRD_WRITE_BEHIND_MIN)

@@ -965,6 +965,48 @@ def test_clean_stop_flushes_the_peer_and_leaves_nothing_dirty(make_pair: Callabl
     assert _identical(pair.a, pair.b)
 
 
+def test_failed_local_write_is_marked_dirty(tmp_path: Path) -> None:
+    """A write whose frame went out but whose local pwrite failed (ENOSPC
+    here: the primary's image lives on a tiny tmpfs) leaves the disks
+    different: its range must be dirty although the peer acked it."""
+    _require()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        size = 8 * MiB
+        a, b, dev = small / "a.img", tmp_path / "b.img", tmp_path / "r0"
+        for path in (a, b):
+            with open(path, "wb") as f:
+                f.truncate(size)
+        dev.touch()
+        pair = Pair(tmp_path, a, b, dev, size, PrimaryServer(str(a), str(dev), size))
+        try:
+            pair.server.start()
+            pair.connect()
+            fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+            try:
+                data = _aligned(random.Random(48).randbytes(MiB))
+                with pytest.raises(OSError) as ei:
+                    for i in range(size // MiB):
+                        os.pwrite(fd, data, i * MiB)
+                assert ei.value.errno == errno.ENOSPC
+            finally:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            stats = pair.server.stats()
+            assert stats.peer_connected and stats.write_errors == 1
+            assert stats.dirty_blocks * stats.dirty_granularity == MiB
+        finally:
+            pair.server.close()
+            if pair.receiver is not None:
+                pair.receiver.close()
+            if _mounted(dev):
+                subprocess.run(["umount", "-l", str(dev)], check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
 def test_stopping_a_server_never_aborts_the_next_mount(tmp_path: Path) -> None:
     """A stopped server's FUSE connection number is recycled by the next
     FUSE mount on the machine; the stop must not abort that one (it did,
