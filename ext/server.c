@@ -588,16 +588,20 @@ static void tx_drain(struct mrd_server *s)
 }
 
 /* Queue e's frame (header + payload) for the wire, as t, and send it now
- * unless a drainer is at work. Returns MRD_ENOPEER, with e and t untouched,
- * when no peer is connected; otherwise 0: e now belongs to the pending
- * machinery (acked later or failed with the peer) and the caller must
- * tx_wait(t) before payload may change. */
+ * unless a drainer is at work. Returns MRD_ENOPEER, with e and t untouched
+ * (but a write's range marked dirty), when no peer is connected; otherwise
+ * 0: e now belongs to the pending machinery (acked later or failed with the
+ * peer) and the caller must tx_wait(t) before payload may change. */
 static int peer_queue(struct mrd_server *s, struct pending *e, uint16_t type, uint16_t flags,
                       const void *payload, struct tx *t)
 {
     pthread_mutex_lock(&s->send_mu);
     pthread_mutex_lock(&s->pend_mu);
     if (s->peer_state != PEER_CONNECTED) {
+        /* Under pend_mu, before a peer can be attached: a resync started
+         * after that attach sees the bit. */
+        if (e->kind == P_WRITE)
+            mrd_bitmap_set_range(s->bm, e->off, e->len);
         pthread_mutex_unlock(&s->pend_mu);
         pthread_mutex_unlock(&s->send_mu);
         return MRD_ENOPEER;
@@ -1167,12 +1171,12 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
         e->op = o;
         e->zc_out = zc ? &zc_out : NULL;
         __atomic_add_fetch(&o->refs, 1, __ATOMIC_RELAXED);
+        /* MRD_ENOPEER: peer_queue marked the range dirty. */
         if (peer_queue(s, e, MRD_FRAME_WRITE, dsync ? MRD_FRAME_F_SYNC : 0, buf + done, &tx[ntx]) == 0) {
             ntx++;
         } else {
             __atomic_sub_fetch(&o->refs, 1, __ATOMIC_RELAXED);
             free(e);
-            mrd_bitmap_set_range(s->bm, (uint64_t)off + done, n);
         }
         done += n;
     }
@@ -1830,6 +1834,13 @@ static void *sync_main(void *arg)
         finished = sync_pass(s, s->sync_from, 1, 1, t0, &sent) && sync_pass(s, s->sync_from, 1, 0, t0, &sent);
     else
         finished = sync_pass(s, s->sync_from, dirty_only, 0, t0, &sent);
+    /* A bit set behind a pass's cursor while it ran (a write that failed
+     * locally, op_put) would be missed: passes over what is still dirty
+     * follow until one finds nothing, so that done means nothing dirty. */
+    uint64_t gran = mrd_bitmap_granularity(s->bm);
+    while (finished && !(flags & MRD_SYNC_VERIFY) &&
+           mrd_bitmap_find_next_set(s->bm, s->sync_from / gran, UINT64_MAX) >= 0)
+        finished = sync_pass(s, s->sync_from, 1, 0, t0, &sent);
     if (finished && !(flags & MRD_SYNC_VERIFY))
         finished = sync_flush(s);
     pthread_mutex_lock(&s->pend_mu);
