@@ -183,6 +183,8 @@ struct mrd_server {
      * before an fdatasync that then succeeded. A flush needs an fdatasync
      * only while they differ. Starts 1/0: the first flush always syncs. */
     uint64_t local_gen, local_synced;
+    /* Set (atomic) once a local fdatasync failed: see local_flush. */
+    int local_flush_failed;
 
     /* Fencing, under pend_mu. io_state is also read without the lock (atomic
      * acquire) on the reply fast path; it is only written under pend_mu.
@@ -1229,16 +1231,29 @@ static int peer_flush_needed(struct mrd_server *s)
 }
 
 /* Local fdatasync unless every completed write is already durable. Returns
- * 0 or a positive errno. */
+ * 0 or a positive errno.
+ *
+ * A failed fdatasync is final: the kernel may have dropped the pages it
+ * could not write, and it reports a writeback error only once, so the next
+ * fdatasync could succeed with those writes missing. Every later flush then
+ * answers EIO (what PostgreSQL does since "fsyncgate"). */
 static int local_flush(struct mrd_server *s)
 {
+    if (__atomic_load_n(&s->local_flush_failed, __ATOMIC_ACQUIRE))
+        return EIO;
     uint64_t gen = __atomic_load_n(&s->local_gen, __ATOMIC_SEQ_CST);
     uint64_t done = __atomic_load_n(&s->local_synced, __ATOMIC_SEQ_CST);
     if (gen == done)
         return 0;
     ADD(s->fdatasyncs, 1);
-    if (fdatasync(s->disk_fd) < 0)
-        return errno;
+    if (fdatasync(s->disk_fd) < 0) {
+        int err = errno;
+        __atomic_store_n(&s->local_flush_failed, 1, __ATOMIC_RELEASE);
+        pthread_mutex_lock(&s->pend_mu);
+        set_error_locked(s, "local fdatasync: %s (every later flush fails)", strerror(err));
+        pthread_mutex_unlock(&s->pend_mu);
+        return err;
+    }
     /* Every write counted in gen completed before the fdatasync started. */
     while (done < gen && !__atomic_compare_exchange_n(&s->local_synced, &done, gen, 0,
                                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
