@@ -167,7 +167,7 @@ struct mrd_server {
      * unfl_head + unfl_n) in ack (= seq) order, unfl_bytes their total;
      * flush_sent_seq is the last FLUSH queued on it. The flusher thread
      * (flush_cv, a CLOCK_MONOTONIC condition) sends a FLUSH of its own when
-     * they exceed unfl_max_bytes or the oldest is unfl_max_ns old. */
+     * they reach unfl_max_bytes or the oldest is unfl_max_ns old. */
     struct unflushed *unfl;
     size_t unfl_head, unfl_n, unfl_cap;
     uint64_t unfl_bytes, flush_sent_seq, unfl_max_bytes, unfl_max_ns;
@@ -397,10 +397,13 @@ static int unflushed_add(struct mrd_server *s, const struct pending *e, uint64_t
     }
     s->unfl[(s->unfl_head + s->unfl_n) & (s->unfl_cap - 1)] =
         (struct unflushed){.seq = e->seq, .off = e->off, .t_acked = now, .len = e->len};
-    int wake = !s->unfl_n || (s->unfl_bytes < s->unfl_max_bytes && s->unfl_bytes + e->len >= s->unfl_max_bytes);
+    /* The age bound needs no wake-up here (the flusher looks at least every
+     * unfl_max_ns): a signal per ring that fills again would cost the ack
+     * reader a futex call and a thread switch per fsync cycle. */
+    int crossed = s->unfl_bytes < s->unfl_max_bytes && s->unfl_bytes + e->len >= s->unfl_max_bytes;
     s->unfl_n++;
     s->unfl_bytes += e->len;
-    if (wake) /* the age timer starts, or the size bound was crossed */
+    if (crossed)
         pthread_cond_signal(&s->flush_cv);
     return 0;
 }
@@ -704,13 +707,12 @@ static void *flusher_main(void *arg)
     struct mrd_server *s = arg;
     pthread_mutex_lock(&s->pend_mu);
     while (s->peer_state == PEER_CONNECTED) {
-        int outstanding = s->flush_sent_seq > s->peer_durable_seq;
-        if (!s->unfl_n || outstanding) {
-            pthread_cond_wait(&s->flush_cv, &s->pend_mu);
-            continue;
-        }
-        uint64_t due = s->unfl[s->unfl_head].t_acked + s->unfl_max_ns;
-        if (s->unfl_bytes < s->unfl_max_bytes && mrd_now_ns() < due) {
+        uint64_t now = mrd_now_ns(), due = now + s->unfl_max_ns;
+        /* Ranges kept and no FLUSH outstanding (one would cover them). */
+        int kept = s->unfl_n && s->flush_sent_seq <= s->peer_durable_seq;
+        if (kept)
+            due = s->unfl[s->unfl_head].t_acked + s->unfl_max_ns;
+        if (!kept || (s->unfl_bytes < s->unfl_max_bytes && now < due)) {
             struct timespec ts = {(time_t)(due / 1000000000ull), (long)(due % 1000000000ull)};
             pthread_cond_timedwait(&s->flush_cv, &s->pend_mu, &ts);
             continue;
