@@ -965,16 +965,16 @@ def test_clean_stop_flushes_the_peer_and_leaves_nothing_dirty(make_pair: Callabl
     assert _identical(pair.a, pair.b)
 
 
-def test_failed_local_write_is_marked_dirty(tmp_path: Path) -> None:
-    """A write whose frame went out but whose local pwrite failed (ENOSPC
-    here: the primary's image lives on a tiny tmpfs) leaves the disks
-    different: its range must be dirty although the peer acked it."""
+@contextmanager
+def _pair_on_a_full_tmpfs(tmp_path: Path, size: int) -> Iterator[Pair]:
+    """A connected pair whose primary image lives on a 1 MiB tmpfs, its
+    first MiB written: any write to the rest fails with ENOSPC locally
+    (after its frame went to the peer)."""
     _require()
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
     try:
-        size = 8 * MiB
         a, b, dev = small / "a.img", tmp_path / "b.img", tmp_path / "r0"
         for path in (a, b):
             with open(path, "wb") as f:
@@ -986,17 +986,11 @@ def test_failed_local_write_is_marked_dirty(tmp_path: Path) -> None:
             pair.connect()
             fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
             try:
-                data = _aligned(random.Random(48).randbytes(MiB))
-                with pytest.raises(OSError) as ei:
-                    for i in range(size // MiB):
-                        os.pwrite(fd, data, i * MiB)
-                assert ei.value.errno == errno.ENOSPC
+                os.pwrite(fd, _aligned(random.Random(48).randbytes(MiB)), 0)
+                os.fsync(fd)
             finally:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            stats = pair.server.stats()
-            assert stats.peer_connected and stats.write_errors == 1
-            assert stats.dirty_blocks * stats.dirty_granularity == MiB
+                os.close(fd)
+            yield pair
         finally:
             pair.server.close()
             if pair.receiver is not None:
@@ -1005,6 +999,47 @@ def test_failed_local_write_is_marked_dirty(tmp_path: Path) -> None:
                 subprocess.run(["umount", "-l", str(dev)], check=False)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def _write_fails_enospc(pair: Pair, offset: int, length: int) -> None:
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.pwrite(fd, _aligned(random.Random(offset).randbytes(length)), offset)
+        assert ei.value.errno == errno.ENOSPC
+    finally:
+        with contextlib.suppress(OSError):  # close's flush
+            os.close(fd)
+
+
+def test_failed_local_write_is_marked_dirty(tmp_path: Path) -> None:
+    """A write whose frame went out but whose local pwrite failed (ENOSPC
+    here) leaves the disks different: its range must be dirty although the
+    peer acked it."""
+    with _pair_on_a_full_tmpfs(tmp_path, 8 * MiB) as pair:
+        _write_fails_enospc(pair, MiB, MiB)
+        stats = pair.server.stats()
+        assert stats.peer_connected and stats.write_errors == 1
+        assert stats.dirty_blocks * stats.dirty_granularity == MiB
+
+
+def test_sync_done_means_nothing_dirty_behind_its_cursor(tmp_path: Path) -> None:
+    """A write that fails locally during a dirty resync, behind the sync's
+    cursor, dirties a block the pass has already left: the sync copies it
+    before it reports done, so done means nothing dirty and equal disks."""
+    size = 16 * MiB
+    with _pair_on_a_full_tmpfs(tmp_path, size) as pair:
+        pair.server.mark_dirty(0, size)
+        pair.server.set_sync_rate(2 * MiB)  # about 8 s for the whole pass
+        pair.server.start_sync(0, dirty_only=True)
+        _wait(lambda: pair.server.stats().sync_offset >= 4 * MiB)
+        _write_fails_enospc(pair, MiB, 4 * KiB)
+        assert pair.server.stats().sync_active  # the failure is behind a running pass
+        _wait(lambda: not pair.server.stats().sync_active)
+        stats = pair.server.stats()
+        assert stats.sync_done and stats.dirty_blocks == 0, stats
+        pair.stop()
+        assert _identical(pair.a, pair.b)
 
 
 def test_stopping_a_server_never_aborts_the_next_mount(tmp_path: Path) -> None:
