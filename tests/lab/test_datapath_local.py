@@ -1042,6 +1042,51 @@ def test_sync_done_means_nothing_dirty_behind_its_cursor(tmp_path: Path) -> None
         assert _identical(pair.a, pair.b)
 
 
+def test_failed_local_fdatasync_fails_every_later_flush(tmp_path: Path) -> None:
+    """After a failed fdatasync the kernel reports the error once: the next
+    fdatasync succeeds although the pages it could not write are gone. So
+    every flush after a failed one must fail too. The disk is a loop
+    device whose backing file lies on a full tmpfs: its writeback fails."""
+    _require("losetup", loop=True)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        size = 8 * MiB
+        with open(small / "back", "wb") as f:
+            f.truncate(size)
+        with open(small / "fill", "wb") as f:
+            f.write(bytes(MiB))  # the tmpfs is full: no block of "back" can be allocated
+        loop = subprocess.run(["losetup", "-f", "--show", str(small / "back")],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        try:
+            dev = tmp_path / "r0"
+            dev.touch()
+            server = PrimaryServer(loop, str(dev), size)
+            try:
+                server.start()
+                fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+                try:
+                    os.pwrite(fd, _aligned(random.Random(49).randbytes(4 * KiB)), 0)  # into the page cache
+                    for _ in range(3):
+                        with pytest.raises(OSError) as ei:
+                            os.fsync(fd)
+                        assert ei.value.errno in (errno.EIO, errno.ENOSPC)
+                finally:
+                    with contextlib.suppress(OSError):  # close's flush fails the same way
+                        os.close(fd)
+                assert server.durability_stats().fdatasyncs == 1  # the later flushes did not retry
+                assert "fdatasync" in server.stats().last_error
+            finally:
+                server.close()
+                if _mounted(dev):
+                    subprocess.run(["umount", "-l", str(dev)], check=False)
+        finally:
+            subprocess.run(["losetup", "-d", loop], check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
 def test_stopping_a_server_never_aborts_the_next_mount(tmp_path: Path) -> None:
     """A stopped server's FUSE connection number is recycled by the next
     FUSE mount on the machine; the stop must not abort that one (it did,
