@@ -108,6 +108,12 @@ def _writers(dev: Path, n: int, body: Callable[[int, int], None], flags: Callabl
     assert not any(t.is_alive() for t in threads), "a writer is stuck"
 
 
+def _no_flush_of_its_own(server: PrimaryServer) -> None:
+    """Bounds no test reaches: the server sends no FLUSH to bound its
+    acked-but-unflushed ranges, so FLUSH counts are the test's alone."""
+    server.set_unflushed_limit(1 << 40, 3_600_000)
+
+
 @dataclass
 class Pair:
     dir: Path
@@ -200,6 +206,7 @@ def test_fuse_file_looks_like_the_disk(make_pair: Callable[..., Pair]) -> None:
 
 def test_writes_reach_both_disks(make_pair: Callable[..., Pair]) -> None:
     pair = make_pair()
+    _no_flush_of_its_own(pair.server)  # the FLUSH counts below are exact
     rnd = random.Random(7)
     # O_DSYNC 4 KiB writes: each one is a durable (F_SYNC) write round trip.
     # An O_DIRECT open is FOPEN_DIRECT_IO, so the kernel sends no FSYNC after
@@ -276,6 +283,7 @@ def test_flush_frames_only_when_the_peer_holds_unsynced_data(make_pair: Callable
     """Which fsyncs travel: unflagged writes need a FLUSH (and a local
     fdatasync), durable writes and repeated fsyncs need neither."""
     pair = make_pair()
+    _no_flush_of_its_own(pair.server)
     data = _aligned(random.Random(1).randbytes(4 * KiB))
     fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
     try:
@@ -724,7 +732,7 @@ def test_online_verify_leaves_the_next_fsync_its_flush(make_pair: Callable[..., 
     fsync after a plain write still sends its FLUSH (it was skipped when a
     VERIFY_SAME moved the peer's durability watermark)."""
     pair = make_pair(size=8 * MiB)
-    pair.server.set_unflushed_limit(1 << 40, 3_600_000)  # no FLUSH of the server's own
+    _no_flush_of_its_own(pair.server)
     fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
     try:
         os.pwrite(fd, _aligned(random.Random(41).randbytes(4 * KiB)), 0)
@@ -886,7 +894,7 @@ def test_acked_but_unflushed_write_lost_by_the_peer_is_resynced(make_pair: Calla
     must be dirty once the connection is gone, so the resync sends it again
     (the bit was cleared at the ack and nothing ever sent it again)."""
     pair = make_pair(size=8 * MiB)
-    pair.server.set_unflushed_limit(1 << 40, 3_600_000)  # no FLUSH of the server's own
+    _no_flush_of_its_own(pair.server)
     where = 3 * MiB + 12 * KiB
     before = random.Random(43).randbytes(4 * KiB)
     fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
@@ -949,7 +957,7 @@ def test_clean_stop_flushes_the_peer_and_leaves_nothing_dirty(make_pair: Callabl
     """A clean stop after writes without fsync: the server flushes the peer
     and waits for it before it reports nothing dirty."""
     pair = make_pair(size=8 * MiB)
-    pair.server.set_unflushed_limit(1 << 40, 3_600_000)  # no FLUSH of the server's own
+    _no_flush_of_its_own(pair.server)
     assert pair.receiver is not None
     fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
     try:
