@@ -408,8 +408,10 @@ static int unflushed_add(struct mrd_server *s, const struct pending *e, uint64_t
     return 0;
 }
 
-/* A FLUSH with this seq was acked: forget what it made durable (the
- * receiver acks in order, so that is a prefix of the ring); under pend_mu. */
+/* A FLUSH with this seq was acked: forget what it made durable; under
+ * pend_mu. The receiver acks data frames in seq order, so the ring is in
+ * seq order and that is a prefix of it (acks of frames after the FLUSH may
+ * come before its FLUSH_ACK: they stay). */
 static void unflushed_flushed(struct mrd_server *s, uint64_t flush_seq)
 {
     while (s->unfl_n && s->unfl[s->unfl_head].seq < flush_seq) {
