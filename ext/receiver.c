@@ -23,6 +23,9 @@
 /* How long an applied frame's ack may wait for others to share its send
  * while more input is still being applied. */
 #define ACK_DELAY_NS 50000ull
+/* FLUSHes the flusher thread may have waiting (see flush_main); the primary
+ * has at most one of its own outstanding, plus one per fsync in progress. */
+#define FLUSH_QUEUE 64
 
 struct mrd_receiver {
     int disk_fd, sock_fd;
@@ -38,6 +41,19 @@ struct mrd_receiver {
     uint8_t acks[ACK_BATCH * MRD_FRAME_HEADER_SIZE];
     int nacks;
     uint64_t first_ack_ns; /* when the oldest queued ack was queued */
+    /* The reader's ack batches and the flusher's FLUSH_ACKs share the
+     * socket: send_mu makes each send whole. */
+    pthread_mutex_t send_mu;
+    /* FLUSHes handed to the flusher thread, under fmu: fq[fq_head ..
+     * fq_head + fq_n) in arrival order. f_stop ends it (set by the reader
+     * when it ends, or by the flusher itself after a failed fdatasync,
+     * with f_err). */
+    pthread_mutex_t fmu;
+    pthread_cond_t fcv;
+    struct mrd_frame_header fq[FLUSH_QUEUE];
+    int fq_head, fq_n, f_stop, f_err;
+    pthread_t fth;
+    int fth_live;
 };
 
 static void set_error(struct mrd_receiver *r, int code, const char *what)
@@ -57,7 +73,9 @@ static int flush_acks(struct mrd_receiver *r)
     if (!r->nacks)
         return 0;
     struct iovec iov = {r->acks, (size_t)r->nacks * MRD_FRAME_HEADER_SIZE};
+    pthread_mutex_lock(&r->send_mu);
     int rc = mrd_send_all(r->sock_fd, &iov, 1);
+    pthread_mutex_unlock(&r->send_mu);
     pthread_mutex_lock(&r->mu);
     r->st.acks_sent += (uint64_t)r->nacks;
     pthread_mutex_unlock(&r->mu);
@@ -242,13 +260,23 @@ static int apply_frame(struct mrd_receiver *r, const struct mrd_frame_header *h,
         queue_ack(r, h->type == MRD_FRAME_WRITE ? MRD_FRAME_WRITE_ACK : MRD_FRAME_SYNC_ACK, h);
         return 0;
     case MRD_FRAME_FLUSH:
-        if (fdatasync(r->disk_fd) < 0) {
-            rc = -errno;
-            set_error(r, rc, "fdatasync of the replica");
+        /* Answered by the flusher (flush_main), so that frames behind it
+         * are applied and acked while it runs; the acks of the frames
+         * before it go out first, so its FLUSH_ACK never overtakes them. */
+        rc = flush_acks(r);
+        if (rc)
             return rc;
+        pthread_mutex_lock(&r->fmu);
+        while (r->fq_n == FLUSH_QUEUE && !r->f_stop)
+            pthread_cond_wait(&r->fcv, &r->fmu);
+        rc = r->f_err;
+        if (!r->f_stop) {
+            r->fq[(r->fq_head + r->fq_n) % FLUSH_QUEUE] = *h;
+            r->fq_n++;
+            pthread_cond_broadcast(&r->fcv);
         }
-        queue_ack(r, MRD_FRAME_FLUSH_ACK, h);
-        return 0;
+        pthread_mutex_unlock(&r->fmu);
+        return rc;
     case MRD_FRAME_PING:
         queue_ack(r, MRD_FRAME_PONG, h);
         return 0;
@@ -256,6 +284,69 @@ static int apply_frame(struct mrd_receiver *r, const struct mrd_frame_header *h,
         set_error(r, MRD_EPROTO, "unexpected frame type from the primary");
         return MRD_EPROTO;
     }
+}
+
+/* The flusher. An fdatasync in the reader would hold up every frame
+ * behind the FLUSH: the writes queued after a FLUSH the primary sends on its
+ * own (ext/server.c, "Unflushed ranges") waited 100+ ms for a second's
+ * random 4 KiB writes to reach the disk. Here it runs beside the reader.
+ * A FLUSH_ACK still covers every frame before its FLUSH: the reader hands
+ * a FLUSH over only after it pwrote every earlier frame, and the fdatasync
+ * that answers it starts after the hand-over. Later frames' acks may now
+ * overtake it; the primary matches acks by seq. One fdatasync answers
+ * every FLUSH handed over before it started. */
+static void *flush_main(void *arg)
+{
+    struct mrd_receiver *r = arg;
+    uint8_t acks[FLUSH_QUEUE * MRD_FRAME_HEADER_SIZE];
+    pthread_mutex_lock(&r->fmu);
+    for (;;) {
+        while (!r->fq_n && !r->f_stop)
+            pthread_cond_wait(&r->fcv, &r->fmu);
+        if (!r->fq_n || r->f_err) /* stopping: what was handed over is answered first */
+            break;
+        int n = r->fq_n;
+        pthread_mutex_unlock(&r->fmu);
+        int rc = fdatasync(r->disk_fd) < 0 ? -errno : 0;
+        if (rc)
+            set_error(r, rc, "fdatasync of the replica");
+        pthread_mutex_lock(&r->fmu);
+        if (rc) {
+            r->f_err = rc;
+            r->f_stop = 1;
+            pthread_cond_broadcast(&r->fcv);
+            shutdown(r->sock_fd, SHUT_RDWR); /* the reader ends, the primary sees the loss */
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            const struct mrd_frame_header *h = &r->fq[r->fq_head];
+            mrd_frame_encode(acks + i * MRD_FRAME_HEADER_SIZE, MRD_FRAME_FLUSH_ACK, 0, h->seq, h->offset, NULL, 0);
+            r->fq_head = (r->fq_head + 1) % FLUSH_QUEUE;
+        }
+        r->fq_n -= n;
+        pthread_cond_broadcast(&r->fcv); /* room for a reader waiting to hand one over */
+        pthread_mutex_unlock(&r->fmu);
+        pthread_mutex_lock(&r->mu);
+        r->st.flushes += (uint64_t)n;
+        r->st.acks_sent += (uint64_t)n;
+        pthread_mutex_unlock(&r->mu);
+        struct iovec iov = {acks, (size_t)n * MRD_FRAME_HEADER_SIZE};
+        pthread_mutex_lock(&r->send_mu);
+        rc = mrd_send_all(r->sock_fd, &iov, 1);
+        pthread_mutex_unlock(&r->send_mu);
+        pthread_mutex_lock(&r->fmu);
+        if (rc) {
+            if (!r->f_stop) /* else the reader's end already says why */
+                set_error(r, rc, "send ack");
+            r->f_err = rc;
+            r->f_stop = 1;
+            pthread_cond_broadcast(&r->fcv);
+            shutdown(r->sock_fd, SHUT_RDWR);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&r->fmu);
+    return NULL;
 }
 
 static void *rx_main(void *arg)
@@ -283,8 +374,6 @@ static void *rx_main(void *arg)
             r->st.writes++;
         else if (h.type == MRD_FRAME_SYNC_DATA || h.type == MRD_FRAME_SYNC_ZERO)
             r->st.syncs++;
-        else if (h.type == MRD_FRAME_FLUSH)
-            r->st.flushes++;
         if (h.flags & MRD_FRAME_F_SYNC)
             r->st.durable_writes++;
         if (h.type != MRD_FRAME_SYNC_ZERO && h.type != MRD_FRAME_VERIFY)
@@ -303,6 +392,14 @@ static void *rx_main(void *arg)
             h.length >= MRD_WRITE_BEHIND_MIN)
             mrd_start_writeback(r->disk_fd, h.offset, h.length);
     }
+    /* FLUSHes already handed over are answered before the connection goes
+     * (a FLUSH the reader applied is acked, as before the flusher). */
+    pthread_mutex_lock(&r->fmu);
+    r->f_stop = 1;
+    pthread_cond_broadcast(&r->fcv);
+    pthread_mutex_unlock(&r->fmu);
+    pthread_join(r->fth, NULL);
+    r->fth_live = 0;
     /* Everything applied so far has been written; acks not sent are simply
      * lost with the connection (the primary marks those blocks dirty). */
     shutdown(r->sock_fd, SHUT_RDWR);
@@ -325,6 +422,9 @@ int mrd_receiver_start(const char *disk_path, uint64_t size, int sock_fd, struct
         return -ENOMEM;
     r->disk_fd = r->sock_fd = -1;
     pthread_mutex_init(&r->mu, NULL);
+    pthread_mutex_init(&r->send_mu, NULL);
+    pthread_mutex_init(&r->fmu, NULL);
+    pthread_cond_init(&r->fcv, NULL);
     uint64_t disk_size;
     int rc = mrd_open_disk(disk_path, &disk_size);
     if (rc < 0)
@@ -350,6 +450,10 @@ int mrd_receiver_start(const char *disk_path, uint64_t size, int sock_fd, struct
      * stop() be noticed even if shutdown() raced with a blocked recv. */
     mrd_tune_socket(r->sock_fd, 30000, 500);
     r->st.connected = 1;
+    rc = mrd_thread_start(&r->fth, flush_main, r);
+    if (rc)
+        goto fail;
+    r->fth_live = 1;
     rc = mrd_thread_start(&r->th, rx_main, r);
     if (rc)
         goto fail;
@@ -357,6 +461,13 @@ int mrd_receiver_start(const char *disk_path, uint64_t size, int sock_fd, struct
     *out = r;
     return 0;
 fail:
+    if (r->fth_live) {
+        pthread_mutex_lock(&r->fmu);
+        r->f_stop = 1;
+        pthread_cond_broadcast(&r->fcv);
+        pthread_mutex_unlock(&r->fmu);
+        pthread_join(r->fth, NULL);
+    }
     if (r->sock_fd >= 0)
         close(r->sock_fd);
     if (r->disk_fd >= 0)
@@ -364,6 +475,9 @@ fail:
     free(r->buf);
     free(r->in);
     pthread_mutex_destroy(&r->mu);
+    pthread_mutex_destroy(&r->send_mu);
+    pthread_mutex_destroy(&r->fmu);
+    pthread_cond_destroy(&r->fcv);
     free(r);
     return rc;
 }
@@ -405,5 +519,8 @@ void mrd_receiver_free(struct mrd_receiver *r)
     free(r->buf);
     free(r->in);
     pthread_mutex_destroy(&r->mu);
+    pthread_mutex_destroy(&r->send_mu);
+    pthread_mutex_destroy(&r->fmu);
+    pthread_cond_destroy(&r->fcv);
     free(r);
 }

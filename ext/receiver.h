@@ -5,7 +5,9 @@
  * in arrival order (SYNC_ZERO: the range made to read as zeros; VERIFY:
  * the range read and its CRC32C compared with the primary's), and
  * acknowledges by sequence number; FLUSH is answered
- * after fdatasync, so its ack covers every frame before it. A data frame
+ * after fdatasync, so its ack covers every frame before it. That fdatasync
+ * runs on a second thread, so the frames behind a FLUSH are applied and
+ * acked meanwhile (their acks may overtake its FLUSH_ACK). A data frame
  * flagged MRD_FRAME_F_SYNC is written durably (RWF_DSYNC) before its ack. Any bad frame
  * drops the connection: bad data is never written. */
 #ifndef MIRRORD_RECEIVER_H

@@ -48,6 +48,10 @@
  * sends"); below it a copy costs less than pinning pages and holding the
  * FUSE worker until the ack. */
 #define ZC_MIN (256u << 10)
+/* Default bounds on what the peer acked but has not made durable (see
+ * "Unflushed ranges"); docs/decisions.md 32 says why these values. */
+#define UNFLUSHED_MAX_BYTES (64ull << 20)
+#define UNFLUSHED_MAX_MS 1000u
 
 enum { PEER_NONE, PEER_CONNECTED, PEER_FAILED };
 enum { P_WRITE, P_FLUSH, P_SYNC };
@@ -64,7 +68,7 @@ struct op {
     fuse_req_t req;
     int kind;
     int refs;      /* atomic */
-    int local_err; /* positive errno from the local disk, 0 if fine */
+    int local_err; /* positive errno the reply carries (local disk, or the write could not be sent), 0 if fine */
     uint64_t off;  /* writes: the range counted in flight in the activity log */
     uint32_t len;
     struct op *hnext; /* held list link (under pend_mu) */
@@ -81,11 +85,19 @@ struct pending {
     int verify;   /* P_SYNC sent as VERIFY: answered SAME or DIFF, nothing written */
     int checksum; /* ... by a checksum sync: SAME means the peer holds the chunk */
     int sync_flush; /* P_FLUSH that ends a sync: counted in sync_inflight */
+    int durable;    /* sent with MRD_FRAME_F_SYNC: its ack means durable */
     struct op *op;
     uint64_t t_sent;
     /* Payload sent zero-copy: the writer's count of such frames not yet
      * acked or failed, under pend_mu (NULL for a copied payload). */
     int *zc_out;
+};
+
+/* A range the peer acked but may still hold only in its page cache (see
+ * "Unflushed ranges"). */
+struct unflushed {
+    uint64_t seq, off, t_acked;
+    uint32_t len;
 };
 
 /* One frame on the send queue (see tx_drain); lives with its owner, who
@@ -151,6 +163,17 @@ struct mrd_server {
      * covers every frame sent before it. A flush needs a FLUSH frame only
      * while peer_dirty_seq > peer_durable_seq. */
     uint64_t peer_dirty_seq, peer_durable_seq;
+    /* Unflushed ranges of this connection, under pend_mu: unfl[unfl_head ..
+     * unfl_head + unfl_n) in ack (= seq) order, unfl_bytes their total;
+     * flush_sent_seq is the last FLUSH queued on it. The flusher thread
+     * (flush_cv, a CLOCK_MONOTONIC condition) sends a FLUSH of its own when
+     * they reach unfl_max_bytes or the oldest is unfl_max_ns old. */
+    struct unflushed *unfl;
+    size_t unfl_head, unfl_n, unfl_cap;
+    uint64_t unfl_bytes, flush_sent_seq, unfl_max_bytes, unfl_max_ns;
+    pthread_cond_t flush_cv;
+    pthread_t flush_th;
+    int flush_live;
     int sync_inflight;
     int corrupt_next; /* atomic */
 
@@ -160,6 +183,8 @@ struct mrd_server {
      * before an fdatasync that then succeeded. A flush needs an fdatasync
      * only while they differ. Starts 1/0: the first flush always syncs. */
     uint64_t local_gen, local_synced;
+    /* Set (atomic) once a local fdatasync failed: see local_flush. */
+    int local_flush_failed;
 
     /* Fencing, under pend_mu. io_state is also read without the lock (atomic
      * acquire) on the reply fast path; it is only written under pend_mu.
@@ -282,6 +307,12 @@ static void op_put(struct mrd_server *s, struct op *o)
 {
     if (__atomic_sub_fetch(&o->refs, 1, __ATOMIC_ACQ_REL))
         return;
+    /* A failed write may have reached the peer but not this disk (or the
+     * reverse), and the peer's ack cleared its bits: dirty, so the resync
+     * makes the peer equal to this disk again. After every ack, so nothing
+     * clears it. */
+    if (o->kind == P_WRITE && o->local_err)
+        mrd_bitmap_set_range(s->bm, o->off, o->len);
     /* Local write done and the peer acked or is gone: the extent may cool
      * (a write the peer lost is the dirty bitmap's from here on). */
     if (o->kind == P_WRITE && s->al)
@@ -330,6 +361,81 @@ static int release_held(struct mrd_server *s, int to)
     return was;
 }
 
+/* ---- unflushed ranges -------------------------------------------------- */
+
+/* Unflushed ranges (DRBD's transfer log, which keeps requests until the
+ * barrier ack of their epoch). The receiver acks a WRITE or a sync chunk
+ * once it is in its page cache; only the FLUSH_ACK of a later FLUSH means
+ * it is on its disk. The dirty bit is still cleared at the ack, so that
+ * HAstatus shows nothing dirty in normal operation, but the range is kept
+ * here (seq, offset, length) until such a FLUSH_ACK. If the connection is
+ * lost first, the secondary may lose the range as well (power loss,
+ * reboot) and nothing would send it again: fail_peer marks every range
+ * still kept dirty, and the next resync sends it. Frames sent with F_SYNC
+ * are durable at their ack and are not kept.
+ *
+ * The list is bounded without making any write wait: the flusher thread
+ * sends a FLUSH of its own once the kept ranges add up to unfl_max_bytes
+ * or the oldest is unfl_max_ns old. Its frame is queued like any other and
+ * no FUSE request waits for its ack. A clean stop sends one and waits for
+ * it (stop_serving), so that it can report nothing dirty. */
+
+/* Keep e's range, acked at now; under pend_mu. 0, or -ENOMEM: the caller
+ * then leaves the range dirty. */
+static int unflushed_add(struct mrd_server *s, const struct pending *e, uint64_t now)
+{
+    if (s->unfl_n == s->unfl_cap) {
+        size_t cap = s->unfl_cap ? 2 * s->unfl_cap : 1024;
+        struct unflushed *u = realloc(s->unfl, cap * sizeof *u);
+        if (!u)
+            return -ENOMEM;
+        /* The ring was full: its wrapped part [0, head) moves past the old
+         * end, so that indexes modulo the new capacity still run in order. */
+        memcpy(u + s->unfl_cap, u, s->unfl_head * sizeof *u);
+        s->unfl = u;
+        s->unfl_cap = cap;
+    }
+    s->unfl[(s->unfl_head + s->unfl_n) & (s->unfl_cap - 1)] =
+        (struct unflushed){.seq = e->seq, .off = e->off, .t_acked = now, .len = e->len};
+    /* The age bound needs no wake-up here (the flusher looks at least every
+     * unfl_max_ns): a signal per ring that fills again would cost the ack
+     * reader a futex call and a thread switch per fsync cycle. */
+    int crossed = s->unfl_bytes < s->unfl_max_bytes && s->unfl_bytes + e->len >= s->unfl_max_bytes;
+    s->unfl_n++;
+    s->unfl_bytes += e->len;
+    if (crossed)
+        pthread_cond_signal(&s->flush_cv);
+    return 0;
+}
+
+/* A FLUSH with this seq was acked: forget what it made durable; under
+ * pend_mu. The receiver acks data frames in seq order, so the ring is in
+ * seq order and that is a prefix of it (acks of frames after the FLUSH may
+ * come before its FLUSH_ACK: they stay). */
+static void unflushed_flushed(struct mrd_server *s, uint64_t flush_seq)
+{
+    while (s->unfl_n && s->unfl[s->unfl_head].seq < flush_seq) {
+        s->unfl_bytes -= s->unfl[s->unfl_head].len;
+        s->unfl_head = (s->unfl_head + 1) & (s->unfl_cap - 1);
+        s->unfl_n--;
+    }
+    if (s->unfl_n) /* what came after it: a fresh deadline */
+        pthread_cond_signal(&s->flush_cv);
+}
+
+/* The connection is lost: everything kept may be lost on the peer too;
+ * under pend_mu. */
+static void unflushed_to_dirty(struct mrd_server *s)
+{
+    for (size_t i = 0; i < s->unfl_n; i++) {
+        const struct unflushed *u = &s->unfl[(s->unfl_head + i) & (s->unfl_cap - 1)];
+        mrd_bitmap_set_range(s->bm, u->off, u->len);
+    }
+    s->unfl_head = s->unfl_n = 0;
+    s->unfl_bytes = 0;
+    pthread_cond_broadcast(&s->flush_cv);
+}
+
 /* The peer side of e is over: acked (ok) or lost with the connection. */
 static void complete_peer(struct mrd_server *s, struct pending *e, int ok)
 {
@@ -372,6 +478,7 @@ static void fail_peer(struct mrd_server *s, int code, const char *why, int fence
     s->head.next = s->head.prev = &s->head;
     s->in_flight = 0;
     s->sync_inflight = 0;
+    unflushed_to_dirty(s);
     for (struct pending *e = list.next; e != &list; e = e->next)
         if (e->zc_out)
             --*e->zc_out;
@@ -488,16 +595,20 @@ static void tx_drain(struct mrd_server *s)
 }
 
 /* Queue e's frame (header + payload) for the wire, as t, and send it now
- * unless a drainer is at work. Returns MRD_ENOPEER, with e and t untouched,
- * when no peer is connected; otherwise 0: e now belongs to the pending
- * machinery (acked later or failed with the peer) and the caller must
- * tx_wait(t) before payload may change. */
+ * unless a drainer is at work. Returns MRD_ENOPEER, with e and t untouched
+ * (but a write's range marked dirty), when no peer is connected; otherwise
+ * 0: e now belongs to the pending machinery (acked later or failed with the
+ * peer) and the caller must tx_wait(t) before payload may change. */
 static int peer_queue(struct mrd_server *s, struct pending *e, uint16_t type, uint16_t flags,
                       const void *payload, struct tx *t)
 {
     pthread_mutex_lock(&s->send_mu);
     pthread_mutex_lock(&s->pend_mu);
     if (s->peer_state != PEER_CONNECTED) {
+        /* Under pend_mu, before a peer can be attached: a resync started
+         * after that attach sees the bit. */
+        if (e->kind == P_WRITE)
+            mrd_bitmap_set_range(s->bm, e->off, e->len);
         pthread_mutex_unlock(&s->pend_mu);
         pthread_mutex_unlock(&s->send_mu);
         return MRD_ENOPEER;
@@ -513,10 +624,13 @@ static int peer_queue(struct mrd_server *s, struct pending *e, uint16_t type, ui
         s->sync_inflight++;
     if (e->zc_out)
         ++*e->zc_out;
-    if (e->kind != P_FLUSH && !(flags & MRD_FRAME_F_SYNC))
+    e->durable = (flags & MRD_FRAME_F_SYNC) != 0;
+    if (e->kind != P_FLUSH && !e->durable) {
         s->peer_dirty_seq = e->seq; /* acked will not mean durable */
-    else if (e->kind == P_FLUSH)
+    } else if (e->kind == P_FLUSH) {
+        s->flush_sent_seq = e->seq;
         ADD(s->flush_frames, 1); /* counted before it can be acked */
+    }
     pthread_mutex_unlock(&s->pend_mu);
 
     uint32_t plen = e->kind == P_FLUSH ? 0
@@ -573,6 +687,48 @@ static int peer_send(struct mrd_server *s, struct pending *e, uint16_t type, uin
     return rc;
 }
 
+/* Send a FLUSH that no FUSE request waits for; flush_sent_seq is then its
+ * seq or a later FLUSH's. 0, MRD_ENOPEER or -ENOMEM. */
+static int flush_frame(struct mrd_server *s)
+{
+    struct pending *e = calloc(1, sizeof *e);
+    if (!e)
+        return -ENOMEM;
+    e->kind = P_FLUSH;
+    int rc = peer_send(s, e, MRD_FRAME_FLUSH, 0, NULL);
+    if (rc)
+        free(e);
+    return rc;
+}
+
+/* The flusher (see "Unflushed ranges"): one per connection, it only waits
+ * and queues FLUSH frames, so no writer or ack ever waits for it. At most
+ * one of its FLUSHes (or any other) is outstanding at a time. */
+static void *flusher_main(void *arg)
+{
+    struct mrd_server *s = arg;
+    pthread_mutex_lock(&s->pend_mu);
+    while (s->peer_state == PEER_CONNECTED) {
+        uint64_t now = mrd_now_ns(), due = now + s->unfl_max_ns;
+        /* Ranges kept and no FLUSH outstanding (one would cover them). */
+        int kept = s->unfl_n && s->flush_sent_seq <= s->peer_durable_seq;
+        if (kept)
+            due = s->unfl[s->unfl_head].t_acked + s->unfl_max_ns;
+        if (!kept || (s->unfl_bytes < s->unfl_max_bytes && now < due)) {
+            struct timespec ts = {(time_t)(due / 1000000000ull), (long)(due % 1000000000ull)};
+            pthread_cond_timedwait(&s->flush_cv, &s->pend_mu, &ts);
+            continue;
+        }
+        pthread_mutex_unlock(&s->pend_mu);
+        int rc = flush_frame(s);
+        pthread_mutex_lock(&s->pend_mu);
+        if (rc == -ENOMEM && s->unfl_n) /* kept ranges stay kept; try again at the next deadline */
+            s->unfl[s->unfl_head].t_acked = mrd_now_ns();
+    }
+    pthread_mutex_unlock(&s->pend_mu);
+    return NULL;
+}
+
 /* Match one ack (decoded and verified) with its pending frame and retire
  * it under pend_mu. Returns the entry, for complete_peer once pend_mu is
  * released; NULL for a PONG; *err set (pend_mu still held) for an ack that
@@ -600,7 +756,7 @@ static struct pending *retire_acked(struct mrd_server *s, const struct mrd_frame
     s->acked++;
     if (e->zc_out)
         --*e->zc_out; /* ack_main wakes the writer once the replies are out */
-    uint64_t lat = mrd_now_ns() - e->t_sent;
+    uint64_t now = mrd_now_ns(), lat = now - e->t_sent;
     s->lat_total += lat;
     if (lat > s->lat_max)
         s->lat_max = lat;
@@ -611,11 +767,18 @@ static struct pending *retire_acked(struct mrd_server *s, const struct mrd_frame
          * copy pass) sends it again. */
         mrd_bitmap_set_range(s->bm, e->off, e->len);
         s->verify_diff_bytes += e->len;
-    } else if (e->kind != P_FLUSH && (!e->verify || e->checksum)) {
-        mrd_bitmap_clear_range(s->bm, e->off, e->len);
+    } else if (e->kind == P_FLUSH) {
+        /* Only a FLUSH_ACK means durable: the peer fdatasyncs before it. */
+        if (e->seq > s->peer_durable_seq)
+            s->peer_durable_seq = e->seq; /* the peer applies in order */
+        unflushed_flushed(s, e->seq);
+        pthread_cond_broadcast(&s->pend_cv); /* stop_serving may wait for it */
+    } else if (!e->verify || e->checksum) {
+        /* A checksum sync's SAME is kept too: the peer's copy it compared
+         * may be in its page cache only. */
+        if (e->durable || unflushed_add(s, e, now) == 0)
+            mrd_bitmap_clear_range(s->bm, e->off, e->len);
     }
-    else if (e->seq > s->peer_durable_seq)
-        s->peer_durable_seq = e->seq; /* the peer applies in order */
     if (e->kind == P_SYNC) {
         s->sync_inflight--;
         if (e->verify)
@@ -729,6 +892,10 @@ static void reap_peer(struct mrd_server *s)
     if (s->ack_live) {
         pthread_join(s->ack_th, NULL);
         s->ack_live = 0;
+    }
+    if (s->flush_live) {
+        pthread_join(s->flush_th, NULL);
+        s->flush_live = 0;
     }
     pthread_mutex_lock(&s->send_mu);
     /* A drainer sends with send_mu released: the fd is ours once it is
@@ -993,28 +1160,30 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     /* Frames first, then the local write: the peer works while we pwrite,
      * and both happen inside the extent lock, so order is the same on both. */
     struct tx tx[(MAX_WRITE + FRAME_SPLIT - 1) / FRAME_SPLIT];
-    int ntx = 0, zc = size >= ZC_MIN, zc_out = 0;
+    int ntx = 0, zc = size >= ZC_MIN, zc_out = 0, unsent = 0;
     for (size_t done = 0; done < size;) {
         size_t n = size - done > FRAME_SPLIT ? FRAME_SPLIT : size - done;
         struct pending *e = calloc(1, sizeof *e);
-        int rc = MRD_ENOPEER;
-        if (e) {
-            e->kind = P_WRITE;
-            e->off = (uint64_t)off + done;
-            e->len = (uint32_t)n;
-            e->op = o;
-            e->zc_out = zc ? &zc_out : NULL;
-            __atomic_add_fetch(&o->refs, 1, __ATOMIC_RELAXED);
-            rc = peer_queue(s, e, MRD_FRAME_WRITE, dsync ? MRD_FRAME_F_SYNC : 0, buf + done, &tx[ntx]);
-            if (!rc)
-                ntx++;
-            else {
-                __atomic_sub_fetch(&o->refs, 1, __ATOMIC_RELAXED);
-                free(e);
-            }
+        if (!e) {
+            /* Untracked, the frame cannot be sent, and a connected peer
+             * would miss a write acknowledged from this disk alone: the
+             * write fails instead (op_put marks it dirty). */
+            unsent = ENOMEM;
+            break;
         }
-        if (rc)
-            mrd_bitmap_set_range(s->bm, (uint64_t)off + done, n);
+        e->kind = P_WRITE;
+        e->off = (uint64_t)off + done;
+        e->len = (uint32_t)n;
+        e->op = o;
+        e->zc_out = zc ? &zc_out : NULL;
+        __atomic_add_fetch(&o->refs, 1, __ATOMIC_RELAXED);
+        /* MRD_ENOPEER: peer_queue marked the range dirty. */
+        if (peer_queue(s, e, MRD_FRAME_WRITE, dsync ? MRD_FRAME_F_SYNC : 0, buf + done, &tx[ntx]) == 0) {
+            ntx++;
+        } else {
+            __atomic_sub_fetch(&o->refs, 1, __ATOMIC_RELAXED);
+            free(e);
+        }
         done += n;
     }
     int rc = dsync ? mrd_pwrite_all_dsync(s->disk_fd, buf, size, (uint64_t)off)
@@ -1027,9 +1196,10 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     if (!rc && !dsync)
         __atomic_add_fetch(&s->local_gen, 1, __ATOMIC_SEQ_CST);
 
-    if (rc) {
+    if (rc || unsent) {
         pthread_mutex_lock(&s->pend_mu);
-        set_error_locked(s, "local pwrite at %llu: %s", (unsigned long long)off, strerror(-rc));
+        set_error_locked(s, "%s at %llu: %s", rc ? "local pwrite" : "replicating a write",
+                         (unsigned long long)off, strerror(rc ? -rc : unsent));
         pthread_mutex_unlock(&s->pend_mu);
         ADD(s->write_errors, 1);
     } else {
@@ -1038,7 +1208,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
         if (dsync)
             ADD(s->dsync_writes, 1);
     }
-    o->local_err = -rc;
+    o->local_err = rc ? -rc : unsent;
     op_put(s, o);
     /* After op_put: the reply need not wait for this. */
     if (!rc && !dsync && size >= MRD_WRITE_BEHIND_MIN)
@@ -1065,16 +1235,29 @@ static int peer_flush_needed(struct mrd_server *s)
 }
 
 /* Local fdatasync unless every completed write is already durable. Returns
- * 0 or a positive errno. */
+ * 0 or a positive errno.
+ *
+ * A failed fdatasync is final: the kernel may have dropped the pages it
+ * could not write, and it reports a writeback error only once, so the next
+ * fdatasync could succeed with those writes missing. Every later flush then
+ * answers EIO (what PostgreSQL does since "fsyncgate"). */
 static int local_flush(struct mrd_server *s)
 {
+    if (__atomic_load_n(&s->local_flush_failed, __ATOMIC_ACQUIRE))
+        return EIO;
     uint64_t gen = __atomic_load_n(&s->local_gen, __ATOMIC_SEQ_CST);
     uint64_t done = __atomic_load_n(&s->local_synced, __ATOMIC_SEQ_CST);
     if (gen == done)
         return 0;
     ADD(s->fdatasyncs, 1);
-    if (fdatasync(s->disk_fd) < 0)
-        return errno;
+    if (fdatasync(s->disk_fd) < 0) {
+        int err = errno;
+        __atomic_store_n(&s->local_flush_failed, 1, __ATOMIC_RELEASE);
+        pthread_mutex_lock(&s->pend_mu);
+        set_error_locked(s, "local fdatasync: %s (every later flush fails)", strerror(err));
+        pthread_mutex_unlock(&s->pend_mu);
+        return err;
+    }
     /* Every write counted in gen completed before the fdatasync started. */
     while (done < gen && !__atomic_compare_exchange_n(&s->local_synced, &done, gen, 0,
                                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
@@ -1197,6 +1380,8 @@ int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
     s->disk_fd = s->peer_fd = s->abort_fd = -1;
     s->peer_timeout_ms = 10000;
     s->local_gen = 1;
+    s->unfl_max_bytes = UNFLUSHED_MAX_BYTES;
+    s->unfl_max_ns = UNFLUSHED_MAX_MS * 1000000ull;
     s->head.next = s->head.prev = &s->head;
     for (int i = 0; i < NSTRIPES; i++)
         pthread_mutex_init(&s->stripes[i], NULL);
@@ -1205,6 +1390,11 @@ int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
     pthread_cond_init(&s->pend_cv, NULL);
     pthread_cond_init(&s->tx_cv, NULL);
     pthread_cond_init(&s->zc_cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* deadlines come from mrd_now_ns */
+    pthread_cond_init(&s->flush_cv, &ca);
+    pthread_condattr_destroy(&ca);
     s->zc_pipe[0] = s->zc_pipe[1] = -1;
     s->txq_tail = &s->txq;
     s->start_time = time(NULL);
@@ -1239,6 +1429,18 @@ int mrd_server_set_peer_timeout(struct mrd_server *s, uint32_t timeout_ms)
     if (!s || timeout_ms < 100)
         return -EINVAL;
     s->peer_timeout_ms = timeout_ms;
+    return 0;
+}
+
+int mrd_server_set_unflushed_limit(struct mrd_server *s, uint64_t max_bytes, uint32_t max_ms)
+{
+    if (!s || !max_bytes || !max_ms)
+        return -EINVAL;
+    pthread_mutex_lock(&s->pend_mu);
+    s->unfl_max_bytes = max_bytes;
+    s->unfl_max_ns = max_ms * 1000000ull;
+    pthread_cond_broadcast(&s->flush_cv);
+    pthread_mutex_unlock(&s->pend_mu);
     return 0;
 }
 
@@ -1385,6 +1587,7 @@ int mrd_server_attach_peer(struct mrd_server *s, int sock_fd)
     /* Nothing this peer holds is known durable yet: the next frame's seq
      * is the marker, so the first flush sends a FLUSH. */
     s->peer_dirty_seq = s->next_seq + 1;
+    s->flush_sent_seq = s->peer_durable_seq; /* no FLUSH outstanding here yet */
     pthread_mutex_unlock(&s->pend_mu);
     pthread_mutex_unlock(&s->send_mu);
     int rc = mrd_thread_start(&s->ack_th, ack_main, s);
@@ -1394,6 +1597,13 @@ int mrd_server_attach_peer(struct mrd_server *s, int sock_fd)
         return rc;
     }
     s->ack_live = 1;
+    rc = mrd_thread_start(&s->flush_th, flusher_main, s);
+    if (rc) {
+        fail_peer(s, rc, "cannot start the flusher", 1);
+        reap_peer(s);
+        return rc;
+    }
+    s->flush_live = 1;
     return 0;
 }
 
@@ -1643,6 +1853,13 @@ static void *sync_main(void *arg)
         finished = sync_pass(s, s->sync_from, 1, 1, t0, &sent) && sync_pass(s, s->sync_from, 1, 0, t0, &sent);
     else
         finished = sync_pass(s, s->sync_from, dirty_only, 0, t0, &sent);
+    /* A bit set behind a pass's cursor while it ran (a write that failed
+     * locally, op_put) would be missed: passes over what is still dirty
+     * follow until one finds nothing, so that done means nothing dirty. */
+    uint64_t gran = mrd_bitmap_granularity(s->bm);
+    while (finished && !(flags & MRD_SYNC_VERIFY) &&
+           mrd_bitmap_find_next_set(s->bm, s->sync_from / gran, UINT64_MAX) >= 0)
+        finished = sync_pass(s, s->sync_from, 1, 0, t0, &sent);
     if (finished && !(flags & MRD_SYNC_VERIFY))
         finished = sync_flush(s);
     pthread_mutex_lock(&s->pend_mu);
@@ -1823,6 +2040,24 @@ static int stop_serving(struct mrd_server *s)
         if (pthread_cond_timedwait(&s->pend_cv, &s->pend_mu, &until) == ETIMEDOUT)
             break;
     pthread_mutex_unlock(&s->pend_mu);
+    /* What the peer acked may still be in its page cache only: losing the
+     * connection now would mark it dirty (see "Unflushed ranges"). A FLUSH,
+     * and its ack within the peer timeout, make it durable and the stop
+     * clean. */
+    if (peer_flush_needed(s) && flush_frame(s) == 0) {
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += s->peer_timeout_ms / 1000;
+        until.tv_nsec += (long)(s->peer_timeout_ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_mutex_lock(&s->pend_mu);
+        while (s->peer_durable_seq < s->flush_sent_seq && s->peer_state == PEER_CONNECTED)
+            if (pthread_cond_timedwait(&s->pend_cv, &s->pend_mu, &until) == ETIMEDOUT)
+                break;
+        pthread_mutex_unlock(&s->pend_mu);
+    }
     fail_peer(s, 0, "server stopped", 1);
     reap_peer(s);
     /* Never leave a FUSE request unanswered (unmount would wait for it):
@@ -1900,5 +2135,7 @@ void mrd_server_free(struct mrd_server *s)
     pthread_cond_destroy(&s->pend_cv);
     pthread_cond_destroy(&s->tx_cv);
     pthread_cond_destroy(&s->zc_cv);
+    pthread_cond_destroy(&s->flush_cv);
+    free(s->unfl);
     free(s);
 }

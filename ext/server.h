@@ -8,8 +8,8 @@
  * flush/fsync does each only if some completed write is not yet durable
  * there ("Durable writes" in server.c).
  *
- * Threads: the FUSE loop (+ its workers), an ack reader while a peer is
- * attached, a sync thread while a full/dirty sync runs. None of them ever
+ * Threads: the FUSE loop (+ its workers), an ack reader and a flusher while
+ * a peer is attached, a sync thread while a full/dirty sync runs. None of them ever
  * calls into Python.
  *
  * Ordering: writes, sync reads and frame enqueueing take striped locks per
@@ -20,8 +20,10 @@
  *
  * Peer failure (send/recv error, timeout, bad frame, detach), fencing off
  * (the default): every pending write completes locally with success and its
- * blocks are marked in the dirty bitmap; later writes are local-only and
- * dirty, until attach_peer.
+ * blocks are marked in the dirty bitmap, as is every range the peer acked
+ * but no FLUSH_ACK has covered yet ("Unflushed ranges" in server.c: the
+ * peer may have it in its page cache only); later writes are local-only
+ * and dirty, until attach_peer.
  *
  * Peer failure with fencing on (mrd_server_set_fencing), except an explicit
  * detach_peer, which behaves as above: the server is SUSPENDED. Pending
@@ -145,6 +147,11 @@ int mrd_server_resume(struct mrd_server *s, int how);
  * disks that are mostly equal moves only what differs). MRD_ENOPEER without a peer,
  * MRD_ESTATE if a sync or verify is running. */
 int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t flags);
+/* Bounds on what the peer acked but may hold in its page cache only (ext/
+ * server.c, "Unflushed ranges"): past max_bytes of such ranges, or when the
+ * oldest is max_ms old, the server sends a FLUSH of its own; 64 MiB and
+ * 1000 ms by default. Both > 0, else -EINVAL. Takes effect at once. */
+int mrd_server_set_unflushed_limit(struct mrd_server *s, uint64_t max_bytes, uint32_t max_ms);
 /* Ceiling on a sync's (or verify's) average rate, bytes/s; 0 = none (the
  * default). Takes effect at once, also on a running sync. Whatever the
  * ceiling, a sync yields to application writes (ext/server.c, "Pacing"). */
@@ -161,8 +168,9 @@ int64_t mrd_server_dirty_mark(struct mrd_server *s, uint64_t offset, uint64_t le
 /* Test hook: flip one payload byte of each of the next n frames that carry a
  * payload, after their CRC was computed (the local disk gets good data). */
 int mrd_server_debug_corrupt_next(struct mrd_server *s, uint32_t n);
-/* Stop sync, wait briefly for in-flight frames, detach the peer, unmount and
- * join every thread. -EBUSY if the FUSE loop could not be stopped. With
+/* Stop sync, wait briefly for in-flight frames, send a FLUSH and wait for its
+ * ack (at most the peer timeout) so that nothing the peer acked stays
+ * unflushed, detach the peer, unmount and join every thread. -EBUSY if the FUSE loop could not be stopped. With
  * fencing on, frames still unacked are not acknowledged: like everything
  * held, they get EIO, and a suspended server ends FAILED. */
 int mrd_server_stop(struct mrd_server *s);

@@ -522,6 +522,12 @@ class PrimaryServer:
         with self._lock:
             _check(lib.mrd_server_set_sync_rate(self._ptr(), bytes_per_s), "set sync rate")
 
+    def set_unflushed_limit(self, max_bytes: int, max_ms: int) -> None:
+        """When the server sends a FLUSH of its own: once the peer holds max_bytes
+        acked but not yet flushed, or the oldest such range is max_ms old."""
+        with self._lock:
+            _check(lib.mrd_server_set_unflushed_limit(self._ptr(), max_bytes, max_ms), "set unflushed limit")
+
     def start_verify(self, from_offset: int = 0) -> None:
         """Compare the disk with the peer's, chunk by chunk, in the background (online verify).
 

@@ -8,6 +8,7 @@ test); without them the tests skip, or fail under CI=true.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -107,6 +108,12 @@ def _writers(dev: Path, n: int, body: Callable[[int, int], None], flags: Callabl
     assert not any(t.is_alive() for t in threads), "a writer is stuck"
 
 
+def _no_flush_of_its_own(server: PrimaryServer) -> None:
+    """Bounds no test reaches: the server sends no FLUSH to bound its
+    acked-but-unflushed ranges, so FLUSH counts are the test's alone."""
+    server.set_unflushed_limit(1 << 40, 3_600_000)
+
+
 @dataclass
 class Pair:
     dir: Path
@@ -123,6 +130,15 @@ class Pair:
         self.receiver = Receiver(str(self.b), self.size, secondary_end.detach())
         self.server.attach_peer(primary_end.detach())
         return self.receiver
+
+    def resync_dirty(self) -> None:
+        """Close the old receiver, connect a new one and run a dirty-only
+        resync to its end."""
+        if self.receiver is not None:
+            self.receiver.close()
+        self.connect()
+        self.server.start_sync(0, dirty_only=True)
+        _wait(lambda: not self.server.stats().sync_active)
 
     def stop(self) -> None:
         """Stop both ends (idempotent): every frame sent is applied or dropped."""
@@ -190,6 +206,7 @@ def test_fuse_file_looks_like_the_disk(make_pair: Callable[..., Pair]) -> None:
 
 def test_writes_reach_both_disks(make_pair: Callable[..., Pair]) -> None:
     pair = make_pair()
+    _no_flush_of_its_own(pair.server)  # the FLUSH counts below are exact
     rnd = random.Random(7)
     # O_DSYNC 4 KiB writes: each one is a durable (F_SYNC) write round trip.
     # An O_DIRECT open is FOPEN_DIRECT_IO, so the kernel sends no FSYNC after
@@ -266,6 +283,7 @@ def test_flush_frames_only_when_the_peer_holds_unsynced_data(make_pair: Callable
     """Which fsyncs travel: unflagged writes need a FLUSH (and a local
     fdatasync), durable writes and repeated fsyncs need neither."""
     pair = make_pair()
+    _no_flush_of_its_own(pair.server)
     data = _aligned(random.Random(1).randbytes(4 * KiB))
     fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
     try:
@@ -709,6 +727,28 @@ def test_online_verify_finds_a_flipped_byte_and_the_resync_repairs_it(make_pair:
     assert _identical(pair.a, pair.b)
 
 
+def test_online_verify_leaves_the_next_fsync_its_flush(make_pair: Callable[..., Pair]) -> None:
+    """A verify's VERIFY_SAME answers make nothing durable on the peer: the
+    fsync after a plain write still sends its FLUSH (it was skipped when a
+    VERIFY_SAME moved the peer's durability watermark)."""
+    pair = make_pair(size=8 * MiB)
+    _no_flush_of_its_own(pair.server)
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwrite(fd, _aligned(random.Random(41).randbytes(4 * KiB)), 0)
+        before = pair.server.durability_stats().flush_frames
+        assert pair.receiver is not None
+        rflushes = pair.receiver.stats().flushes
+        _verify(pair)
+        os.fsync(fd)
+        assert pair.server.durability_stats().flush_frames == before + 1
+        assert pair.receiver.stats().flushes == rflushes + 1
+    finally:
+        os.close(fd)
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
 def test_online_verify_under_writes_reports_no_false_difference(make_pair: Callable[..., Pair]) -> None:
     """Writes racing the verify: each chunk is compared in stream order, so an in-flight write never shows."""
     size = 64 * MiB
@@ -817,6 +857,7 @@ def test_peer_drop_keeps_serving_and_dirty_resync_catches_up(make_pair: Callable
     fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
     try:
         os.pwrite(fd, _aligned(rnd.randbytes(MiB)), 0)
+        os.fsync(fd)  # durable on the peer: the drop below leaves it clean
         assert pair.server.stats().dirty_blocks == 0
         assert pair.receiver is not None
         pair.receiver.stop()  # the secondary goes away
@@ -832,10 +873,7 @@ def test_peer_drop_keeps_serving_and_dirty_resync_catches_up(make_pair: Callable
         bitmap = pair.server.dirty_bitmap()
         assert {i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1} == written
 
-        pair.receiver.close()
-        pair.connect()  # a new connection; only the dirty blocks travel
-        pair.server.start_sync(0, dirty_only=True)
-        _wait(lambda: not pair.server.stats().sync_active)
+        pair.resync_dirty()  # a new connection; only the dirty blocks travel
         stats = pair.server.stats()
         assert stats.sync_done and stats.dirty_blocks == 0
         assert stats.bytes_synced == len(written) * 4 * KiB
@@ -843,14 +881,218 @@ def test_peer_drop_keeps_serving_and_dirty_resync_catches_up(make_pair: Callable
         pair.server.detach_peer()  # on purpose, same bookkeeping
         os.pwrite(fd, _aligned(rnd.randbytes(4 * KiB)), 0)
         assert pair.server.stats().dirty_blocks == 1
-        pair.receiver.close()
-        pair.connect()
-        pair.server.start_sync(0, dirty_only=True)
-        _wait(lambda: not pair.server.stats().sync_active)
+        pair.resync_dirty()
     finally:
         os.close(fd)
     pair.stop()
     assert _identical(pair.a, pair.b)
+
+
+def test_acked_but_unflushed_write_lost_by_the_peer_is_resynced(make_pair: Callable[..., Pair]) -> None:
+    """The peer acks a write once it is in its page cache. If the secondary
+    then loses that cache (power loss, reboot) before any FLUSH, the range
+    must be dirty once the connection is gone, so the resync sends it again
+    (the bit was cleared at the ack and nothing ever sent it again)."""
+    pair = make_pair(size=8 * MiB)
+    _no_flush_of_its_own(pair.server)
+    where = 3 * MiB + 12 * KiB
+    before = random.Random(43).randbytes(4 * KiB)
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwrite(fd, _aligned(before), where)
+        os.fsync(fd)
+        new = _aligned(random.Random(44).randbytes(4 * KiB))
+        os.pwrite(fd, new, where)  # acked when pwrite returns; no fsync
+        stats = pair.server.stats()
+        assert stats.in_flight == 0 and stats.dirty_blocks == 0
+        assert _read_at(pair.b, where, 4 * KiB) == bytes(new)
+        # The secondary loses its page cache: its disk still holds the
+        # bytes of the flushed write before.
+        with open(pair.b, "r+b") as f:
+            f.seek(where)
+            f.write(before)
+        assert pair.receiver is not None
+        pair.receiver.stop()
+        _wait(lambda: not pair.server.stats().peer_connected)
+        assert pair.server.stats().dirty_blocks == 1
+        pair.resync_dirty()
+        stats = pair.server.stats()
+        assert stats.sync_done and stats.dirty_blocks == 0
+    finally:
+        os.close(fd)
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_unflushed_data_past_the_bound_is_flushed_by_the_server(make_pair: Callable[..., Pair]) -> None:
+    """Writes without any fsync: once the peer holds more than the bound
+    acked but not flushed, the server sends a FLUSH of its own (and none
+    before), so the list of such ranges stays bounded."""
+    pair = make_pair(size=16 * MiB)
+    pair.server.set_unflushed_limit(4 * MiB, 3_600_000)  # the size bound only
+    assert pair.receiver is not None
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        data = _aligned(random.Random(45).randbytes(MiB))
+        for i in range(3):
+            os.pwrite(fd, data, i * MiB)
+        assert pair.receiver.stats().flushes == 0  # 3 MiB: under the bound
+        for i in range(3, 9):
+            os.pwrite(fd, data, i * MiB)
+        _wait(lambda: pair.receiver is not None and pair.receiver.stats().flushes >= 1)
+        assert pair.server.stats().dirty_blocks == 0
+        pair.receiver.stop()
+        _wait(lambda: not pair.server.stats().peer_connected)
+        # The flush covered the first four MiB at least; later ones may be dirty.
+        stats = pair.server.stats()
+        assert stats.dirty_blocks * stats.dirty_granularity <= 5 * MiB
+        pair.resync_dirty()
+    finally:
+        os.close(fd)
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+def test_clean_stop_flushes_the_peer_and_leaves_nothing_dirty(make_pair: Callable[..., Pair]) -> None:
+    """A clean stop after writes without fsync: the server flushes the peer
+    and waits for it before it reports nothing dirty."""
+    pair = make_pair(size=8 * MiB)
+    _no_flush_of_its_own(pair.server)
+    assert pair.receiver is not None
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwrite(fd, _aligned(random.Random(46).randbytes(MiB)), 0)
+        flushes = pair.receiver.stats().flushes
+        pair.server.stop()  # with the file still open: no close() flush before it
+        assert pair.receiver.stats().flushes == flushes + 1
+        assert pair.server.stats().dirty_blocks == 0
+    finally:
+        with contextlib.suppress(OSError):  # the server is gone: close's flush may fail
+            os.close(fd)
+    pair.stop()
+    assert _identical(pair.a, pair.b)
+
+
+@contextmanager
+def _pair_on_a_full_tmpfs(tmp_path: Path, size: int) -> Iterator[Pair]:
+    """A connected pair whose primary image lives on a 1 MiB tmpfs, its
+    first MiB written: any write to the rest fails with ENOSPC locally
+    (after its frame went to the peer)."""
+    _require()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        a, b, dev = small / "a.img", tmp_path / "b.img", tmp_path / "r0"
+        for path in (a, b):
+            with open(path, "wb") as f:
+                f.truncate(size)
+        dev.touch()
+        pair = Pair(tmp_path, a, b, dev, size, PrimaryServer(str(a), str(dev), size))
+        try:
+            pair.server.start()
+            pair.connect()
+            fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+            try:
+                os.pwrite(fd, _aligned(random.Random(48).randbytes(MiB)), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            yield pair
+        finally:
+            pair.server.close()
+            if pair.receiver is not None:
+                pair.receiver.close()
+            if _mounted(dev):
+                subprocess.run(["umount", "-l", str(dev)], check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def _write_fails_enospc(pair: Pair, offset: int, length: int) -> None:
+    fd = os.open(pair.dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.pwrite(fd, _aligned(random.Random(offset).randbytes(length)), offset)
+        assert ei.value.errno == errno.ENOSPC
+    finally:
+        with contextlib.suppress(OSError):  # close's flush
+            os.close(fd)
+
+
+def test_failed_local_write_is_marked_dirty(tmp_path: Path) -> None:
+    """A write whose frame went out but whose local pwrite failed (ENOSPC
+    here) leaves the disks different: its range must be dirty although the
+    peer acked it."""
+    with _pair_on_a_full_tmpfs(tmp_path, 8 * MiB) as pair:
+        _write_fails_enospc(pair, MiB, MiB)
+        stats = pair.server.stats()
+        assert stats.peer_connected and stats.write_errors == 1
+        assert stats.dirty_blocks * stats.dirty_granularity == MiB
+
+
+def test_sync_done_means_nothing_dirty_behind_its_cursor(tmp_path: Path) -> None:
+    """A write that fails locally during a dirty resync, behind the sync's
+    cursor, dirties a block the pass has already left: the sync copies it
+    before it reports done, so done means nothing dirty and equal disks."""
+    size = 16 * MiB
+    with _pair_on_a_full_tmpfs(tmp_path, size) as pair:
+        pair.server.mark_dirty(0, size)
+        pair.server.set_sync_rate(2 * MiB)  # about 8 s for the whole pass
+        pair.server.start_sync(0, dirty_only=True)
+        _wait(lambda: pair.server.stats().sync_offset >= 4 * MiB)
+        _write_fails_enospc(pair, MiB, 4 * KiB)
+        assert pair.server.stats().sync_active  # the failure is behind a running pass
+        _wait(lambda: not pair.server.stats().sync_active)
+        stats = pair.server.stats()
+        assert stats.sync_done and stats.dirty_blocks == 0, stats
+        pair.stop()
+        assert _identical(pair.a, pair.b)
+
+
+def test_failed_local_fdatasync_fails_every_later_flush(tmp_path: Path) -> None:
+    """After a failed fdatasync the kernel reports the error once: the next
+    fdatasync succeeds although the pages it could not write are gone. So
+    every flush after a failed one must fail too. The disk is a loop
+    device whose backing file lies on a full tmpfs: its writeback fails."""
+    _require("losetup", loop=True)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        size = 8 * MiB
+        with open(small / "back", "wb") as f:
+            f.truncate(size)
+        with open(small / "fill", "wb") as f:
+            f.write(bytes(MiB))  # the tmpfs is full: no block of "back" can be allocated
+        loop = subprocess.run(["losetup", "-f", "--show", str(small / "back")],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        try:
+            dev = tmp_path / "r0"
+            dev.touch()
+            server = PrimaryServer(loop, str(dev), size)
+            try:
+                server.start()
+                fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+                try:
+                    os.pwrite(fd, _aligned(random.Random(49).randbytes(4 * KiB)), 0)  # into the page cache
+                    for _ in range(3):
+                        with pytest.raises(OSError) as ei:
+                            os.fsync(fd)
+                        assert ei.value.errno in (errno.EIO, errno.ENOSPC)
+                finally:
+                    with contextlib.suppress(OSError):  # close's flush fails the same way
+                        os.close(fd)
+                assert server.durability_stats().fdatasyncs == 1  # the later flushes did not retry
+                assert "fdatasync" in server.stats().last_error
+            finally:
+                server.close()
+                if _mounted(dev):
+                    subprocess.run(["umount", "-l", str(dev)], check=False)
+        finally:
+            subprocess.run(["losetup", "-d", loop], check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_stopping_a_server_never_aborts_the_next_mount(tmp_path: Path) -> None:
