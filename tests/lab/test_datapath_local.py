@@ -29,6 +29,7 @@ import pytest
 from hactl import sync_link_congestion_control
 from mirrord.errors import NativeError
 from mirrord.replication.native import E_STATE, PrimaryServer, Receiver
+from under_ci import skip_or_fail
 
 pytestmark = pytest.mark.lab
 
@@ -47,10 +48,7 @@ def _require(*tools: str, loop: bool = False) -> None:
     else:
         missing = next((t for t in ("cmp", *tools) if shutil.which(t) is None), None)
     if missing:
-        message = f"the local data-path lab needs {missing}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(f"the local data-path lab needs {missing}")
 
 
 def _mounted(path: Path) -> bool:
