@@ -34,7 +34,8 @@ _HA_OPTIONS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--mkfs", "-mkfs", "Create this filesystem on first start if the disk has none (ext4).", {}),
     ("--start-script", "-startScript", "Run with 'start' when this appliance becomes primary.", {}),
     ("--stop-script", "-stopScript", "Run with 'stop' before this appliance gives up the primary role.", {}),
-    ("--secret-file", "-secretFile", "File holding the shared secret of the sync link.", {}),
+    ("--secret-file", "-secretFile", "File holding the shared secret of the pair (at least "
+     f"{config.MIN_SECRET_BYTES} bytes; the same on both appliances).", {}),
     ("--witness-ip", "-witnessIP", "A third host (e.g. the gateway) an isolated appliance fails to reach.", {}),
     ("--restart-limit", "-restartLimit", "Restarts of a failing OCF application before failing over (default 3).", {}),
     ("--resync-rate", "-resyncRate", "Ceiling in MiB/s for a resync (default 0: none; a resync always yields to "
@@ -139,8 +140,10 @@ def start_ha(discard_my_data: bool | None, **options: Any) -> None:
 _CONFIGURE_EPILOG = """\b
 Run the same configureHA on both appliances. A secondary restarts its side
 with the new settings; a primary changes in place what does not interrupt
-the application (ping interval, scripts, witness, secret, floating IP) and
-refuses the rest (exit 3): failOver first, or stopHA and startHA.
+the application (ping interval, scripts, witness, floating IP) and refuses
+the rest (exit 3): failOver first, or stopHA and startHA. A new shared
+secret is refused on a running pair: stopHA on both, then startHA with the
+new --secret-file on both.
 
 \b
 Examples:
