@@ -1034,7 +1034,12 @@ class Daemon:
                         raise Refused("This primary has no mounted filesystem to freeze (--mount), so a copy of a disk "
                                       "the application writes cannot be consistent; back up a standalone appliance.")
                     freeze, how, size = settings.mount, "fsfreeze", self.primary.lead.disk_size
+                    state = DiskState.UP_TO_DATE  # a serving primary's disk
                 elif self.mode is Mode.STANDALONE:
+                    state = VolumeMeta.load(self.home, settings.volume).disk_state
+                    if state is DiskState.INCONSISTENT:
+                        raise Refused(f"This disk is {state}: a sync into it was cut short, so it holds parts of two "
+                                      "versions and no usable copy. Back up the appliance that was primary.")
                     size = config.check_disk(settings.disk)
                     volume.ensure_unused(settings.disk)
                     freeze, how = None, "unused disk"
@@ -1045,6 +1050,9 @@ class Daemon:
             manifest = archive.write_backup(Path(path), settings.disk, size, settings.to_json(), freeze, how)
         message = (f"Backup of {settings.disk} ({size} bytes) and the HA settings written to {path} "
                    f"(consistent by {how}; writes waited {manifest['frozen_seconds']:.1f} s).")
+        if state is DiskState.OUTDATED:
+            message += (" Warning: this disk is Outdated: it lacks the writes the other appliance served since "
+                        "this one stopped following it; back up that appliance for the newest data.")
         self.log.log(message)
         return message, manifest
 

@@ -326,3 +326,37 @@ def test_start_ha_with_an_empty_secret_file_is_bad_input(daemon: Daemon, disk: P
     with pytest.raises(BadInput, match="holds 0 bytes of secret"):
         daemon.start_ha(**options)
     assert daemon.heartbeat is None and not daemon.home.meta_file("r0").exists()
+
+
+# -- a disk left mid-sync stays Inconsistent, and is not backed up -------------------------------
+
+def test_teardown_keeps_an_inconsistent_disk_inconsistent(tmp_path: Path, disk: Path) -> None:
+    from mirrord.halog import HALog
+    from mirrord.replication.secondary import SecondarySide
+
+    home = Home(tmp_path / "home")
+    home.ensure()
+    settings = settings_for(disk)
+    for before, after in ((DiskState.INCONSISTENT, DiskState.INCONSISTENT), (DiskState.UP_TO_DATE, DiskState.OUTDATED)):
+        meta = VolumeMeta(disk_state=before)
+        meta.save(home, "r0")
+        side = SecondarySide(home, settings.volumes()[0], HALog(home), 1 << 20, meta, settings.endpoints("secondary"),
+                             lambda: None, None)
+        try:
+            side.outdate()
+        finally:
+            side.stop()
+        assert meta.disk_state is after and VolumeMeta.load(home, "r0").disk_state is after
+
+
+def test_backup_refuses_an_inconsistent_disk_and_warns_about_an_outdated_one(daemon: Daemon, disk: Path,
+                                                                             tmp_path: Path) -> None:
+    config.save(daemon.home, settings_for(disk))
+    daemon.settings = config.load(daemon.home)
+    VolumeMeta(disk_state=DiskState.INCONSISTENT).save(daemon.home, "r0")
+    with pytest.raises(Refused, match="This disk is Inconsistent"):
+        daemon.backup(str(tmp_path / "one.tar"))
+    assert not (tmp_path / "one.tar").exists()
+    VolumeMeta(disk_state=DiskState.OUTDATED).save(daemon.home, "r0")
+    message, _ = daemon.backup(str(tmp_path / "two.tar"))
+    assert "Warning: this disk is Outdated" in message and (tmp_path / "two.tar").exists()
