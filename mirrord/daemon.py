@@ -987,10 +987,21 @@ class Daemon:
         raise MirrordError("failOver: the primary did not hand over in time; see ha.log on both appliances.")
 
     def trace(self) -> tuple[str, dict[str, Any]]:
-        my_ip = str(self.ends.my_public) if self.ends else "local"
-        peer_ip = str(self.ends.peer_public) if self.ends else None
+        ends = self.ends or self._saved_ends()
+        my_ip = str(ends.my_public) if ends else "local"
+        peer_ip = str(ends.peer_public) if ends else None
         path = write_trace(self.home, my_ip, peer_ip, status=self.status()[1])
         return f"Wrote {path}.", {"path": str(path)}
+
+    def _saved_ends(self) -> Endpoints | None:
+        """Which appliance of the saved settings (ha.json) this is, when HA does not run here (standalone,
+        or a restarted daemon): the peer's shipped logs are on disk all the same."""
+        if self.settings is None:
+            return None
+        try:
+            return self.settings.endpoints(self.settings.side_of(local_addresses()))
+        except BadInput:  # moved to other addresses since: only its own logs
+            return None
 
     def verify(self) -> tuple[str, dict[str, Any]]:
         """mirrord verify: compare both disks while serving; resend what differs."""

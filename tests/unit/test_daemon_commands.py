@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -24,6 +25,7 @@ from mirrord.modes import Mode
 from mirrord.net import arp, floatip
 from mirrord.paths import Home
 from mirrord.replication.meta import DiskState, VolumeMeta
+from mirrord.trace import peer_log_dir
 
 A1 = {ipaddress.IPv4Address("198.18.0.11"), ipaddress.IPv4Address("198.19.0.1")}
 A2 = {ipaddress.IPv4Address("198.18.0.12"), ipaddress.IPv4Address("198.19.0.2")}
@@ -326,6 +328,19 @@ def test_start_ha_with_an_empty_secret_file_is_bad_input(daemon: Daemon, disk: P
     with pytest.raises(BadInput, match="holds 0 bytes of secret"):
         daemon.start_ha(**options)
     assert daemon.heartbeat is None and not daemon.home.meta_file("r0").exists()
+
+
+# -- mirrord trace on a daemon that is not (or no longer) in HA ----------------------------------
+
+def test_trace_names_both_appliances_from_the_saved_settings(daemon: Daemon, disk: Path) -> None:
+    config.save(daemon.home, settings_for(disk))
+    daemon.settings = config.load(daemon.home)
+    (daemon.home.log_dir / "ha.log").write_text("mine\n")
+    peer_log_dir(daemon.home).mkdir(parents=True, exist_ok=True)
+    (peer_log_dir(daemon.home) / "198.18.0.12_ha.log").write_text("theirs\n")
+    with zipfile.ZipFile(daemon.trace()[1]["path"]) as zf:
+        names = set(zf.namelist())
+    assert {"198.18.0.11_ha.log", "198.18.0.12_ha.log"} <= names
 
 
 # -- a disk left mid-sync stays Inconsistent, and is not backed up -------------------------------
