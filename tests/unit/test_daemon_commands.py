@@ -273,6 +273,47 @@ def test_configure_secondary_checks_the_new_disk_before_leaving_ha(daemon: Daemo
     assert state_file(daemon)["mode"] == "secondary"
 
 
+def test_configure_secondary_starts_again_with_the_old_settings_if_the_new_ones_fail(
+        daemon: Daemon, disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "local_addresses", lambda: A2)
+    old = settings_for(disk)
+    running(daemon, Mode.SECONDARY, old, "secondary")
+    daemon.secondary = FakeSecondary()  # type: ignore[assignment]
+    starts: list[float] = []
+
+    def start_ha(**options: Any) -> tuple[str, dict[str, Any]]:
+        starts.append(float(options["ping_interval"]))
+        if len(starts) == 1:
+            raise Refused("The peer runs mirrord 9.9.")
+        daemon._set_mode(Mode.SECONDARY)
+        return "HA started", {}
+
+    monkeypatch.setattr(daemon, "start_ha", start_ha)
+    with pytest.raises(Refused, match="runs with its previous settings again: The peer runs mirrord 9.9."):
+        daemon.configure_ha(ping_interval="0.2")
+    assert starts == [0.2, 0.05], "the new settings first, then the old ones"
+    assert daemon.mode is Mode.SECONDARY and config.load(daemon.home) == old
+
+
+def test_configure_idle_gets_its_old_heartbeats_back_if_the_new_ones_cannot_start(
+        daemon: Daemon, disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = settings_for(disk)
+    running(daemon, Mode.IDLE, old, "primary")
+
+    class Unbindable(FakePart):
+        def start(self) -> None:
+            if self.kwargs.get("interval") == daemon_module.tick_period(0.2):
+                raise MirrordError("Cannot bind the heartbeat.")
+            super().start()
+
+    monkeypatch.setattr(daemon_module, "Heartbeat", Unbindable)
+    with pytest.raises(MirrordError, match="Cannot bind the heartbeat"):
+        daemon.configure_ha(ping_interval="0.2")
+    assert daemon.settings is old and config.load(daemon.home) == old and daemon.mode is Mode.IDLE
+    assert isinstance(daemon.heartbeat, Unbindable) and daemon.heartbeat.running
+    assert daemon.heartbeat.kwargs["interval"] == daemon_module.tick_period(0.05)
+
+
 # -- stopHA: a failure leaves the mode as it was, and the same command finishes the job -----------
 
 def test_failed_stop_ha_keeps_the_mode_and_can_be_retried(daemon: Daemon, disk: Path) -> None:
