@@ -140,8 +140,8 @@ def test_stop_ha_on_a_busy_mount_can_be_run_again(lab: Any) -> None:
                         and Path(f"/proc/{holder.pid}/cwd").resolve() == mount), "the holder never entered the mount"
         done = lab.run("a1", "stopHA", timeout=120)
         assert done.returncode == 1, (done.returncode, done.stderr)
-        assert f"unmount {mount}" in done.stderr and "still primary" in done.stderr and "run stopHA again" in \
-            done.stderr, done.stderr
+        assert f"unmount {mount}" in done.stderr and f"In use by process {holder.pid} (sleep)" in done.stderr
+        assert "still primary" in done.stderr and "run stopHA again" in done.stderr, done.stderr
         assert result(lab, "a1")["exit_code"] == 1
         assert json.loads((lab.home("a1") / "state.json").read_text())["mode"] == "primary"
         assert status(lab, "a1")["mode"] == "primary"
