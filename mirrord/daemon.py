@@ -126,6 +126,8 @@ class Daemon:
         self._stop = threading.Event()
         self._busy: str | None = None
         self._leaving = False  # a teardown runs: the heartbeats say "standalone" (left HA, not dead)
+        #: a startHA's settings and metadata while it listens for the peer, before they are this node's
+        self._starting: tuple[Settings, list[VolumeMeta]] | None = None
         self._last_sentence = ""
         self._watchdog = Watchdog()
         self._previous_mode = (atomicfile.read_json(home.state_file) or {}).get("mode")
@@ -310,16 +312,18 @@ class Daemon:
         return Facts(disk_state=self._disk_state() or DiskState.UP_TO_DATE, **common)
 
     def _describe(self) -> dict[str, Any]:
-        """What our heartbeats tell the peer."""
-        disk = self._disk_state()
-        shared = {k: v for k, v in (self.settings.to_json() if self.settings else {}).items() if k in SHARED_SETTINGS}
-        if self.settings is not None:
-            shared["volumes"] = len(self.settings.disks)  # the number of --disk, which must match
+        """What our heartbeats tell the peer; during a startHA, the settings and disks it starts with."""
+        settings, metas = self._starting or (self.settings, self.metas)
+        disk = worst(m.disk_state for m in metas) if metas else None
+        meta = metas[0] if metas else None
+        shared = {k: v for k, v in (settings.to_json() if settings else {}).items() if k in SHARED_SETTINGS}
+        if settings is not None:
+            shared["volumes"] = len(settings.disks)  # the number of --disk, which must match
         mode = Mode.STANDALONE if self._leaving else self.mode
         serving = mode is Mode.PRIMARY and self.primary is not None and self._busy is None
         return {"mode": str(mode), "serving": serving, "disk": str(disk) if disk else None, "mac": self.my_mac,
-                "epoch": self.meta.epoch if self.meta else 0,
-                "gen": self.meta.gen.to_json() if self.meta else None,
+                "epoch": meta.epoch if meta else 0,
+                "gen": meta.gen.to_json() if meta else None,
                 "outdate_request": self.outdate_request, "settings": shared, "version": __version__}
 
     def _compare_settings(self) -> None:
@@ -645,6 +649,7 @@ class Daemon:
             ends = settings.endpoints(side)
             before = (self.settings, self.ends, self.secret) if self.heartbeat is not None else None
             self._stop_companions()
+            self._starting = (settings, metas)
             try:
                 self._start_companions(settings, ends, secret)
                 role = self._role(settings, side, secondary_only, discard_my_data)
@@ -654,6 +659,7 @@ class Daemon:
                     raise Refused(f"This appliance's disk is {state}: it cannot become primary. "
                                   "Make it the secondary of an UpToDate primary first.")
             except MirrordError:
+                self._starting = None
                 self._restore_companions(before)
                 raise
             # Checked: from here on this appliance changes.
@@ -666,6 +672,7 @@ class Daemon:
                     self.log.log(f"{one.volume}: {recovered}" if len(volumes) > 1 else recovered)
                 meta.save(self.home, one.volume)
             self.settings, self.side, self.ends, self.metas = settings, side, ends, metas
+            self._starting = None
             saved: list[Path] = []
             try:
                 if role == "primary":

@@ -344,16 +344,27 @@ def test_refused_start_ha_creates_no_metadata(daemon: Daemon, disk: Path) -> Non
     assert daemon.settings is None and daemon.heartbeat is None and daemon.mode is Mode.STANDALONE
 
 
-def test_refused_start_ha_on_an_idle_appliance_keeps_its_settings_and_heartbeats(daemon: Daemon,
-                                                                                   disk: Path) -> None:
+def test_refused_start_ha_on_an_idle_appliance_keeps_its_settings_and_heartbeats(
+        daemon: Daemon, disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_for(disk)
     running(daemon, Mode.IDLE, settings, "primary")
     daemon.metas[0].save(daemon.home, "r0")
     meta_before = daemon.home.meta_file("r0").read_bytes()
     options = {k: v for k, v in settings_for(disk, ping_interval="0.1").to_json().items()
                if k in config.FIELDS and v is not None}
+    told: list[dict[str, Any]] = []
+
+    class Listening(FakePart):
+        def silent_for(self, network: str) -> float:
+            told.append(self.kwargs["describe"]())
+            return super().silent_for(network)
+
+    monkeypatch.setattr(daemon_module, "Heartbeat", Listening)
     with pytest.raises(Refused, match="idle after a failOver and the peer is not primary"):
         daemon.start_ha(**options)
+    # While it listened, the peer heard the settings this start would run with; now the old ones again.
+    assert told and all(t["settings"]["ping_interval"] == 0.1 for t in told)
+    assert daemon._describe()["settings"]["ping_interval"] == 0.05
     assert daemon.mode is Mode.IDLE and daemon.settings is settings and daemon.side == "primary"
     assert daemon.heartbeat is not None and daemon.heartbeat is heartbeats(daemon)[-1]
     assert daemon.heartbeat.running and daemon.heartbeat.kwargs["interval"] == daemon_module.tick_period(0.05)
