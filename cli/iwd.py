@@ -7,6 +7,7 @@ Each is a click command usable on its own (the console scripts) and as a
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -16,7 +17,7 @@ import click
 from mirrord import config
 from mirrord.control import ControlClient
 from mirrord.net.addresses import local_addresses
-from mirrord_cli.runner import ensure_daemon, run
+from mirrord_cli.runner import describe, ensure_daemon, record_usage_error, run
 from mirrord_cli.status_view import Progress, in_sync, progress, render_status, syncing
 
 _HA_OPTIONS: list[tuple[str, str, str, dict[str, Any]]] = [
@@ -33,7 +34,8 @@ _HA_OPTIONS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--mkfs", "-mkfs", "Create this filesystem on first start if the disk has none (ext4).", {}),
     ("--start-script", "-startScript", "Run with 'start' when this appliance becomes primary.", {}),
     ("--stop-script", "-stopScript", "Run with 'stop' before this appliance gives up the primary role.", {}),
-    ("--secret-file", "-secretFile", "File holding the shared secret of the sync link.", {}),
+    ("--secret-file", "-secretFile", "File holding the shared secret of the pair (at least "
+     f"{config.MIN_SECRET_BYTES} bytes; the same on both appliances).", {}),
     ("--witness-ip", "-witnessIP", "A third host (e.g. the gateway) an isolated appliance fails to reach.", {}),
     ("--restart-limit", "-restartLimit", "Restarts of a failing OCF application before failing over (default 3).", {}),
     ("--resync-rate", "-resyncRate", "Ceiling in MiB/s for a resync (default 0: none; a resync always yields to "
@@ -51,15 +53,49 @@ def ha_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+#: Options naming files: sent to the daemon as absolute paths, since it resolves them from its own cwd.
+PATH_OPTIONS = frozenset({"disk", "mount", "start_script", "stop_script", "secret_file"})
+
+
 def given(options: dict[str, Any]) -> dict[str, Any]:
-    """The options given on the command line; a repeatable one is a value once, a list when repeated."""
+    """The options given on the command line; a repeatable one is a value once, a list when repeated;
+    a file relative to the operator's working directory, as the operator meant it."""
     out: dict[str, Any] = {}
     for key, value in options.items():
+        if key in PATH_OPTIONS and value is not None:
+            value = tuple(map(_absolute, value)) if isinstance(value, tuple) else _absolute(value)
         if isinstance(value, tuple):
             value = None if not value else value[0] if len(value) == 1 else list(value)
         if value is not None:
             out[key] = value
     return out
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(path) if path.strip() else path  # an empty one stays empty: the daemon names it missing
+
+
+class HACommand(click.Command):
+    """An IWD command whose usage errors (an unknown option, a missing value) leave ha.log, ha.out and
+    ha.result like any other outcome (exit 2), as every HA command must."""
+
+    def __init__(self, *args: Any, iwd_name: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.iwd_name = iwd_name
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, list(args))
+        except click.UsageError as exc:
+            record_usage_error(self.iwd_name, " ".join([self.iwd_name, *args]), exc)
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:  # raised by the command itself (HAstatus's option rules)
+            record_usage_error(self.iwd_name, describe(self.iwd_name, ctx.params), exc)
+            raise
 
 
 _START_EPILOG = """\b
@@ -79,7 +115,7 @@ Several volumes (they fail over together): repeat --disk, and --mount in the sam
 """
 
 
-@click.command("start-ha", epilog=_START_EPILOG)
+@click.command("start-ha", cls=HACommand, iwd_name="startHA", epilog=_START_EPILOG)
 @ha_options
 @click.option("--discard-my-data", "-discardMyData", "discard_my_data", is_flag=True, default=None,
               help="Resolve a split brain: this appliance becomes the secondary and its own changes are "
@@ -104,8 +140,10 @@ def start_ha(discard_my_data: bool | None, **options: Any) -> None:
 _CONFIGURE_EPILOG = """\b
 Run the same configureHA on both appliances. A secondary restarts its side
 with the new settings; a primary changes in place what does not interrupt
-the application (ping interval, scripts, witness, secret, floating IP) and
-refuses the rest (exit 3): failOver first, or stopHA and startHA.
+the application (ping interval, scripts, witness, floating IP) and refuses
+the rest (exit 3): failOver first, or stopHA and startHA. A new shared
+secret is refused on a running pair: stopHA on both, then startHA with the
+new --secret-file on both.
 
 \b
 Examples:
@@ -114,7 +152,7 @@ Examples:
 """
 
 
-@click.command("configure-ha", epilog=_CONFIGURE_EPILOG)
+@click.command("configure-ha", cls=HACommand, iwd_name="configureHA", epilog=_CONFIGURE_EPILOG)
 @ha_options
 def configure_ha(**options: Any) -> None:
     """Change settings of a running pair (configureHA); run it on both appliances."""
@@ -122,7 +160,7 @@ def configure_ha(**options: Any) -> None:
     run("configureHA", changes, lambda client: client.call("configure_ha", **changes))
 
 
-@click.command("stop-ha", epilog="""\b
+@click.command("stop-ha", cls=HACommand, iwd_name="stopHA", epilog="""\b
 On the primary: stop script, floating IP released, filesystem unmounted, disk
 no longer exposed. On the secondary: it stops receiving (the primary goes on,
 degraded). After stopHA a restart of the daemon stays standalone.
@@ -136,7 +174,7 @@ def stop_ha() -> None:
     run("stopHA", {}, lambda client: client.call("stop_ha"))
 
 
-@click.command("fail-over", epilog="""\b
+@click.command("fail-over", cls=HACommand, iwd_name="failOver", epilog="""\b
 Refused (exit 3) unless the secondary is connected and UpToDate. Afterwards
 the old primary is idle: run startHA on it to make it the new secondary.
 
@@ -169,7 +207,7 @@ Examples:
 RATE_SAMPLE_SECONDS = 1.0
 
 
-@click.command("ha-status", epilog=_STATUS_EPILOG)
+@click.command("ha-status", cls=HACommand, iwd_name="HAstatus", epilog=_STATUS_EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts and tests).")
 @click.option("--watch", is_flag=True, help="Redraw until Ctrl-C, with a progress bar during a sync.")
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,

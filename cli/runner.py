@@ -45,14 +45,32 @@ def run(name: str, options: dict[str, Any], action: Callable[[ControlClient], tu
         click.echo(text)
     if code:
         click.echo(f"{name}: {message}", err=True)
+    if not _record(log, name, code, message, text):
+        code = code or 1
+    sys.exit(code)
+
+
+def record_usage_error(name: str, line: str, exc: click.UsageError) -> None:
+    """A command line click refuses (unknown option, missing value) leaves the same three files as any
+    other outcome, with exit 2 (bad input); click itself then prints the usage and exits."""
+    log = HALog(Home.from_env(), name)
+    try:
+        log.log(f"Command: {line}")
+    except OSError:
+        pass  # _record says so below
+    _record(log, name, exc.exit_code, exc.format_message(), "")
+
+
+def _record(log: HALog, name: str, code: int, message: str, text: str) -> bool:
+    """ha.out, ha.result and the closing ha.log line of a command; False (and said) if they cannot be written."""
     try:
         log.write_out(text + ("\n" if text else ""))
         log.write_result(name, code, message)
         log.log(f"{name} {'succeeded' if code == 0 else 'exit ' + str(code)}: {message}")
     except OSError as exc:
-        click.echo(f"{name}: could not write the HA logs in {home.log_dir}: {exc}", err=True)
-        code = code or 1
-    sys.exit(code)
+        click.echo(f"{name}: could not write the HA logs in {log.home.log_dir}: {exc}", err=True)
+        return False
+    return True
 
 
 def ensure_daemon(client: ControlClient) -> None:

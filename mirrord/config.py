@@ -44,6 +44,9 @@ HEARTBEAT_PORT = 7789
 LOGSHIP_PORT = 7790
 #: HTTP status endpoint (/primary, /secondary, /health, /metrics) on every address.
 STATUS_PORT = 9187
+#: The shortest shared secret accepted (after surrounding whitespace is removed): 16 random bytes are
+#: 128 bits, and an empty file would silently turn authentication off (docs/decisions.md 35).
+MIN_SECRET_BYTES = 16
 
 #: Option names as the CLI spells them (IWD aliases map onto these).
 FIELDS = (
@@ -381,8 +384,33 @@ def check_script(flag: str, path: Path) -> None:
         raise BadInput(f"{flag} {path} is not an executable file.")
 
 
+def check_scripts(settings: Settings) -> None:
+    for flag, script in (("--start-script", settings.start_script), ("--stop-script", settings.stop_script)):
+        if script is not None:
+            check_script(flag, script)
+
+
+def read_secret(path: Path | None) -> bytes | None:
+    """The shared secret in ``--secret-file`` without surrounding whitespace, or :class:`BadInput`."""
+    if path is None:
+        return None
+    try:
+        # stat first: opening a FIFO would block the daemon, and a directory is no secret
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise BadInput(f"--secret-file {path} is not a regular file; give a file holding the shared secret.")
+        secret = path.read_bytes().strip()
+    except FileNotFoundError:
+        raise BadInput(f"--secret-file {path} does not exist; give a file holding the shared secret.") from None
+    except OSError as exc:
+        raise BadInput(f"--secret-file {path} cannot be read ({exc.strerror}); it must be readable by root.") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise BadInput(f"--secret-file {path} holds {len(secret)} bytes of secret; at least {MIN_SECRET_BYTES} are "
+                       "needed (e.g. head -c 32 /dev/urandom | base64 > FILE, the same file on both appliances).")
+    return secret
+
+
 def check_local(settings: Settings, addresses: Iterable[ipaddress.IPv4Address]) -> str:
-    """Validate against this machine; returns this appliance's configured side."""
+    """Validate against this machine (addresses, then every file option); returns this appliance's configured side."""
     role = settings.side_of(addresses)
     seen: dict[tuple[int, int], Path] = {}
     for one in settings.volumes():
@@ -394,11 +422,8 @@ def check_local(settings: Settings, addresses: Iterable[ipaddress.IPv4Address]) 
         seen[ident] = one.disk
         if one.mount is not None:  # the secondary mounts it too, when it takes over
             check_mount_dir(one.mount)
-    for flag, script in (("--start-script", settings.start_script), ("--stop-script", settings.stop_script)):
-        if script is not None:
-            check_script(flag, script)
-    if settings.secret_file is not None and not os.access(settings.secret_file, os.R_OK):
-        raise BadInput(f"--secret-file {settings.secret_file} is not a readable file.")
+    check_scripts(settings)
+    read_secret(settings.secret_file)
     return role
 
 

@@ -125,6 +125,9 @@ class Daemon:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._busy: str | None = None
+        self._leaving = False  # a teardown runs: the heartbeats say "standalone" (left HA, not dead)
+        #: a startHA's settings and metadata while it listens for the peer, before they are this node's
+        self._starting: tuple[Settings, list[VolumeMeta]] | None = None
         self._last_sentence = ""
         self._watchdog = Watchdog()
         self._previous_mode = (atomicfile.read_json(home.state_file) or {}).get("mode")
@@ -238,9 +241,8 @@ class Daemon:
 
     def _resume_secondary(self) -> None:
         assert self.settings is not None
-        options = {k: v for k, v in self.settings.to_json().items() if k in config.FIELDS and v is not None}
         try:
-            message, _ = self._start_ha(options, secondary_only=True)
+            message, _ = self._start_ha(self._options(self.settings), secondary_only=True)
             self.log.log(f"Resumed after a restart: {message}")
         except MirrordError as exc:
             self.log.log(f"Could not resume as secondary after the restart: {exc} This appliance is standalone; "
@@ -310,15 +312,18 @@ class Daemon:
         return Facts(disk_state=self._disk_state() or DiskState.UP_TO_DATE, **common)
 
     def _describe(self) -> dict[str, Any]:
-        """What our heartbeats tell the peer."""
-        disk = self._disk_state()
-        shared = {k: v for k, v in (self.settings.to_json() if self.settings else {}).items() if k in SHARED_SETTINGS}
-        if self.settings is not None:
-            shared["volumes"] = len(self.settings.disks)  # the number of --disk, which must match
-        serving = self.mode is Mode.PRIMARY and self.primary is not None and self._busy is None
-        return {"mode": str(self.mode), "serving": serving, "disk": str(disk) if disk else None, "mac": self.my_mac,
-                "epoch": self.meta.epoch if self.meta else 0,
-                "gen": self.meta.gen.to_json() if self.meta else None,
+        """What our heartbeats tell the peer; during a startHA, the settings and disks it starts with."""
+        settings, metas = self._starting or (self.settings, self.metas)
+        disk = worst(m.disk_state for m in metas) if metas else None
+        meta = metas[0] if metas else None
+        shared = {k: v for k, v in (settings.to_json() if settings else {}).items() if k in SHARED_SETTINGS}
+        if settings is not None:
+            shared["volumes"] = len(settings.disks)  # the number of --disk, which must match
+        mode = Mode.STANDALONE if self._leaving else self.mode
+        serving = mode is Mode.PRIMARY and self.primary is not None and self._busy is None
+        return {"mode": str(mode), "serving": serving, "disk": str(disk) if disk else None, "mac": self.my_mac,
+                "epoch": meta.epoch if meta else 0,
+                "gen": meta.gen.to_json() if meta else None,
                 "outdate_request": self.outdate_request, "settings": shared, "version": __version__}
 
     def _compare_settings(self) -> None:
@@ -620,56 +625,57 @@ class Daemon:
 
     def _start_ha(self, options: dict[str, Any], secondary_only: bool,
                   discard_my_data: bool = False) -> tuple[str, dict[str, Any]]:
-        """``secondary_only``: a resume after a restart, which must never make this appliance primary."""
+        """``secondary_only``: a resume after a restart, which must never make this appliance primary.
+
+        Every check comes before the first change, so a refused startHA changes nothing. The
+        checks that need the peer's word listen with this start's heartbeats; if one refuses,
+        those stop and the companions of the mode this appliance stays in (idle, inconsistent)
+        run again as before.
+        """
         settings = config.parse(options)
         with self._lock:
             side = config.check_local(settings, local_addresses())
+            secret = config.read_secret(settings.secret_file)
             if self.mode in (Mode.PRIMARY, Mode.SECONDARY):
                 transition(self.mode, Event.START_SECONDARY if side == "secondary" else Event.START_PRIMARY)
             volumes = settings.volumes()
             sizes = [config.check_disk(one.disk) for one in volumes]
-            if self.secondary is not None:  # inconsistent: start over as a fresh secondary
-                self.secondary.stop()
-                self.secondary = None
-            self._stop_companions()
             for one in volumes:
                 volume.ensure_unused(one.disk)
             metas = [VolumeMeta.load(self.home, one.volume) for one in volumes]
             if discard_my_data and not any(m.split_brain for m in metas):
                 raise Refused("There is no split brain to resolve: this appliance has not found one with its peer "
                               "(HAstatus shows it when it has); run startHA without --discard-my-data.")
+            ends = settings.endpoints(side)
+            before = (self.settings, self.ends, self.secret) if self.heartbeat is not None else None
+            self._stop_companions()
+            self._starting = (settings, metas)
+            try:
+                self._start_companions(settings, ends, secret)
+                role = self._role(settings, side, secondary_only, discard_my_data)
+                next_mode = transition(self.mode, Event.START_PRIMARY if role == "primary" else Event.START_SECONDARY)
+                state = worst(m.disk_state for m in metas)
+                if role == "primary" and state is not DiskState.UP_TO_DATE:
+                    raise Refused(f"This appliance's disk is {state}: it cannot become primary. "
+                                  "Make it the secondary of an UpToDate primary first.")
+            except MirrordError:
+                self._starting = None
+                self._restore_companions(before)
+                raise
+            # Checked: from here on this appliance changes.
+            if self.secondary is not None:  # inconsistent: start over as a fresh secondary
+                self.secondary.stop()
+                self.secondary = None
             for meta, one, size in zip(metas, volumes, sizes):
                 recovered = meta.recover(self.home, one.volume, size)
                 if recovered:
                     self.log.log(f"{one.volume}: {recovered}" if len(volumes) > 1 else recovered)
-            ends = settings.endpoints(side)
+                meta.save(self.home, one.volume)
             self.settings, self.side, self.ends, self.metas = settings, side, ends, metas
+            self._starting = None
+            saved: list[Path] = []
             try:
-                self._start_companions(settings, ends)
-                # The configured primary becomes primary only if the peer is not primary already
-                # (e.g. after a takeover, the old primary's startHA makes it the new secondary).
-                role = side
-                if secondary_only:
-                    role = "secondary"
-                elif side == "primary" or self.mode is Mode.IDLE:
-                    peer_mode = self._peer_mode_now(settings, wait=1.5 * settings.ping_interval)
-                    role = "secondary" if peer_mode == "primary" else "primary"
-                    if peer_mode is not None:
-                        self._check_peer_version(role)
-                    if self.mode is Mode.IDLE and role == "primary":
-                        raise Refused("This appliance is idle after a failOver and the peer is not primary: it "
-                                      "cannot become primary again by itself. Run stopHA here, then startHA.")
-                saved: list[Path] = []
-                if discard_my_data and role == "primary":
-                    raise Refused("--discard-my-data makes this appliance the secondary of the peer's data, but the "
-                                  "peer is not primary: run startHA on the appliance whose data to keep first.")
-                event = Event.START_PRIMARY if role == "primary" else Event.START_SECONDARY
-                next_mode = transition(self.mode, event)
                 if role == "primary":
-                    state = self._disk_state()
-                    if state is not DiskState.UP_TO_DATE:
-                        raise Refused(f"This appliance's disk is {state}: it cannot become primary. "
-                                      "Make it the secondary of an UpToDate primary first.")
                     self._new_term()
                     primary = self._primary_group(settings, ends)
                     primary.start()
@@ -714,6 +720,25 @@ class Daemon:
             self.log.log(message)
             return message, self.status()[1]
 
+    def _role(self, settings: Settings, side: str, secondary_only: bool, discard_my_data: bool) -> str:
+        """The role this startHA gives: the configured primary becomes primary only if the peer is not
+        primary already (after a takeover, the old primary's startHA makes it the new secondary)."""
+        if secondary_only:
+            return "secondary"
+        role = side
+        if side == "primary" or self.mode is Mode.IDLE:
+            peer_mode = self._peer_mode_now(settings, wait=1.5 * settings.ping_interval)
+            role = "secondary" if peer_mode == "primary" else "primary"
+            if peer_mode is not None:
+                self._check_peer_version(role)
+            if self.mode is Mode.IDLE and role == "primary":
+                raise Refused("This appliance is idle after a failOver and the peer is not primary: it "
+                              "cannot become primary again by itself. Run stopHA here, then startHA.")
+        if discard_my_data and role == "primary":
+            raise Refused("--discard-my-data makes this appliance the secondary of the peer's data, but the "
+                          "peer is not primary: run startHA on the appliance whose data to keep first.")
+        return role
+
     def _keep_copy(self, settings: Settings, size: int) -> Path:
         """--discard-my-data: nothing of this appliance's data is overwritten before a copy exists."""
         self.log.log(f"Saving a copy of {settings.disk} before discarding this appliance's changes.")
@@ -732,9 +757,13 @@ class Daemon:
         except HandshakeRefused as exc:
             raise Refused(str(exc)) from exc
 
-    def _start_companions(self, settings: Settings, ends: Endpoints) -> None:
-        """Heartbeats, log shipping and the witness: what runs whatever the role."""
-        self.secret = settings.secret_file.read_bytes().strip() if settings.secret_file else None
+    def _start_companions(self, settings: Settings, ends: Endpoints, secret: bytes | None) -> None:
+        """Heartbeats, log shipping and the witness: what runs whatever the role.
+
+        ``secret`` is read by the command that starts them, before it changed anything
+        (config.read_secret), never here: a bad file must not leave the node silent.
+        """
+        self.secret = secret
         if self.secret is None:
             self.log.log("No --secret-file: heartbeats and log shipping are not authenticated.")
         self.my_mac = arp.mac_of(arp.iface_for(ends.my_public))
@@ -750,10 +779,27 @@ class Daemon:
         self.shipper = LogShipper(self.home, (str(ends.peer_public), config.LOGSHIP_PORT), str(ends.my_public),
                                   self.secret, start_at=offset_of_last(self.home, b": Command: startHA"))
         self.shipper.start()
+        self._start_witness(settings)
+
+    def _start_witness(self, settings: Settings) -> None:
         if settings.witness_ip is not None:
             self.witness = Witness(settings.witness_ip, interval=settings.ping_interval / 2,
                                    max_age=settings.ping_interval)
             self.witness.start()
+
+    def _restore_companions(self, before: tuple[Settings | None, Endpoints | None, bytes | None] | None) -> None:
+        """After a refusal: the companions that ran before (or none) run again, so the peer keeps hearing us."""
+        self._stop_companions()
+        if before is None:
+            self.secret = None
+            return
+        settings, ends, secret = before
+        assert settings is not None and ends is not None
+        try:
+            self._start_companions(settings, ends, secret)
+        except MirrordError as exc:
+            self._stop_companions()
+            self.log.log(f"Could not restart the heartbeats with the previous settings: {exc}")
 
     def _stop_companions(self) -> None:
         for part in (self.heartbeat, self.shipper, self.log_receiver, self.witness):
@@ -762,38 +808,54 @@ class Daemon:
         self.heartbeat = self.shipper = self.log_receiver = self.witness = None
         self.outdate_request = False
 
+    def _in_ha(self) -> bool:
+        """Anything of an HA session still runs here, whatever the mode says (a stopHA that failed halfway)."""
+        return any(part is not None for part in (self.primary, self.secondary, self.heartbeat, self.shipper,
+                                                 self.log_receiver, self.witness))
+
     def stop_ha(self) -> tuple[str, dict[str, Any]]:
         with self._lock:
             was = self.mode
-            transition(self.mode, Event.STOP)
-            if was is Mode.STANDALONE:
+            if was is Mode.STANDALONE and not self._in_ha():
                 return "HA was not running; this appliance is standalone.", self.status()[1]
-            self._teardown("stopHA")
+            try:
+                self._teardown("stopHA")
+            except MirrordError as exc:
+                raise MirrordError(f"stopHA could not finish: {exc} This appliance is still {was}; free what the "
+                                   "message names, then run stopHA again.") from exc
             self._set_mode(Mode.STANDALONE)
             message = f"HA stopped: this appliance was {was} and is now standalone."
             self.log.log(message)
             return message, self.status()[1]
 
     def _teardown(self, why: str) -> None:
-        """Leave HA in order: tell the peer first, so it neither takes over nor waits for us."""
+        """Leave HA in order: tell the peer first, so it neither takes over nor waits for us.
+
+        Everything still running is stopped, whatever the mode says; if a step fails (a busy
+        mount point) the rest stays as it is and the mode unchanged, so the same command can
+        be run again once the cause is gone. The caller sets the mode after a success.
+        """
         settings, was = self.settings, self.mode
-        self.mode = Mode.STANDALONE  # what our last heartbeats say: "left HA", not "died"
-        if self.secondary is not None:
-            self.secondary.outdate()  # our copy stops following the primary from now on
-        if self.heartbeat is not None:
-            self.heartbeat.send_once()
-        if self.primary is not None and settings is not None:
-            self.primary.release_held()  # the operator ended the pair; the peer was told
-            self._stop_app(settings, str(was))
-            if floatip.remove(settings.floating_ip):
-                self.log.log(f"Released floating IP {settings.floating_ip} ({why}).")
-            self.primary.stop()
-            self.primary = None
-        if self.secondary is not None:
-            self.secondary.stop()
-            self.secondary = None
-        self._stop_companions()
-        self.side = None
+        self._leaving = True  # what our last heartbeats say: "left HA", not "died"
+        try:
+            if self.secondary is not None:
+                self.secondary.outdate()  # our copy stops following the primary from now on
+            if self.heartbeat is not None:
+                self.heartbeat.send_once()
+            if self.primary is not None and settings is not None:
+                self.primary.release_held()  # the operator ended the pair; the peer was told
+                self._stop_app(settings, str(was))
+                if floatip.remove(settings.floating_ip):
+                    self.log.log(f"Released floating IP {settings.floating_ip} ({why}).")
+                self.primary.stop()
+                self.primary = None
+            if self.secondary is not None:
+                self.secondary.stop()
+                self.secondary = None
+            self._stop_companions()
+            self.side = None
+        finally:
+            self._leaving = False
 
     #: configureHA: what changes in place on a primary (the rest restarts the secondary's side
     #: or needs stopHA/startHA on the primary, which would interrupt the application).
@@ -801,6 +863,7 @@ class Daemon:
                               "witness_ip", "secret_file", "resync_rate"})
 
     def configure_ha(self, **changes: Any) -> tuple[str, dict[str, Any]]:
+        """Every check (values, files, the secret, what may change in this mode) comes before any change."""
         with self._lock:
             if self.mode is Mode.STANDALONE or self.settings is None or self.side is None:
                 raise Refused("HA is not running on this appliance; configureHA changes a running pair. "
@@ -811,27 +874,38 @@ class Daemon:
             changed = sorted(k for k, v in new.to_json().items() if v != old.get(k))
             if not changed:
                 return "configureHA: nothing to change; the settings are already these.", self.status()[1]
-            side = config.check_local(new, local_addresses()) if self.mode is not Mode.PRIMARY else self.side
-            if side != self.side:
-                raise Refused(f"With these addresses this appliance would become the configured {side}; swapping "
-                              "roles needs stopHA and startHA on both appliances.")
+            if self.mode is Mode.PRIMARY:
+                fixed = sorted(set(changed) - self.PRIMARY_LIVE)
+                if fixed:
+                    raise Refused(f"Changing {', '.join(fixed)} on the primary would interrupt the application: "
+                                  "failOver first and change it while this appliance is secondary, or run stopHA "
+                                  "and startHA.")
+                config.check_scripts(new)  # its disk and mount point are in use, and cannot change here
+            else:
+                side = config.check_local(new, local_addresses())
+                if side != self.side:
+                    raise Refused(f"With these addresses this appliance would become the configured {side}; "
+                                  "swapping roles needs stopHA and startHA on both appliances.")
+                if self.mode is not Mode.IDLE:
+                    for one in new.volumes():
+                        volume.ensure_unused(one.disk)
+            if config.read_secret(new.secret_file) != self.secret:
+                # The peer keeps the old secret until its own configureHA: meanwhile each would reject
+                # the other's heartbeats, and a secondary that hears nothing takes over (docs/decisions.md 35).
+                raise Refused("configureHA cannot change the shared secret of a running pair: the two appliances "
+                              "would reject each other's heartbeats until both had it, and the secondary would take "
+                              "over. Run stopHA on both appliances, then startHA with the new --secret-file on "
+                              "both.")
             if self.mode is Mode.PRIMARY:
                 self._configure_primary(old_settings, new, changed)
             else:
-                self._configure_standby(new)
+                self._configure_standby(old_settings, new)
             config.save(self.home, new)
             message = f"configureHA: changed {', '.join(changed)}. Run the same configureHA on the other appliance."
             self.log.log(message)
             return message, self.status()[1]
 
     def _configure_primary(self, old: Settings, new: Settings, changed: list[str]) -> None:
-        fixed = sorted(set(changed) - self.PRIMARY_LIVE)
-        if fixed:
-            raise Refused(f"Changing {', '.join(fixed)} on the primary would interrupt the application: failOver "
-                          "first and change it while this appliance is secondary, or run stopHA and startHA.")
-        for flag, script in (("--start-script", new.start_script), ("--stop-script", new.stop_script)):
-            if script is not None:
-                config.check_script(flag, script)
         assert self.primary is not None and self.ends is not None
         if new.floating_ip != old.floating_ip:
             iface = arp.iface_for(self.ends.my_public)
@@ -844,24 +918,49 @@ class Daemon:
             arp.announce(new.floating_ip.ip, iface, count=1)
             self.log.log(f"Moved the floating IP from {old.floating_ip} to {new.floating_ip}.")
         self.settings = new
-        if {"secret_file", "witness_ip"} & set(changed):
-            self._stop_companions()
-            self._start_companions(new, self.ends)
-        elif self.heartbeat is not None:
+        if "witness_ip" in changed:
+            # Only the witness: the heartbeats never pause, or the secondary could hear silence.
+            if self.witness is not None:
+                self.witness.stop()
+                self.witness = None
+            self._start_witness(new)
+        if self.heartbeat is not None:
             self.heartbeat.set_interval(tick_period(new.ping_interval))
         self.primary.set_settings(new.volumes(), self.secret)
 
-    def _configure_standby(self, new: Settings) -> None:
+    def _configure_standby(self, old: Settings, new: Settings) -> None:
         """A secondary (or inconsistent) appliance takes any change by restarting its side; an idle one
-        only takes the settings (it stays idle until startHA)."""
+        only takes the settings (it stays idle until startHA). If the new settings cannot start, the
+        old ones run again and the error is reported."""
+        assert self.side is not None
         if self.mode is Mode.IDLE:
-            assert self.side is not None
+            before = (old, self.ends, self.secret)
+            ends = new.endpoints(self.side)
             self._stop_companions()
-            self.settings, self.ends = new, new.endpoints(self.side)
-            self._start_companions(new, self.ends)
+            try:
+                self._start_companions(new, ends, self.secret)
+            except MirrordError:
+                self._restore_companions(before)
+                raise
+            self.settings, self.ends = new, ends
             return
         self._teardown("configureHA")
-        self.start_ha(**{k: v for k, v in new.to_json().items() if k in config.FIELDS and v is not None})
+        self._set_mode(transition(self.mode, Event.STOP))
+        try:
+            self.start_ha(**self._options(new))
+        except MirrordError as exc:
+            try:
+                self.start_ha(**self._options(old))
+            except MirrordError as again:
+                raise MirrordError(f"configureHA failed: {exc} Starting again with the previous settings failed "
+                                   f"too: {again} This appliance is standalone: run startHA.") from exc
+            raise type(exc)(f"configureHA failed and this appliance runs with its previous settings again: "
+                            f"{exc}") from exc
+
+    @staticmethod
+    def _options(settings: Settings) -> dict[str, Any]:
+        """Settings as the options of a startHA that would give them."""
+        return {k: v for k, v in settings.to_json().items() if k in config.FIELDS and v is not None}
 
     def fail_over(self) -> tuple[str, dict[str, Any]]:
         with self._lock:
@@ -895,10 +994,21 @@ class Daemon:
         raise MirrordError("failOver: the primary did not hand over in time; see ha.log on both appliances.")
 
     def trace(self) -> tuple[str, dict[str, Any]]:
-        my_ip = str(self.ends.my_public) if self.ends else "local"
-        peer_ip = str(self.ends.peer_public) if self.ends else None
+        ends = self.ends or self._saved_ends()
+        my_ip = str(ends.my_public) if ends else "local"
+        peer_ip = str(ends.peer_public) if ends else None
         path = write_trace(self.home, my_ip, peer_ip, status=self.status()[1])
         return f"Wrote {path}.", {"path": str(path)}
+
+    def _saved_ends(self) -> Endpoints | None:
+        """Which appliance of the saved settings (ha.json) this is, when HA does not run here (standalone,
+        or a restarted daemon): the peer's shipped logs are on disk all the same."""
+        if self.settings is None:
+            return None
+        try:
+            return self.settings.endpoints(self.settings.side_of(local_addresses()))
+        except BadInput:  # moved to other addresses since: only its own logs
+            return None
 
     def verify(self) -> tuple[str, dict[str, Any]]:
         """mirrord verify: compare both disks while serving; resend what differs."""
@@ -942,7 +1052,12 @@ class Daemon:
                         raise Refused("This primary has no mounted filesystem to freeze (--mount), so a copy of a disk "
                                       "the application writes cannot be consistent; back up a standalone appliance.")
                     freeze, how, size = settings.mount, "fsfreeze", self.primary.lead.disk_size
+                    state = DiskState.UP_TO_DATE  # a serving primary's disk
                 elif self.mode is Mode.STANDALONE:
+                    state = VolumeMeta.load(self.home, settings.volume).disk_state
+                    if state is DiskState.INCONSISTENT:
+                        raise Refused(f"This disk is {state}: a sync into it was cut short, so it holds parts of two "
+                                      "versions and no usable copy. Back up the appliance that was primary.")
                     size = config.check_disk(settings.disk)
                     volume.ensure_unused(settings.disk)
                     freeze, how = None, "unused disk"
@@ -953,6 +1068,9 @@ class Daemon:
             manifest = archive.write_backup(Path(path), settings.disk, size, settings.to_json(), freeze, how)
         message = (f"Backup of {settings.disk} ({size} bytes) and the HA settings written to {path} "
                    f"(consistent by {how}; writes waited {manifest['frozen_seconds']:.1f} s).")
+        if state is DiskState.OUTDATED:
+            message += (" Warning: this disk is Outdated: it lacks the writes the other appliance served since "
+                        "this one stopped following it; back up that appliance for the newest data.")
         self.log.log(message)
         return message, manifest
 

@@ -65,11 +65,10 @@ class VolumeMeta:
 
     @classmethod
     def load(cls, home: Home, volume: str) -> "VolumeMeta":
+        """The saved metadata, or a new disk's (not saved here: reading must not change a refused command's node)."""
         data = atomicfile.read_json(home.meta_file(volume))
         if data is None:
-            meta = cls()
-            meta.save(home, volume)
-            return meta
+            return cls()
         return cls(disk_state=DiskState(data["disk_state"]), epoch=int(data.get("epoch", 0)),
                    gen=Generations.from_json(data["gen"]) if "gen" in data else Generations(),
                    primary_open=bool(data.get("primary_open", False)),

@@ -282,9 +282,14 @@ class SecondarySide:
         link.send(control, {"type": "failover_request"})
 
     def outdate(self) -> None:
-        """The primary continues without us: our copy falls behind and must never be promoted."""
-        self.meta.disk_state = DiskState.OUTDATED
-        self.meta.save(self.home, self.settings.volume)
+        """The primary continues without us: our copy falls behind and must never be promoted.
+
+        Only a complete copy becomes Outdated: an Inconsistent one (a sync cut short) is worse
+        than old, and calling it Outdated would let a backup or an operator take it for whole.
+        """
+        if self.meta.disk_state is DiskState.UP_TO_DATE:
+            self.meta.disk_state = DiskState.OUTDATED
+            self.meta.save(self.home, self.settings.volume)
 
     def _end_session(self, reason: str) -> None:
         with self._lock:

@@ -14,6 +14,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from mirrord.errors import MirrordError, Refused
 
@@ -33,19 +34,7 @@ def _run(argv: list[str], what: str) -> str:
 def users_of(path: Path) -> list[str]:
     """Processes, mounts and loop devices other than this process that hold ``path`` open."""
     target = os.path.realpath(path)
-    found: list[str] = []
-    me = str(os.getpid())
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or pid == me:
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                if os.path.realpath(f"/proc/{pid}/fd/{fd}") == target:
-                    with open(f"/proc/{pid}/comm") as f:
-                        found.append(f"process {pid} ({f.read().strip()})")
-                    break
-        except OSError:
-            continue
+    found = _processes(lambda held: os.path.realpath(held) == target)
     found += [f"loop device {loop}" for loop in loops_backed_by(path)]
     with open("/proc/self/mounts") as f:
         for line in f:
@@ -115,10 +104,50 @@ def unmount(mountpoint: Path, lazy: bool = False) -> None:
             _run(["umount", *(["--lazy"] if lazy else []), str(mountpoint)],
                  f"unmount {mountpoint} (is an application still using it?)")
             return
-        except MirrordError:
+        except MirrordError as exc:
             if lazy or time.monotonic() > deadline:
+                users = users_of_mount(mountpoint)
+                if users:  # the operator's next step: what to stop
+                    raise MirrordError(f"{exc} In use by {', '.join(users)}.") from exc
                 raise
             time.sleep(0.2)
+
+
+def users_of_mount(mountpoint: Path) -> list[str]:
+    """Processes whose working directory, root or an open file is on the filesystem at ``mountpoint``."""
+    top = os.path.realpath(mountpoint)
+    return _processes(lambda held: _under(held, top), places=True)
+
+
+def _processes(holds: Callable[[str], bool], places: bool = False) -> list[str]:
+    """Processes other than this one with an open file ``holds`` accepts (with ``places``: or their
+    working directory or root), as "process PID (COMMAND)"."""
+    me = str(os.getpid())
+    found: list[str] = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        try:
+            links = [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+            if places:
+                links += [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
+            if any(holds(_target(link)) for link in links):
+                with open(f"/proc/{pid}/comm") as f:
+                    found.append(f"process {pid} ({f.read().strip()})")
+        except OSError:
+            continue  # the process is gone meanwhile, or not ours to look into
+    return found
+
+
+def _target(link: str) -> str:
+    try:
+        return os.readlink(link)
+    except OSError:  # an fd closed meanwhile
+        return ""
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def is_mounted(mountpoint: Path) -> bool:

@@ -8,11 +8,12 @@ changed on the appliance.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from hactl import HA_ARGS, forget_ha_state, start_ha, stop_all
+from hactl import HA_ARGS, forget_ha_state, start_ha, start_primary_with_fs, stop_all
 
 pytestmark = pytest.mark.lab
 
@@ -121,6 +122,39 @@ def test_configure_ha_on_a_running_pair(lab: Any) -> None:
         # What the primary cannot change in place is refused with the way to do it.
         done = lab.run("a1", "configureHA --disk /dev/null", timeout=60)
         assert done.returncode in (2, 3) and done.stderr
+    finally:
+        stop_all(lab)
+        forget_ha_state(lab)
+
+
+def test_stop_ha_on_a_busy_mount_can_be_run_again(lab: Any) -> None:
+    """A stopHA that cannot unmount says which mount point is busy, keeps the mode, and a second
+    stopHA (once the mount point is free) finishes the job instead of answering "not running"."""
+    from hactl import status
+
+    start_primary_with_fs(lab)
+    mount = lab.home("a1") / "mnt"
+    holder = lab.popen("a1", f"cd {mount} && exec sleep 600")
+    try:
+        assert lab.wait_for(lambda: Path(f"/proc/{holder.pid}/cwd").exists()
+                        and Path(f"/proc/{holder.pid}/cwd").resolve() == mount), "the holder never entered the mount"
+        done = lab.run("a1", "stopHA", timeout=120)
+        assert done.returncode == 1, (done.returncode, done.stderr)
+        assert f"unmount {mount}" in done.stderr and f"In use by process {holder.pid} (sleep)" in done.stderr
+        assert "still primary" in done.stderr and "run stopHA again" in done.stderr, done.stderr
+        assert result(lab, "a1")["exit_code"] == 1
+        assert json.loads((lab.home("a1") / "state.json").read_text())["mode"] == "primary"
+        assert status(lab, "a1")["mode"] == "primary"
+    finally:
+        holder.kill()
+        holder.wait()
+    try:
+        done = lab.run("a1", "stopHA", timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "this appliance was primary and is now standalone" in done.stdout
+        mounts = lab.run("a1", "cat /proc/self/mounts").stdout
+        assert str(mount) not in mounts and str(lab.home("a1") / "dev" / "r0") not in mounts
+        assert json.loads((lab.home("a1") / "state.json").read_text())["mode"] == "standalone"
     finally:
         stop_all(lab)
         forget_ha_state(lab)

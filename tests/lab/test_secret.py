@@ -55,6 +55,10 @@ def secret(lab: Any, node: str, text: str) -> str:
     return f"--secret-file {path}"
 
 
+#: Secrets of at least config.MIN_SECRET_BYTES, each unlike anything ha.log says by itself.
+ONE, ANOTHER, SHARED = "one-key-5d0c2b7e91aa4f36", "another-key-83e6f1c04b2d97a5", "pair-key-7f3a9c41d2e8b605"
+
+
 def digest(lab: Any, node: str) -> str:
     return hashlib.sha256((lab.home(node) / "disk.img").read_bytes()).hexdigest()
 
@@ -63,20 +67,20 @@ def test_wrong_secret_replicates_nothing(pair: Any) -> None:
     pair.run("a1", "head -c 1M /dev/urandom > $MIRRORD_HOME/disk.img.head && "
                    "dd if=$MIRRORD_HOME/disk.img.head of=$MIRRORD_HOME/disk.img conv=notrunc status=none", check=True)
     before = digest(pair, "a2")
-    start_ha(pair, "a2", secret(pair, "a2", "one secret"))
-    start_ha(pair, "a1", secret(pair, "a1", "another secret"))
+    start_ha(pair, "a2", secret(pair, "a2", ONE))
+    start_ha(pair, "a1", secret(pair, "a1", ANOTHER))
     s1 = wait_status(pair, "a1", lambda s: "shared secret" in s["peer_error"], timeout=20)
     assert not s1["peer_connected"]
     assert "refused this appliance: the secondary does not know the shared secret" in ha_log(pair, "a2")
     assert digest(pair, "a2") == before
     assert status(pair, "a2")["disk"]["state"] == "UpToDate"
-    for node, text in (("a1", "one secret"), ("a1", "another secret")):
+    for node, text in (("a1", ONE), ("a1", ANOTHER), ("a2", ONE)):
         assert text not in ha_log(pair, node)
         assert text not in pair.run(node, "HAstatus --json").stdout
 
 
 def test_same_secret_replicates_and_a_stranger_cannot(pair: Any) -> None:
-    start_ha(pair, "a2", secret(pair, "a2", "shared"))
+    start_ha(pair, "a2", secret(pair, "a2", SHARED))
     before = digest(pair, "a2")
     done = pair.run("a1", [sys.executable, "-c", STRANGER], check=True)
     lines = done.stdout.splitlines()
@@ -84,6 +88,29 @@ def test_same_secret_replicates_and_a_stranger_cannot(pair: Any) -> None:
     assert "'type': 'refuse'" in lines[1] and "shared secret" in lines[1]
     assert lines[2].startswith("data connection closed")
     assert digest(pair, "a2") == before
-    start_ha(pair, "a1", secret(pair, "a1", "shared"))
+    start_ha(pair, "a1", secret(pair, "a1", SHARED))
     wait_status(pair, "a1", in_sync, timeout=30)
-    assert "shared" not in ha_log(pair, "a1").replace("shared secret", "")
+    assert SHARED not in ha_log(pair, "a1")
+
+
+def test_configure_ha_never_changes_the_secret_of_a_running_pair(pair: Any) -> None:
+    """A new secret on one appliance only would make the other reject its heartbeats and take over;
+    a secret file gone missing must not stop the primary's heartbeats either."""
+    start_ha(pair, "a2", secret(pair, "a2", SHARED))
+    start_ha(pair, "a1", secret(pair, "a1", SHARED))
+    wait_status(pair, "a1", in_sync, timeout=30)
+    settings = (pair.home("a1") / "ha.json").read_text()
+    new = pair.home("a1") / "new-secret"
+    new.write_text(ANOTHER)
+    done = pair.run("a1", f"configureHA --secret-file {new}", timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert "cannot change the shared secret of a running pair" in done.stderr
+    assert "stopHA on both appliances, then startHA with the new --secret-file" in done.stderr
+    done = pair.run("a1", f"configureHA --secret-file {pair.home('a1') / 'missing'} --witness-ip 198.18.0.100",
+                    timeout=60)
+    assert done.returncode == 2 and "does not exist" in done.stderr, done.stderr
+    assert (pair.home("a1") / "ha.json").read_text() == settings
+    s1, s2 = status(pair, "a1"), status(pair, "a2")
+    assert s1["mode"] == "primary" and s1["peer_connected"] and s1["witness_ok"] is None
+    assert s2["mode"] == "secondary" and s2["disk"]["state"] == "UpToDate"
+    assert ANOTHER not in ha_log(pair, "a1")

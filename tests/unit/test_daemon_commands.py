@@ -1,0 +1,429 @@
+"""The daemon's commands on their own: every check before any change, and a failed stopHA can be retried.
+
+The daemon runs in-process with a temporary MIRRORD_HOME; what needs a network (heartbeats, log
+shipping, the witness, the replication sides, addresses) is replaced by fakes that record what was
+done to them, so each test sees exactly what a command started, stopped or left running.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+
+from mirrord import config
+from mirrord import daemon as daemon_module
+from mirrord.daemon import Daemon
+from mirrord.errors import BadInput, MirrordError, Refused
+from mirrord.modes import Mode
+from mirrord.net import arp, floatip
+from mirrord.paths import Home
+from mirrord.replication.meta import DiskState, VolumeMeta
+from mirrord.trace import peer_log_dir
+
+A1 = {ipaddress.IPv4Address("198.18.0.11"), ipaddress.IPv4Address("198.19.0.1")}
+A2 = {ipaddress.IPv4Address("198.18.0.12"), ipaddress.IPv4Address("198.19.0.2")}
+SECRET = "a shared secret of the pair"
+
+
+class FakePart:
+    """Stands in for Heartbeat, LogReceiver, LogShipper and Witness."""
+
+    made: list["FakePart"] = []
+    ok = True  # as a witness: it answers
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+        self.running = False
+        self.stopped = False
+        FakePart.made.append(self)
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self, *_: Any) -> None:
+        self.running, self.stopped = False, True
+
+    def send_once(self) -> None:
+        pass
+
+    def set_interval(self, interval: float) -> None:
+        self.kwargs["interval"] = interval
+
+    def silent_for(self, _network: str) -> float:
+        return float("inf")  # the peer is never heard
+
+    def peer_state(self, _network: str) -> None:
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {}
+
+
+class FakePrimary:
+    """A PrimaryGroup whose stop fails while ``busy`` (a mount point something still uses)."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.stopped = False
+        self.lead = SimpleNamespace(server=None, resync={})
+        self.sync_percent, self.last_error, self.in_sync = 0.0, "", False
+        self.secret: bytes | None = None
+
+    def connected(self) -> bool:
+        return False
+
+    def volumes_status(self) -> list[dict[str, Any]]:
+        return []
+
+    def release_held(self) -> None:
+        pass
+
+    def set_settings(self, _volumes: list[Any], secret: bytes | None) -> None:
+        self.secret = secret
+
+    def stop(self) -> None:
+        if self.busy:
+            raise MirrordError("Could not unmount /srv/data (is an application still using it?): target is busy.")
+        self.stopped = True
+
+
+class FakeSecondary:
+    def __init__(self) -> None:
+        self.stopped = False
+        self.outdated = False
+        self.disk_state, self.sync_percent, self.last_error = DiskState.UP_TO_DATE, 100.0, ""
+
+    def connected(self) -> bool:
+        return True
+
+    def receiver_stats(self) -> dict[str, Any]:
+        return {}
+
+    def volumes_status(self) -> list[dict[str, Any]]:
+        return []
+
+    def outdate(self) -> None:
+        self.outdated = True
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    return path
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "secret"
+    path.write_text(SECRET + "\n")
+    return path
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
+    FakePart.made = []
+    for name in ("Heartbeat", "LogReceiver", "LogShipper", "Witness"):
+        monkeypatch.setattr(daemon_module, name, FakePart)
+    monkeypatch.setattr(daemon_module, "local_addresses", lambda: A1)
+    monkeypatch.setattr(arp, "iface_for", lambda _ip: "eth0")
+    monkeypatch.setattr(arp, "mac_of", lambda _iface: "02:00:00:00:00:01")
+    monkeypatch.setattr(floatip, "held", lambda _ip: False)
+    monkeypatch.setattr(floatip, "remove", lambda _ip: False)
+    d = Daemon(Home(tmp_path / "home"), resume=False)
+    d.control.start()
+    try:
+        yield d
+    finally:
+        d.control.stop()
+
+
+def settings_for(disk: Path, **over: Any) -> config.Settings:
+    options: dict[str, Any] = {
+        "primary_ip": "198.18.0.11", "secondary_ip": "198.18.0.12", "primary_sync_ip": "198.19.0.1",
+        "secondary_sync_ip": "198.19.0.2", "floating_ip": "198.18.0.10/24", "ping_interval": "0.05",
+        "disk": str(disk)}
+    options.update(over)
+    return config.parse(options)
+
+
+def running(d: Daemon, mode: Mode, settings: config.Settings, side: str) -> None:
+    """Put the daemon in ``mode`` as if startHA had run, with fake companions."""
+    d.settings, d.side, d.ends = settings, side, settings.endpoints(side)
+    d.metas = [VolumeMeta()]
+    d.secret = settings.secret_file.read_bytes().strip() if settings.secret_file else None
+    d.heartbeat = FakePart(interval=daemon_module.tick_period(settings.ping_interval),  # type: ignore[assignment]
+                           describe=d._describe)
+    d.shipper, d.log_receiver = FakePart(), FakePart()  # type: ignore[assignment]
+    for part in (d.heartbeat, d.shipper, d.log_receiver):
+        part.start()
+    d._set_mode(mode)
+    config.save(d.home, settings)
+
+
+def heartbeats(d: Daemon) -> list[FakePart]:
+    return [p for p in FakePart.made if "describe" in p.kwargs]
+
+
+def state_file(d: Daemon) -> dict[str, Any]:
+    return json.loads(d.home.state_file.read_text())
+
+
+# -- configureHA on the primary: a bad or new secret never silences the heartbeats --------------
+
+@pytest.mark.parametrize("bad", ["missing", "empty", "directory"])
+def test_configure_primary_bad_secret_file_changes_nothing(daemon: Daemon, disk: Path, secret_file: Path,
+                                                           tmp_path: Path, bad: str) -> None:
+    settings = settings_for(disk, secret_file=str(secret_file))
+    running(daemon, Mode.PRIMARY, settings, "primary")
+    daemon.primary = FakePrimary()  # type: ignore[assignment]
+    beat = daemon.heartbeat
+    path = tmp_path / bad
+    if bad == "empty":
+        path.write_text("")
+    elif bad == "directory":
+        path.mkdir()
+    saved = daemon.home.settings_file.read_text()
+    with pytest.raises(BadInput, match=f"--secret-file {path}"):
+        daemon.configure_ha(secret_file=str(path), witness_ip="198.18.0.1")
+    assert daemon.heartbeat is beat and isinstance(beat, FakePart) and beat.running
+    assert daemon.settings is settings and daemon.home.settings_file.read_text() == saved
+    assert daemon.witness is None
+
+
+def test_configure_refuses_a_new_secret_on_a_running_pair(daemon: Daemon, disk: Path, secret_file: Path,
+                                                          tmp_path: Path) -> None:
+    settings = settings_for(disk, secret_file=str(secret_file))
+    running(daemon, Mode.PRIMARY, settings, "primary")
+    daemon.primary = FakePrimary()  # type: ignore[assignment]
+    beat = daemon.heartbeat
+    other = tmp_path / "new-secret"
+    other.write_text("another secret for the pair")
+    with pytest.raises(Refused, match="Run stopHA on both appliances, then startHA with the new --secret-file") \
+            as refused:
+        daemon.configure_ha(secret_file=str(other))
+    assert refused.value.exit_code == 3
+    assert daemon.heartbeat is beat and beat.running and daemon.secret == SECRET.encode()
+    assert daemon.settings is settings
+
+
+def test_configure_accepts_the_same_secret_at_another_path_without_pausing_heartbeats(
+        daemon: Daemon, disk: Path, secret_file: Path, tmp_path: Path) -> None:
+    settings = settings_for(disk, secret_file=str(secret_file))
+    running(daemon, Mode.PRIMARY, settings, "primary")
+    primary = FakePrimary()
+    daemon.primary = primary  # type: ignore[assignment]
+    beat = daemon.heartbeat
+    copy = tmp_path / "copy"
+    copy.write_text(SECRET)
+    message, _ = daemon.configure_ha(secret_file=str(copy), witness_ip="198.18.0.1")
+    assert "secret_file" in message and "witness_ip" in message
+    assert daemon.heartbeat is beat and beat.running, "the heartbeats paused"
+    assert isinstance(daemon.witness, FakePart) and daemon.witness.running
+    assert primary.secret == SECRET.encode()
+    assert config.load(daemon.home) == daemon.settings
+
+
+def test_configure_secondary_refuses_a_new_secret_before_leaving_ha(daemon: Daemon, disk: Path, secret_file: Path,
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                    ) -> None:
+    monkeypatch.setattr(daemon_module, "local_addresses", lambda: A2)
+    running(daemon, Mode.SECONDARY, settings_for(disk, secret_file=str(secret_file)), "secondary")
+    secondary = FakeSecondary()
+    daemon.secondary = secondary  # type: ignore[assignment]
+    other = tmp_path / "new-secret"
+    other.write_text("another secret for the pair")
+    with pytest.raises(Refused, match="cannot change the shared secret"):
+        daemon.configure_ha(secret_file=str(other))
+    assert daemon.mode is Mode.SECONDARY and not secondary.stopped and daemon.heartbeat is not None
+
+
+# -- configureHA on a secondary: checked before it leaves HA --------------------------------------
+
+def test_configure_secondary_checks_the_new_disk_before_leaving_ha(daemon: Daemon, disk: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "local_addresses", lambda: A2)
+    running(daemon, Mode.SECONDARY, settings_for(disk), "secondary")
+    secondary = FakeSecondary()
+    daemon.secondary = secondary  # type: ignore[assignment]
+    other = tmp_path / "other.img"
+    with open(other, "wb") as f:
+        f.truncate(1 << 20)
+    with open(other, "rb") as held:
+        user = subprocess.Popen(["sleep", "600"], stdin=held)
+    try:
+        with pytest.raises(Refused, match=f"Disk {other} is in use by process {user.pid}"):
+            daemon.configure_ha(disk=str(other))
+    finally:
+        user.kill()
+        user.wait()
+    assert daemon.mode is Mode.SECONDARY and daemon.secondary is secondary
+    assert not secondary.stopped and not secondary.outdated
+    assert state_file(daemon)["mode"] == "secondary"
+
+
+def test_configure_secondary_starts_again_with_the_old_settings_if_the_new_ones_fail(
+        daemon: Daemon, disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "local_addresses", lambda: A2)
+    old = settings_for(disk)
+    running(daemon, Mode.SECONDARY, old, "secondary")
+    daemon.secondary = FakeSecondary()  # type: ignore[assignment]
+    starts: list[float] = []
+
+    def start_ha(**options: Any) -> tuple[str, dict[str, Any]]:
+        starts.append(float(options["ping_interval"]))
+        if len(starts) == 1:
+            raise Refused("The peer runs mirrord 9.9.")
+        daemon._set_mode(Mode.SECONDARY)
+        return "HA started", {}
+
+    monkeypatch.setattr(daemon, "start_ha", start_ha)
+    with pytest.raises(Refused, match="runs with its previous settings again: The peer runs mirrord 9.9."):
+        daemon.configure_ha(ping_interval="0.2")
+    assert starts == [0.2, 0.05], "the new settings first, then the old ones"
+    assert daemon.mode is Mode.SECONDARY and config.load(daemon.home) == old
+
+
+def test_configure_idle_gets_its_old_heartbeats_back_if_the_new_ones_cannot_start(
+        daemon: Daemon, disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = settings_for(disk)
+    running(daemon, Mode.IDLE, old, "primary")
+
+    class Unbindable(FakePart):
+        def start(self) -> None:
+            if self.kwargs.get("interval") == daemon_module.tick_period(0.2):
+                raise MirrordError("Cannot bind the heartbeat.")
+            super().start()
+
+    monkeypatch.setattr(daemon_module, "Heartbeat", Unbindable)
+    with pytest.raises(MirrordError, match="Cannot bind the heartbeat"):
+        daemon.configure_ha(ping_interval="0.2")
+    assert daemon.settings is old and config.load(daemon.home) == old and daemon.mode is Mode.IDLE
+    assert isinstance(daemon.heartbeat, Unbindable) and daemon.heartbeat.running
+    assert daemon.heartbeat.kwargs["interval"] == daemon_module.tick_period(0.05)
+
+
+# -- stopHA: a failure leaves the mode as it was, and the same command finishes the job -----------
+
+def test_failed_stop_ha_keeps_the_mode_and_can_be_retried(daemon: Daemon, disk: Path) -> None:
+    running(daemon, Mode.PRIMARY, settings_for(disk), "primary")
+    primary = FakePrimary()
+    primary.busy = True
+    daemon.primary = primary  # type: ignore[assignment]
+    with pytest.raises(MirrordError, match=r"/srv/data .*still primary.*run stopHA again"):
+        daemon.stop_ha()
+    assert daemon.mode is Mode.PRIMARY and state_file(daemon)["mode"] == "primary"
+    assert daemon.primary is primary and daemon.heartbeat is not None
+    assert daemon._describe()["mode"] == "primary"
+    primary.busy = False
+    message, data = daemon.stop_ha()
+    assert message == "HA stopped: this appliance was primary and is now standalone."
+    assert primary.stopped and daemon.primary is None and daemon.heartbeat is None
+    assert data["mode"] == "standalone" and state_file(daemon)["mode"] == "standalone"
+    assert daemon.stop_ha()[0] == "HA was not running; this appliance is standalone."
+
+
+# -- startHA: a refusal changes nothing -----------------------------------------------------------
+
+def test_refused_start_ha_creates_no_metadata(daemon: Daemon, disk: Path) -> None:
+    options = {k: v for k, v in settings_for(disk).to_json().items() if k in config.FIELDS and v is not None}
+    with pytest.raises(Refused, match="no split brain"):
+        daemon.start_ha(discard_my_data=True, **options)
+    assert not daemon.home.meta_file("r0").exists()
+    assert daemon.settings is None and daemon.heartbeat is None and daemon.mode is Mode.STANDALONE
+
+
+def test_refused_start_ha_on_an_idle_appliance_keeps_its_settings_and_heartbeats(
+        daemon: Daemon, disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_for(disk)
+    running(daemon, Mode.IDLE, settings, "primary")
+    daemon.metas[0].save(daemon.home, "r0")
+    meta_before = daemon.home.meta_file("r0").read_bytes()
+    options = {k: v for k, v in settings_for(disk, ping_interval="0.1").to_json().items()
+               if k in config.FIELDS and v is not None}
+    told: list[dict[str, Any]] = []
+
+    class Listening(FakePart):
+        def silent_for(self, network: str) -> float:
+            told.append(self.kwargs["describe"]())
+            return super().silent_for(network)
+
+    monkeypatch.setattr(daemon_module, "Heartbeat", Listening)
+    with pytest.raises(Refused, match="idle after a failOver and the peer is not primary"):
+        daemon.start_ha(**options)
+    # While it listened, the peer heard the settings this start would run with; now the old ones again.
+    assert told and all(t["settings"]["ping_interval"] == 0.1 for t in told)
+    assert daemon._describe()["settings"]["ping_interval"] == 0.05
+    assert daemon.mode is Mode.IDLE and daemon.settings is settings and daemon.side == "primary"
+    assert daemon.heartbeat is not None and daemon.heartbeat is heartbeats(daemon)[-1]
+    assert daemon.heartbeat.running and daemon.heartbeat.kwargs["interval"] == daemon_module.tick_period(0.05)
+    assert daemon.home.meta_file("r0").read_bytes() == meta_before
+    assert config.load(daemon.home) == settings
+
+
+def test_start_ha_with_an_empty_secret_file_is_bad_input(daemon: Daemon, disk: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    options = {k: v for k, v in settings_for(disk, secret_file=str(empty)).to_json().items()
+               if k in config.FIELDS and v is not None}
+    with pytest.raises(BadInput, match="holds 0 bytes of secret"):
+        daemon.start_ha(**options)
+    assert daemon.heartbeat is None and not daemon.home.meta_file("r0").exists()
+
+
+# -- mirrord trace on a daemon that is not (or no longer) in HA ----------------------------------
+
+def test_trace_names_both_appliances_from_the_saved_settings(daemon: Daemon, disk: Path) -> None:
+    config.save(daemon.home, settings_for(disk))
+    daemon.settings = config.load(daemon.home)
+    (daemon.home.log_dir / "ha.log").write_text("mine\n")
+    peer_log_dir(daemon.home).mkdir(parents=True, exist_ok=True)
+    (peer_log_dir(daemon.home) / "198.18.0.12_ha.log").write_text("theirs\n")
+    with zipfile.ZipFile(daemon.trace()[1]["path"]) as zf:
+        names = set(zf.namelist())
+    assert {"198.18.0.11_ha.log", "198.18.0.12_ha.log"} <= names
+
+
+# -- a disk left mid-sync stays Inconsistent, and is not backed up -------------------------------
+
+def test_teardown_keeps_an_inconsistent_disk_inconsistent(tmp_path: Path, disk: Path) -> None:
+    from mirrord.halog import HALog
+    from mirrord.replication.secondary import SecondarySide
+
+    home = Home(tmp_path / "home")
+    home.ensure()
+    settings = settings_for(disk)
+    for before, after in ((DiskState.INCONSISTENT, DiskState.INCONSISTENT), (DiskState.UP_TO_DATE, DiskState.OUTDATED)):
+        meta = VolumeMeta(disk_state=before)
+        meta.save(home, "r0")
+        side = SecondarySide(home, settings.volumes()[0], HALog(home), 1 << 20, meta, settings.endpoints("secondary"),
+                             lambda: None, None)
+        try:
+            side.outdate()
+        finally:
+            side.stop()
+        assert meta.disk_state is after and VolumeMeta.load(home, "r0").disk_state is after
+
+
+def test_backup_refuses_an_inconsistent_disk_and_warns_about_an_outdated_one(daemon: Daemon, disk: Path,
+                                                                             tmp_path: Path) -> None:
+    config.save(daemon.home, settings_for(disk))
+    daemon.settings = config.load(daemon.home)
+    VolumeMeta(disk_state=DiskState.INCONSISTENT).save(daemon.home, "r0")
+    with pytest.raises(Refused, match="This disk is Inconsistent"):
+        daemon.backup(str(tmp_path / "one.tar"))
+    assert not (tmp_path / "one.tar").exists()
+    VolumeMeta(disk_state=DiskState.OUTDATED).save(daemon.home, "r0")
+    message, _ = daemon.backup(str(tmp_path / "two.tar"))
+    assert "Warning: this disk is Outdated" in message and (tmp_path / "two.tar").exists()
