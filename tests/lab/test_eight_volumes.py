@@ -93,9 +93,9 @@ def test_eight_volumes_are_mirrored_and_fail_over_together(pair: Any) -> None:
     start(pair, "a1", "--mkfs ext4")
     s1 = wait_status(pair, "a1", all_in_sync, timeout=120)
     assert [v["name"] for v in s1["volumes"]] == ["r0"] + [f"r{i}" for i in range(1, VOLUMES)]
-    s2 = wait_status(pair, "a2", lambda s: s["disk"]["state"] == "UpToDate" and len(s["volumes"]) == VOLUMES
-                     and all(v["state"] == "UpToDate" for v in s["volumes"]))
-    assert s2["mode"] == "secondary"
+    # The mode follows the disks' UpToDate at the supervisor's next tick: wait for both.
+    wait_status(pair, "a2", lambda s: s["mode"] == "secondary" and s["disk"]["state"] == "UpToDate"
+                and len(s["volumes"]) == VOLUMES and all(v["state"] == "UpToDate" for v in s["volumes"]))
     assert len(mounted(pair, "a1")) == VOLUMES and not mounted(pair, "a2")
 
     # One file per filesystem, then O_DSYNC writers on three of them until a1 dies.
