@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -145,6 +146,7 @@ struct slot {
     uint64_t ext;
     uint64_t last_use; /* LRU clock */
     uint64_t gen;      /* set_gen when installed: usable once durable_gen >= gen */
+    uint64_t last_end; /* end_gen at its latest completed write: may go cold once clean_gen >= it */
     uint32_t in_flight;
     int used;
 };
@@ -153,7 +155,9 @@ struct slot {
  * durable_gen is the set_gen a successful record write captured. One thread
  * at a time (writing) writes a record, without mu, so hot extents stay
  * usable meanwhile; threads needing the same or a later change wait for it
- * or write the next record themselves (group commit). */
+ * or write the next record themselves (group commit). end_gen counts
+ * completed writes; clean_gen is the end_gen a successful flush callback
+ * covered, called by one thread at a time (flushing), also without mu. */
 struct mrd_al {
     int fd;
     unsigned shift;
@@ -170,7 +174,11 @@ struct mrd_al {
     uint8_t *buf; /* record being written (owner: the writing thread) */
     struct mrd_al_record *rec;
     uint32_t waiting;
-    uint64_t updates, waits;
+    uint64_t updates, waits, flushes;
+    uint64_t end_gen, clean_gen;
+    mrd_al_flush_fn flush;
+    void *flush_ctx;
+    int flushing;
 };
 
 static int slot_of(const struct mrd_al *al, uint64_t ext)
@@ -179,6 +187,12 @@ static int slot_of(const struct mrd_al *al, uint64_t ext)
         if (al->slots[i].used && al->slots[i].ext == ext)
             return (int)i;
     return -1;
+}
+
+/* May this idle slot go cold? See "Cold only when clean". */
+static int clean_locked(const struct mrd_al *al, const struct slot *sl)
+{
+    return !al->flush || sl->last_end <= al->clean_gen;
 }
 
 static int by_last_use(const void *a, const void *b)
@@ -334,9 +348,13 @@ fail:
 static void release_locked(struct mrd_al *al, uint64_t first, uint64_t last)
 {
     int freed = 0;
+    uint64_t gen = ++al->end_gen;
     for (uint64_t e = first; e <= last; e++) {
         int i = slot_of(al, e);
-        if (i >= 0 && al->slots[i].in_flight && !--al->slots[i].in_flight)
+        if (i < 0)
+            continue;
+        al->slots[i].last_end = gen;
+        if (al->slots[i].in_flight && !--al->slots[i].in_flight)
             freed = 1;
     }
     if (freed && al->waiting)
@@ -345,12 +363,13 @@ static void release_locked(struct mrd_al *al, uint64_t first, uint64_t last)
 
 /* Reserve [first, last] if enough slots are free: extents already hot get
  * one more in-flight count, missing ones replace the least recently used
- * slots with nothing in flight. Returns 1 with *need = the set_gen that
- * must be durable before the write may be issued, or 0 when it must wait
- * (nothing was changed then). */
-static int reserve_locked(struct mrd_al *al, uint64_t first, uint64_t last, uint64_t *need)
+ * clean slots with nothing in flight. Returns 1 with *need = the set_gen
+ * that must be durable before the write may be issued, or 0 when it must
+ * wait (nothing was changed then), with *flush set when a flush callback
+ * would make enough idle slots clean. */
+static int reserve_locked(struct mrd_al *al, uint64_t first, uint64_t last, uint64_t *need, int *flush)
 {
-    uint32_t n = (uint32_t)(last - first + 1), missing = 0, free_slots = 0;
+    uint32_t n = (uint32_t)(last - first + 1), missing = 0, free_slots = 0, unclean = 0;
     int found[n];
     for (uint32_t k = 0; k < n; k++) {
         found[k] = slot_of(al, first + k);
@@ -359,11 +378,15 @@ static int reserve_locked(struct mrd_al *al, uint64_t first, uint64_t last, uint
     if (missing) {
         for (uint32_t i = 0; i < al->nslots; i++) {
             const struct slot *sl = &al->slots[i];
-            if (!sl->used || (!sl->in_flight && (sl->ext < first || sl->ext > last)))
+            if (!sl->used)
                 free_slots++;
+            else if (!sl->in_flight && (sl->ext < first || sl->ext > last))
+                clean_locked(al, sl) ? free_slots++ : unclean++;
         }
-        if (free_slots < missing)
+        if (free_slots < missing) {
+            *flush = free_slots + unclean >= missing;
             return 0;
+        }
     }
     *need = 0;
     for (uint32_t k = 0; k < n; k++) {
@@ -375,7 +398,7 @@ static int reserve_locked(struct mrd_al *al, uint64_t first, uint64_t last, uint
             sl = NULL;
             for (uint32_t i = 0; i < al->nslots; i++) {
                 struct slot *c = &al->slots[i];
-                if (c->used && (c->in_flight || (c->ext >= first && c->ext <= last)))
+                if (c->used && (c->in_flight || (c->ext >= first && c->ext <= last) || !clean_locked(al, c)))
                     continue;
                 if (!sl || !c->used || (sl->used && c->last_use < sl->last_use))
                     sl = c;
@@ -385,6 +408,7 @@ static int reserve_locked(struct mrd_al *al, uint64_t first, uint64_t last, uint
             sl->used = 1;
             sl->ext = first + k;
             sl->gen = ++al->set_gen;
+            sl->last_end = 0;
         }
         sl->in_flight++;
         sl->last_use = ++al->tick;
@@ -392,6 +416,46 @@ static int reserve_locked(struct mrd_al *al, uint64_t first, uint64_t last, uint
             *need = sl->gen;
     }
     return 1;
+}
+
+void mrd_al_set_flush(struct mrd_al *al, mrd_al_flush_fn fn, void *ctx)
+{
+    if (!al)
+        return;
+    pthread_mutex_lock(&al->mu);
+    al->flush = fn;
+    al->flush_ctx = ctx;
+    pthread_mutex_unlock(&al->mu);
+}
+
+/* Run the flush callback (without mu) for every write completed so far;
+ * under mu, flushing clear. Its result, as "Cold only when clean" says. */
+static int flush_locked(struct mrd_al *al)
+{
+    al->flushing = 1;
+    uint64_t upto = al->end_gen;
+    pthread_mutex_unlock(&al->mu);
+    int rc = al->flush(al->flush_ctx);
+    pthread_mutex_lock(&al->mu);
+    al->flushing = 0;
+    if (!rc) {
+        if (upto > al->clean_gen)
+            al->clean_gen = upto;
+        al->flushes++;
+    }
+    pthread_cond_broadcast(&al->cv);
+    return rc;
+}
+
+/* Wait on cv for at most ms (mu held). */
+static void wait_ms_locked(struct mrd_al *al, long ms)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_nsec += ms * 1000000L;
+    until.tv_sec += until.tv_nsec / 1000000000L;
+    until.tv_nsec %= 1000000000L;
+    pthread_cond_timedwait(&al->cv, &al->mu, &until);
 }
 
 int mrd_al_begin(struct mrd_al *al, uint64_t off, uint64_t len)
@@ -403,18 +467,30 @@ int mrd_al_begin(struct mrd_al *al, uint64_t off, uint64_t len)
         return -E2BIG;
     pthread_mutex_lock(&al->mu);
     uint64_t need;
-    int counted = 0;
-    while (!reserve_locked(al, first, last, &need)) {
+    int counted = 0, flush = 0;
+    while (!reserve_locked(al, first, last, &need, &flush)) {
         if (al->err) {
             int rc = al->err;
             pthread_mutex_unlock(&al->mu);
             return rc;
         }
-        /* Every slot is busy: wait for a write to complete. */
-        if (!counted)
-            al->waits++, counted = 1;
         al->waiting++;
-        pthread_cond_wait(&al->cv, &al->mu);
+        if (flush && !al->flushing) {
+            /* Idle extents, but none clean: make them clean. */
+            int rc = flush_locked(al);
+            if (rc && rc != MRD_ENOPEER) {
+                al->waiting--;
+                pthread_mutex_unlock(&al->mu);
+                return rc;
+            }
+            if (rc)
+                wait_ms_locked(al, MRD_AL_FLUSH_RETRY_MS);
+        } else {
+            /* Every slot is busy, or another thread flushes: wait for it. */
+            if (!counted && !flush)
+                al->waits++, counted = 1;
+            pthread_cond_wait(&al->cv, &al->mu);
+        }
         al->waiting--;
     }
     /* The hot path ends here: everything was already durable. */
@@ -505,6 +581,7 @@ int mrd_al_stats(struct mrd_al *al, struct mrd_al_stats *o)
     pthread_mutex_lock(&al->mu);
     o->updates = al->updates;
     o->waits = al->waits;
+    o->flushes = al->flushes;
     o->waiting = al->waiting;
     o->slots = al->nslots;
     o->extent_size = 1ull << al->shift;

@@ -28,7 +28,22 @@
  *
  * A record write that fails (pwrite/fdatasync) is sticky: every later
  * mrd_al_begin that needs a cold extent returns that error, since its write
- * could no longer be covered. */
+ * could no longer be covered.
+ *
+ * Cold only when clean. "Complete" (mrd_al_end) is not "durable": the
+ * server's local pwrite may sit in its page cache, the peer's ack may come
+ * from the peer's page cache. An extent that left the log while such a
+ * write was only cached is named nowhere after a power loss of the primary
+ * (or of both appliances), and the resync that follows would skip it: the
+ * two disks would differ there for good, silently. DRBD avoids this by
+ * writing every activity-log transaction with a cache flush before it. So
+ * with a flush callback set (mrd_al_set_flush), an extent with writes
+ * completed since the last successful flush is not evicted: when no clean
+ * idle slot is left, one waiting thread calls the callback (nobody else
+ * flushes meanwhile) and the extents whose writes ended before the call
+ * become clean. The callback returns 0, MRD_ENOPEER to be called again in
+ * MRD_AL_FLUSH_RETRY_MS (the writer waits), or another error, which
+ * mrd_al_begin returns. */
 #ifndef MIRRORD_ACTIVITY_LOG_H
 #define MIRRORD_ACTIVITY_LOG_H
 #include <stddef.h>
@@ -70,7 +85,8 @@ struct mrd_al;
 
 struct mrd_al_stats {
     uint64_t updates;  /* records written (each pwrite + fdatasync) */
-    uint64_t waits;    /* begins that waited for a free slot */
+    uint64_t waits;    /* begins that waited for a slot with nothing in flight */
+    uint64_t flushes;  /* successful flush callbacks (see "Cold only when clean") */
     uint32_t hot;      /* extents in the log now */
     uint32_t busy;     /* of them, with writes in flight */
     uint32_t waiting;  /* threads waiting in begin now */
@@ -90,8 +106,16 @@ int mrd_al_open(const char *path, uint64_t extent_size, uint32_t slots, struct m
  * more extents than there are slots (it could never proceed), -EINVAL for
  * len 0, the sticky record-write error otherwise. */
 int mrd_al_begin(struct mrd_al *al, uint64_t off, uint64_t len);
-/* The write over [off, off+len) begun earlier is complete. */
+/* The write over [off, off+len) begun earlier is complete (not necessarily
+ * durable: see "Cold only when clean"). */
 void mrd_al_end(struct mrd_al *al, uint64_t off, uint64_t len);
+/* Makes every write completed before the call durable wherever a crash
+ * could lose it (see "Cold only when clean"). */
+typedef int (*mrd_al_flush_fn)(void *ctx);
+#define MRD_AL_FLUSH_RETRY_MS 50
+/* Set the flush callback, before the log is used; NULL (the default) lets
+ * an idle extent go cold at once. */
+void mrd_al_set_flush(struct mrd_al *al, mrd_al_flush_fn fn, void *ctx);
 /* Persist an empty log (nothing hot; no write when it already is):
  * MRD_ESTATE while anything is in flight or waiting. */
 int mrd_al_clear(struct mrd_al *al);

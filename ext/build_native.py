@@ -97,6 +97,7 @@ struct mrd_al_record {
 struct mrd_al_stats {
     uint64_t updates;
     uint64_t waits;
+    uint64_t flushes;
     uint32_t hot;
     uint32_t busy;
     uint32_t waiting;
@@ -111,6 +112,9 @@ int mrd_al_read(const char *path, struct mrd_al_record *out, int *which);
 int mrd_al_open(const char *path, uint64_t extent_size, uint32_t slots, struct mrd_al **out);
 int mrd_al_begin(struct mrd_al *al, uint64_t off, uint64_t len);
 void mrd_al_end(struct mrd_al *al, uint64_t off, uint64_t len);
+typedef int (*mrd_al_flush_fn)(void *ctx);
+#define MRD_AL_FLUSH_RETRY_MS 50
+void mrd_al_set_flush(struct mrd_al *al, mrd_al_flush_fn fn, void *ctx);
 int mrd_al_clear(struct mrd_al *al);
 long mrd_al_hot(struct mrd_al *al, uint64_t *out, long max);
 int mrd_al_stats(struct mrd_al *al, struct mrd_al_stats *out);
@@ -162,6 +166,7 @@ struct mrd_server_stats {
     uint32_t al_hot, al_slots;
     uint64_t al_extent_size;
     uint64_t frames_spliced, bytes_spliced;
+    uint64_t al_flushes;
 };
 int mrd_server_new(const char *disk_path, const char *mountpoint, uint64_t size,
                    struct mrd_server **out);

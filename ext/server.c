@@ -1145,8 +1145,11 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     if (s->al) {
         int rc = mrd_al_begin(s->al, o->off, size);
         if (rc) {
+            /* A write that waited for a clean extent while suspended and
+             * was then failed (stepping down) is no activity-log error. */
             pthread_mutex_lock(&s->pend_mu);
-            set_error_locked(s, "activity log at %llu: %s", (unsigned long long)off, mrd_strerror(rc));
+            if (s->io_state != IO_FAILED)
+                set_error_locked(s, "activity log at %llu: %s", (unsigned long long)off, mrd_strerror(rc));
             pthread_mutex_unlock(&s->pend_mu);
             ADD(s->write_errors, 1);
             free(o);
@@ -1263,6 +1266,56 @@ static int local_flush(struct mrd_server *s)
                                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
         ;
     return 0;
+}
+
+/* Cold extents. The activity log lets an extent go cold only once every
+ * write completed in it is durable wherever a crash could lose it
+ * ("Cold only when clean" in activity_log.h), and calls this when it has
+ * no clean idle extent left, from a FUSE worker that holds no lock.
+ *
+ * Locally that takes an fdatasync. On the peer it takes a FLUSH_ACK while
+ * the pair counts as in sync: a crash of the primary, or of both, is then
+ * recovered from the activity log alone (meta.py, recover). Once the
+ * connection is lost, what the peer may lose is in the dirty bitmap, but
+ * that bitmap survives a crash only once the daemon has persisted that
+ * this node writes alone (a crash from then on means a full sync), which it
+ * does before mrd_server_resume DEGRADED. Hence: SUSPENDED answers "later"
+ * (MRD_ENOPEER; the writer waits, and its reply would be held anyway),
+ * FAILED answers EIO, and a server with no peer and nothing held (resumed,
+ * or fencing off) needs only the local fdatasync. A connection lost while
+ * the FLUSH travels is "later" too: the next call sees the new state.
+ *
+ * Evictions are rare (the log holds 2 GiB of extents by default) and the
+ * extents at the cold end of the log were usually covered by the flusher's
+ * periodic FLUSH and the kernel's writeback long before: the fdatasync
+ * finds little to write, and one call cleans every idle extent at once. */
+static int al_flush(void *arg)
+{
+    struct mrd_server *s = arg;
+    pthread_mutex_lock(&s->pend_mu);
+    int state = s->io_state;
+    int need = s->peer_state == PEER_CONNECTED && s->peer_dirty_seq > s->peer_durable_seq;
+    uint64_t failures = s->peer_failures;
+    pthread_mutex_unlock(&s->pend_mu);
+    if (state == IO_FAILED)
+        return -EIO;
+    if (state == IO_SUSPENDED)
+        return MRD_ENOPEER;
+    int rc = need ? flush_frame(s) : 0;
+    if (rc == -ENOMEM)
+        return rc;
+    int err = local_flush(s); /* while the FLUSH travels */
+    if (err)
+        return -err;
+    if (rc)
+        return MRD_ENOPEER;
+    pthread_mutex_lock(&s->pend_mu);
+    uint64_t target = s->flush_sent_seq;
+    while (need && s->peer_durable_seq < target && s->peer_failures == failures)
+        pthread_cond_wait(&s->pend_cv, &s->pend_mu);
+    int lost = s->peer_failures != failures;
+    pthread_mutex_unlock(&s->pend_mu);
+    return lost ? MRD_ENOPEER : 0;
 }
 
 /* flush (every close) and fsync: FLUSH frame (if needed), then the local
@@ -1479,6 +1532,7 @@ int mrd_server_set_activity_log(struct mrd_server *s, const char *path, uint64_t
             len = s->size - off;
         mrd_bitmap_set_range(s->bm, off, len);
     }
+    mrd_al_set_flush(al, al_flush, s);
     s->al = al;
     return 0;
 }
@@ -1974,6 +2028,7 @@ int mrd_server_stats(struct mrd_server *s, struct mrd_server_stats *o)
     if (s->al && mrd_al_stats(s->al, &al) == 0) {
         o->al_updates = al.updates;
         o->al_waits = al.waits;
+        o->al_flushes = al.flushes;
         o->al_hot = al.hot;
         o->al_slots = al.slots;
         o->al_extent_size = al.extent_size;
@@ -2098,7 +2153,14 @@ int mrd_server_stop(struct mrd_server *s)
     if (!s)
         return -EINVAL;
     int rc = stop_serving(s);
-    if (rc || !s->al)
+    if (rc)
+        return rc;
+    /* After a clean stop the daemon clears its "crashed primary" flag, and
+     * nothing would resync what a power loss then took from this disk's
+     * page cache (the peer has it: its FLUSH_ACK came in stop_serving). */
+    if (local_flush(s))
+        return -EIO; /* last_error says which error */
+    if (!s->al)
         return rc;
     /* Clean stop: every write is answered. If the peer also has every one
      * (nothing dirty), no extent can differ: persist an empty log. With

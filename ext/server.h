@@ -95,6 +95,9 @@ struct mrd_server_stats {
     uint64_t al_extent_size;
     /* Zero-copy sends: data frames whose payload was spliced, not copied. */
     uint64_t frames_spliced, bytes_spliced;
+    /* Activity log: flushes that let idle extents go cold (server.c, "Cold
+     * extents"). */
+    uint64_t al_flushes;
 };
 
 /* Prepare a server for disk_path (opened O_RDWR) exposed at mountpoint (a
@@ -113,8 +116,9 @@ int mrd_server_set_peer_timeout(struct mrd_server *s, uint32_t timeout_ms);
  * holds to the peer, it never makes this disk differ. Extents a previous run
  * left hot are marked dirty here (they may hold writes the peer never got)
  * and stay in the log. -EINVAL when slots cannot hold the extents of one
- * largest write (2 for extents >= 1 MiB). A clean mrd_server_stop with no
- * dirty block persists an empty log. */
+ * largest write (2 for extents >= 1 MiB). An extent goes cold only once its
+ * completed writes are durable on both disks (server.c, "Cold extents"). A
+ * clean mrd_server_stop with no dirty block persists an empty log. */
 int mrd_server_set_activity_log(struct mrd_server *s, const char *path, uint64_t extent_size,
                                 uint32_t slots);
 /* Mount and start serving (returns once the mount is live). */
@@ -170,7 +174,9 @@ int64_t mrd_server_dirty_mark(struct mrd_server *s, uint64_t offset, uint64_t le
 int mrd_server_debug_corrupt_next(struct mrd_server *s, uint32_t n);
 /* Stop sync, wait briefly for in-flight frames, send a FLUSH and wait for its
  * ack (at most the peer timeout) so that nothing the peer acked stays
- * unflushed, detach the peer, unmount and join every thread. -EBUSY if the FUSE loop could not be stopped. With
+ * unflushed, detach the peer, unmount and join every thread, then fdatasync
+ * this disk. -EBUSY if the FUSE loop could not be stopped; -EIO if the
+ * fdatasync fails (now or any earlier one: the stop is not clean). With
  * fencing on, frames still unacked are not acknowledged: like everything
  * held, they get EIO, and a suspended server ends FAILED. */
 int mrd_server_stop(struct mrd_server *s);

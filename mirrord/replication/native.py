@@ -19,6 +19,8 @@ duplicate and the wrapper closes the one it was given.
 
 from __future__ import annotations
 
+import errno
+
 import os
 import threading
 from dataclasses import asdict, dataclass, fields
@@ -350,11 +352,14 @@ class ActivityLogStats(_Stats):
 
     al_updates: records written (each a pwrite + fdatasync before a write to
     a cold extent); al_waits: writes that waited for a slot with nothing in
-    flight; al_hot: extents hot now, of al_slots.
+    flight; al_flushes: flushes (local fdatasync, and a FLUSH the peer acked
+    while connected) made so that idle extents could go cold; al_hot:
+    extents hot now, of al_slots.
     """
 
     al_updates: int
     al_waits: int
+    al_flushes: int
     al_hot: int
     al_slots: int
     al_extent_size: int
@@ -586,18 +591,28 @@ class PrimaryServer:
             _check(lib.mrd_server_debug_corrupt_next(self._ptr(), n), "debug corrupt")
 
     def stop(self) -> None:
-        """Stop sync, drain briefly, drop the peer, unmount, join all C threads."""
+        """Stop sync, drain briefly, flush and drop the peer, unmount, join all C threads,
+        then make this disk durable.
+
+        NativeError with errno EBUSY: the FUSE loop could not be stopped (call
+        again). With errno EIO: everything stopped, but this disk failed an
+        fdatasync (now or earlier), so the stop is not clean.
+        """
         with self._lock:
             if self._s is not None:
                 _check(lib.mrd_server_stop(self._s), f"stop serving {self.mountpoint}")
 
     def close(self) -> None:
-        """stop() and free the C object (the server cannot be used afterwards)."""
-        self.stop()
+        """stop() and free the C object (the server cannot be used afterwards), also
+        when the stop was not clean; stop()'s error is raised after that."""
         with self._lock:
-            if self._s is not None:
+            if self._s is None:
+                return
+            rc = lib.mrd_server_stop(self._s)
+            if rc != -errno.EBUSY:  # else threads still use it: leak rather than free
                 lib.mrd_server_free(self._s)
                 self._s = None
+            _check(rc, f"stop serving {self.mountpoint}")
 
     def __enter__(self) -> PrimaryServer:
         return self

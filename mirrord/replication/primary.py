@@ -15,6 +15,7 @@ persists the C server's dirty bitmap on every clean stop, so a later start
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import select
@@ -28,7 +29,7 @@ from typing import Any, Callable
 
 from mirrord import __version__, atomicfile
 from mirrord.config import Endpoints, Settings
-from mirrord.errors import HandshakeRefused, MirrordError, PeerError, Refused, SplitBrain
+from mirrord.errors import HandshakeRefused, MirrordError, NativeError, PeerError, Refused, SplitBrain
 from mirrord.halog import HALog
 from mirrord.paths import Home
 from mirrord.replication import extents, generations, link, volume
@@ -225,7 +226,17 @@ class PrimarySide:
         if self._connector is not None:
             self._connector.join(timeout=10)
         if self.server is not None:
-            self.server.stop()
+            try:
+                self.server.stop()
+            except NativeError as exc:
+                if getattr(exc, "errno", None) != errno.EIO:
+                    raise  # still serving (EBUSY): a later stop tries again
+                # Stopped, but writes may be missing from this disk: primary_open stays set,
+                # so the next start treats this stop as a crash of the primary.
+                self.server = None
+                self.log.log(f"Stopped exposing {self.settings.disk}, but not cleanly: {exc}. The next start "
+                             "treats it as a crash of this primary; check the disk before you start HA again.")
+                return
             self._save_bitmap()
             self.server = None
             self.log.log(f"Stopped exposing {self.settings.disk}.")

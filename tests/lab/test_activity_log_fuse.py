@@ -11,6 +11,7 @@ without them, fails under CI=true.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -23,7 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from test_datapath_local import _aligned, _mounted, _require, _socket_pair
+from test_datapath_local import _aligned, _mounted, _no_flush_of_its_own, _require, _socket_pair
 
 from mirrord.replication import volume
 from mirrord.replication.native import PrimaryServer, Receiver, read_activity_log
@@ -116,6 +117,9 @@ def test_log_follows_the_writes_and_clean_stop_empties_it(tmp_path: Path,
         _write(dev, e * EXT + 64 * KiB)
     st = server.activity_log_stats()
     assert st.al_updates == 14 and st.al_hot == 8 and st.al_waits == 0
+    # Extent 73 was the first without a free slot: one flush made every idle extent
+    # clean, enough for 74 to 79 too.
+    assert st.al_flushes == 1
     assert _hot(al) == list(range(72, 80))
     stats = server.stats()
     assert stats.peer_connected and stats.dirty_blocks == 0 and stats.write_errors == 0
@@ -132,6 +136,61 @@ def test_stop_with_writes_the_peer_lacks_keeps_the_log(tmp_path: Path,
     assert server.stats().dirty_blocks == 2
     server.stop()
     assert _hot(al) == [5, 9]
+
+
+def test_extent_goes_cold_only_once_both_disks_hold_its_writes(tmp_path: Path,
+                                                               serve: Callable[..., PrimaryServer]) -> None:
+    """An extent whose completed writes may still be in a page cache (this
+    disk's, or the peer's: its ack is not durability) stays in the log until
+    a local fdatasync and a FLUSH the peer acked cover them; else a power
+    loss could leave a block different on the two disks and named nowhere.
+    While the server is suspended (peer lost, fencing on) the peer cannot
+    ack a FLUSH and the daemon has not yet recorded that it writes alone:
+    a write that needs such an extent's slot waits until resume."""
+    server = serve(slots=2, peer=False)
+    al, dev = tmp_path / "v.al", tmp_path / "r0"
+    primary_end, secondary_end = _socket_pair()
+    receiver = Receiver(str(_image(tmp_path / "b.img")), SIZE, secondary_end.detach())
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)  # kept open: no close() flushes between writes
+    writer: threading.Thread | None = None
+    try:
+        server.attach_peer(primary_end.detach())
+        _no_flush_of_its_own(server)
+        block = _aligned(bytes([0x33]) * 4 * KiB)
+        for e in (0, 1):
+            os.pwrite(fd, block, e * EXT)
+        peer_flushes, fdatasyncs = receiver.stats().flushes, server.durability_stats().fdatasyncs
+        os.pwrite(fd, block, 2 * EXT)  # 0 goes cold: first both disks get 0 and 1's writes
+        assert _hot(al) == [1, 2] and server.activity_log_stats().al_flushes == 1
+        assert receiver.stats().flushes == peer_flushes + 1
+        assert server.durability_stats().fdatasyncs == fdatasyncs + 1
+        os.pwrite(fd, block, 3 * EXT)  # 1's write was covered by that flush: no new one
+        assert _hot(al) == [2, 3] and server.activity_log_stats().al_flushes == 1
+
+        server.set_fencing(True)
+        receiver.close()
+        deadline = time.monotonic() + 10
+        while not server.stats().suspended:
+            assert time.monotonic() < deadline, "the server did not notice the lost peer"
+            time.sleep(0.01)
+        done: list[int] = []
+        writer = threading.Thread(target=lambda: done.append(os.pwrite(fd, block, 4 * EXT)))
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive() and done == [] and _hot(al) == [2, 3]  # 2's write may be lost on the peer
+        server.resume(degraded=True)  # the daemon records "writing alone" before this
+        writer.join(10)
+        assert done == [4 * KiB] and _hot(al) == [3, 4]
+        stats = server.stats()
+        assert stats.write_errors == 0 and stats.dirty_blocks >= 1  # 4's write, local only
+        assert server.activity_log_stats().al_flushes == 2
+    finally:
+        receiver.close()
+        server.close()  # answers a write still waiting (EIO) before the fd is closed
+        if writer is not None:
+            writer.join(10)
+        with contextlib.suppress(OSError):  # the mount is gone
+            os.close(fd)
 
 
 # ---- crash ----------------------------------------------------------------------

@@ -1083,8 +1083,14 @@ def test_failed_local_fdatasync_fails_every_later_flush(tmp_path: Path) -> None:
                         os.close(fd)
                 assert server.durability_stats().fdatasyncs == 1  # the later flushes did not retry
                 assert "fdatasync" in server.stats().last_error
+                # Nor is a stop clean: the daemon must not clear its "crashed primary" flag.
+                with pytest.raises(NativeError) as stop:
+                    server.stop()
+                assert stop.value.errno == errno.EIO  # type: ignore[attr-defined]
+                assert not server.stats().fuse_running
             finally:
-                server.close()
+                with contextlib.suppress(NativeError):  # EIO again; the object is freed anyway
+                    server.close()
                 if _mounted(dev):
                     subprocess.run(["umount", "-l", str(dev)], check=False)
         finally:

@@ -395,6 +395,111 @@ def test_writer_continues_across_the_sequence_wrap(tmp_path: Path, open_log: Cal
     assert newest_seq(p) == 1 and extents(p) == [1, 2, 3, 4]
 
 
+# ---- cold only when clean (the flush callback) ----------------------------------
+
+class Flusher:
+    """A flush callback for a Log: records what the log file listed at each
+    call (the eviction must not be on disk yet) and answers from a script."""
+
+    def __init__(self, log: Log, path: Path, answers: list[int] | None = None) -> None:
+        self.listed: list[list[int]] = []
+        self.answers = list(answers or [])
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+        self.cb = ffi.callback("int(void *)", self._call)
+        self.path = path
+        lib.mrd_al_set_flush(log.al, self.cb, ffi.NULL)
+
+    def _call(self, _ctx: object) -> int:
+        self.listed.append(extents(self.path))
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        return self.answers.pop(0) if self.answers else 0
+
+
+def test_idle_extent_goes_cold_only_after_a_flush_covers_its_writes(tmp_path: Path,
+                                                                    open_log: Callable[..., Log]) -> None:
+    log = open_log(slots=2)
+    p = tmp_path / "v.al"
+    f = Flusher(log, p)
+    log.touch(0, 1)
+    assert f.listed == []                  # free slots: nothing to flush
+    log.touch(2)                           # 0 and 1 hold completed, unflushed writes
+    assert f.listed == [[0, 1]]            # flushed before the record that drops 0
+    assert extents(p) == [1, 2]
+    log.touch(3)                           # 1's writes ended before that flush: no new one
+    assert len(f.listed) == 1 and extents(p) == [2, 3]
+    log.touch(4)                           # 2 was written after it
+    assert f.listed == [[0, 1], [2, 3]] and extents(p) == [3, 4]
+
+
+def test_flushes_are_counted_and_hot_extents_never_flush(tmp_path: Path, open_log: Callable[..., Log]) -> None:
+    log = open_log(slots=3)
+    f = Flusher(log, tmp_path / "v.al")
+    log.touch(0, 1, 2, 0, 1, 2, 2, 1)
+    assert f.listed == []
+    log.touch(5, 6, 7)                     # the flush for 5 covered 0, 1 and 2
+    assert len(f.listed) == 1
+    log.touch(8)                           # 5 was written after it
+    s = ffi.new("struct mrd_al_stats *")
+    assert lib.mrd_al_stats(log.al, s) == 0
+    assert int(s.flushes) == len(f.listed) == 2 and int(s.waits) == 0
+
+
+def test_failed_flush_fails_the_write_and_evicts_nothing(tmp_path: Path, open_log: Callable[..., Log]) -> None:
+    log = open_log(slots=2)
+    p = tmp_path / "v.al"
+    f = Flusher(log, p, answers=[-errno.EIO])
+    log.touch(0, 1)
+    assert log.begin(2) == -errno.EIO
+    assert extents(p) == [0, 1] and log.hot() == [0, 1] and log.stats()["waiting"] == 0
+    log.touch(2)                           # the next flush succeeds
+    assert len(f.listed) == 2 and extents(p) == [1, 2]
+
+
+def test_flush_answering_later_is_retried(tmp_path: Path, open_log: Callable[..., Log]) -> None:
+    """MRD_ENOPEER (the server is suspended): the writer waits and asks again."""
+    log = open_log(slots=2)
+    p = tmp_path / "v.al"
+    f = Flusher(log, p, answers=[n.E_NOPEER, n.E_NOPEER])
+    log.touch(0, 1)
+    log.touch(2)
+    assert f.listed == [[0, 1]] * 3 and extents(p) == [1, 2]
+
+
+def test_writes_completed_during_a_flush_are_not_covered_by_it(tmp_path: Path,
+                                                              open_log: Callable[..., Log]) -> None:
+    log = open_log(slots=2)
+    p = tmp_path / "v.al"
+    f = Flusher(log, p)
+    f.gate = threading.Event()
+    log.touch(0, 1)
+    results: list[int] = []
+    first = threading.Thread(target=lambda: results.append(log.begin(2)))
+    second = threading.Thread(target=lambda: results.append(log.begin(3)))
+    first.start()
+    try:
+        assert f.entered.wait(10)
+        second.start()
+        _wait_for(lambda: log.stats()["waiting"] == 2, "the second cold write waiting")
+        assert len(f.listed) == 1          # it waits for the running flush, it does not start one
+        log.touch(1)                       # a hot extent goes through during the flush
+        f.gate.set()
+        first.join(10)
+        second.join(10)
+        assert results == [0, 0]
+        # 2 took 0's slot; 3 needed 1's, whose write ended during the first flush: a second one.
+        assert len(f.listed) == 2 and sorted(extents(p)) == [2, 3]
+    finally:
+        f.gate.set()
+        first.join(10)
+        if second.ident is not None:
+            second.join(10)
+    log.end(2)
+    log.end(3)
+
+
 @pytest.mark.parametrize("size, slots, listed", [
     (2 * EXT, 8, [1]),        # another extent size
     (EXT, 2, [1, 2, 3]),      # more extents than the new log has slots
@@ -469,4 +574,4 @@ def test_server_refuses_a_log_of_another_geometry(tmp_path: Path, disk: Path) ->
 def test_server_without_a_log_reports_zeros(tmp_path: Path, disk: Path) -> None:
     with PrimaryServer(str(disk), str(tmp_path / "dev")) as s:
         assert s.activity_log_stats().as_dict() == {
-            "al_updates": 0, "al_waits": 0, "al_hot": 0, "al_slots": 0, "al_extent_size": 0}
+            "al_updates": 0, "al_waits": 0, "al_flushes": 0, "al_hot": 0, "al_slots": 0, "al_extent_size": 0}
