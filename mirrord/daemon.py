@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,6 +95,19 @@ class Watchdog:
             now = time.monotonic()
             self._worst = max(self._worst, now - self._last - WATCHDOG_PERIOD)
             self._last = now
+
+
+@dataclass(frozen=True)
+class _Before:
+    """What ran before a startHA: put back if it fails after its checks (decision 36)."""
+
+    mode: Mode
+    settings: Settings | None
+    side: str | None
+    ends: Endpoints | None
+    metas: list[VolumeMeta]
+    #: the companions' settings, endpoints and secret, if they ran (idle, inconsistent)
+    companions: tuple[Settings | None, Endpoints | None, bytes | None] | None
 
 
 class Daemon:
@@ -630,7 +644,8 @@ class Daemon:
         Every check comes before the first change, so a refused startHA changes nothing. The
         checks that need the peer's word listen with this start's heartbeats; if one refuses,
         those stop and the companions of the mode this appliance stays in (idle, inconsistent)
-        run again as before.
+        run again as before. A start that fails after the checks is put back the same way, with
+        the settings it had before; ha.json is written only once the start succeeded.
         """
         settings = config.parse(options)
         with self._lock:
@@ -647,7 +662,8 @@ class Daemon:
                 raise Refused("There is no split brain to resolve: this appliance has not found one with its peer "
                               "(HAstatus shows it when it has); run startHA without --discard-my-data.")
             ends = settings.endpoints(side)
-            before = (self.settings, self.ends, self.secret) if self.heartbeat is not None else None
+            before = _Before(self.mode, self.settings, self.side, self.ends, self.metas,
+                             (self.settings, self.ends, self.secret) if self.heartbeat is not None else None)
             self._stop_companions()
             self._starting = (settings, metas)
             try:
@@ -660,21 +676,22 @@ class Daemon:
                                   "Make it the secondary of an UpToDate primary first.")
             except MirrordError:
                 self._starting = None
-                self._restore_companions(before)
+                self._restore_companions(before.companions)
                 raise
-            # Checked: from here on this appliance changes.
-            if self.secondary is not None:  # inconsistent: start over as a fresh secondary
-                self.secondary.stop()
-                self.secondary = None
-            for meta, one, size in zip(metas, volumes, sizes):
-                recovered = meta.recover(self.home, one.volume, size)
-                if recovered:
-                    self.log.log(f"{one.volume}: {recovered}" if len(volumes) > 1 else recovered)
-                meta.save(self.home, one.volume)
-            self.settings, self.side, self.ends, self.metas = settings, side, ends, metas
-            self._starting = None
+            # Checked: from here on this appliance changes. A step that fails (a port another process
+            # holds, a disk that cannot be mounted) puts back what ran before (decision 36).
             saved: list[Path] = []
             try:
+                if self.secondary is not None:  # inconsistent: start over as a fresh secondary
+                    self.secondary.stop()
+                    self.secondary = None
+                for meta, one, size in zip(metas, volumes, sizes):
+                    recovered = meta.recover(self.home, one.volume, size)
+                    if recovered:
+                        self.log.log(f"{one.volume}: {recovered}" if len(volumes) > 1 else recovered)
+                    meta.save(self.home, one.volume)
+                self.settings, self.side, self.ends, self.metas = settings, side, ends, metas
+                self._starting = None
                 if role == "primary":
                     self._new_term()
                     primary = self._primary_group(settings, ends)
@@ -691,18 +708,9 @@ class Daemon:
                 else:
                     if discard_my_data:
                         saved = [self._keep_copy(one, size) for one, size in zip(volumes, sizes)]
-                    secondary = SecondaryGroup([
-                        SecondarySide(self.home, one, self.log, size, meta, ends, self._on_promote, self.secret,
-                                      discard_my_data=discard_my_data)
-                        for one, size, meta in zip(volumes, sizes, metas)])
-                    try:
-                        secondary.start()
-                    except OSError as exc:
-                        ports = ",".join(str(one.sync_port) for one in volumes)
-                        raise MirrordError(f"Cannot listen on {ends.my_sync}:{ports}: {exc.strerror}.") from exc
-                    self.secondary = secondary
-            except MirrordError:
-                self._stop_companions()
+                    self.secondary = self._start_secondary(settings, ends, metas, discard_my_data)
+            except Exception as exc:  # whatever broke, the appliance must not keep half of this start
+                self._roll_back(before, exc)
                 raise
             config.save(self.home, settings)
             self._set_mode(next_mode)
@@ -746,6 +754,39 @@ class Daemon:
         self.log.log(f"Saved this appliance's copy of {settings.disk} to {saved}.")
         return saved
 
+    def _start_secondary(self, settings: Settings, ends: Endpoints, metas: list[VolumeMeta],
+                         discard_my_data: bool = False) -> SecondaryGroup:
+        volumes = settings.volumes()
+        group = SecondaryGroup([
+            SecondarySide(self.home, one, self.log, config.check_disk(one.disk), meta, ends, self._on_promote,
+                          self.secret, discard_my_data=discard_my_data)
+            for one, meta in zip(volumes, metas)])
+        try:
+            group.start()
+        except OSError as exc:
+            ports = ",".join(str(one.sync_port) for one in volumes)
+            raise MirrordError(f"Cannot listen on {ends.my_sync}:{ports}: {exc.strerror}.") from exc
+        return group
+
+    def _roll_back(self, before: _Before, exc: Exception) -> None:
+        """A startHA that failed after its checks (the primary or secondary side it began stopped
+        itself): the settings, companions and, on an inconsistent appliance, the side waiting for the
+        primary run again as before. The metadata stays as the attempt left it: it describes the disk,
+        which the attempt may have written (mkfs, a new generation)."""
+        self._starting = None
+        self.settings, self.side, self.ends = before.settings, before.side, before.ends
+        self.metas = [VolumeMeta.load(self.home, one.volume) for one in before.settings.volumes()] \
+            if before.metas and before.settings is not None else before.metas
+        self._restore_companions(before.companions)
+        self.log.log(f"startHA failed after its checks ({exc}); this appliance stays {self.mode}, with the "
+                     "settings it had before.")
+        if before.mode is Mode.INCONSISTENT and before.settings is not None and before.ends is not None:
+            try:
+                self.secondary = self._start_secondary(before.settings, before.ends, self.metas)
+            except (MirrordError, OSError) as again:
+                self.log.log(f"Could not wait for the primary again with the previous settings: {again} "
+                             "Run startHA.")
+
     def _check_peer_version(self, role: str) -> None:
         """A peer heard to run another release is refused now, not later by the handshake."""
         theirs = (self._peer_view()[2] or {}).get("version")
@@ -788,7 +829,8 @@ class Daemon:
             self.witness.start()
 
     def _restore_companions(self, before: tuple[Settings | None, Endpoints | None, bytes | None] | None) -> None:
-        """After a refusal: the companions that ran before (or none) run again, so the peer keeps hearing us."""
+        """After a refusal or a failed start: the companions that ran before (or none) run again, so the
+        peer keeps hearing us."""
         self._stop_companions()
         if before is None:
             self.secret = None

@@ -7,6 +7,7 @@ done to them, so each test sees exactly what a command started, stopped or left 
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import subprocess
@@ -17,13 +18,14 @@ from typing import Any, Iterator
 
 import pytest
 
-from mirrord import config
+from mirrord import __version__, config
 from mirrord import daemon as daemon_module
 from mirrord.daemon import Daemon
 from mirrord.errors import BadInput, MirrordError, Refused
 from mirrord.modes import Mode
 from mirrord.net import arp, floatip
 from mirrord.paths import Home
+from mirrord.replication import volume
 from mirrord.replication.meta import DiskState, VolumeMeta
 from mirrord.trace import peer_log_dir
 
@@ -380,6 +382,135 @@ def test_start_ha_with_an_empty_secret_file_is_bad_input(daemon: Daemon, disk: P
     with pytest.raises(BadInput, match="holds 0 bytes of secret"):
         daemon.start_ha(**options)
     assert daemon.heartbeat is None and not daemon.home.meta_file("r0").exists()
+
+
+# -- startHA that fails after its checks: put back as it was (decision 36) ------------------------
+
+class BusyPort:
+    """A SecondarySide whose port another process holds; ``free_for`` names a pingInterval that listens."""
+
+    free_for: float | None = None
+    made: list["BusyPort"] = []
+
+    def __init__(self, _home: Home, settings: config.Settings, *_: Any, **__: Any) -> None:
+        self.settings = settings
+        self.running = False
+        BusyPort.made.append(self)
+
+    def start(self) -> None:
+        if self.settings.ping_interval != BusyPort.free_for:
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+
+class PrimaryPeer(FakePart):
+    """Heartbeats that hear the peer say it is primary (an idle appliance may then start as secondary)."""
+
+    def silent_for(self, _network: str) -> float:
+        return 0.0
+
+    def peer_state(self, _network: str) -> dict[str, Any]:
+        return {"mode": "primary", "version": __version__}
+
+
+@pytest.fixture
+def busy_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    BusyPort.free_for, BusyPort.made = None, []
+    monkeypatch.setattr(daemon_module, "SecondarySide", BusyPort)
+
+
+def options_of(settings: config.Settings) -> dict[str, Any]:
+    return {k: v for k, v in settings.to_json().items() if k in config.FIELDS and v is not None}
+
+
+def test_start_ha_as_secondary_that_cannot_listen_keeps_the_previous_settings(
+        daemon: Daemon, disk: Path, busy_port: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "local_addresses", lambda: A2)
+    old = settings_for(disk)  # left by an earlier HA session, after its stopHA
+    config.save(daemon.home, old)
+    daemon.settings = old
+    with pytest.raises(MirrordError, match=r"Cannot listen on 198\.19\.0\.2:7788: Address already in use"):
+        daemon.start_ha(**options_of(settings_for(disk, ping_interval="0.1")))
+    assert daemon.settings is old and daemon.side is None and daemon.ends is None and daemon.metas == []
+    assert daemon.mode is Mode.STANDALONE and state_file(daemon) == {"mode": "standalone", "side": None}
+    assert config.load(daemon.home) == old and daemon.status()[1]["settings"]["ping_interval"] == 0.05
+    assert daemon.heartbeat is None and all(not p.running for p in FakePart.made)
+
+
+def test_start_ha_as_primary_that_cannot_expose_its_disk_keeps_no_settings(
+        daemon: Daemon, disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Unmountable(FakePrimary):
+        def start(self) -> None:
+            raise MirrordError("Could not mount /srv/data: wrong fs type.")
+
+    monkeypatch.setattr(daemon, "_primary_group", lambda *_: Unmountable())
+    with pytest.raises(MirrordError, match="Could not mount /srv/data"):
+        daemon.start_ha(**options_of(settings_for(disk)))
+    assert daemon.settings is None and daemon.side is None and daemon.primary is None
+    assert daemon.mode is Mode.STANDALONE and not daemon.home.settings_file.exists()
+    assert daemon.status()[1]["settings"] is None
+    assert daemon.heartbeat is None and all(not p.running for p in FakePart.made)
+
+
+def test_start_ha_on_an_idle_appliance_that_cannot_listen_gets_its_old_heartbeats_back(
+        daemon: Daemon, disk: Path, busy_port: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "Heartbeat", PrimaryPeer)
+    old = settings_for(disk)
+    running(daemon, Mode.IDLE, old, "primary")
+    with pytest.raises(MirrordError, match="Cannot listen on 198.19.0.1:7788"):
+        daemon.start_ha(**options_of(settings_for(disk, ping_interval="0.1")))
+    assert daemon.mode is Mode.IDLE and daemon.settings is old and daemon.side == "primary"
+    assert config.load(daemon.home) == old and state_file(daemon) == {"mode": "idle", "side": "primary"}
+    assert daemon.heartbeat is not None and daemon.heartbeat is heartbeats(daemon)[-1] and daemon.heartbeat.running
+    assert daemon.heartbeat.kwargs["interval"] == daemon_module.tick_period(0.05)
+    assert daemon._describe()["settings"]["ping_interval"] == 0.05
+
+
+def test_start_ha_on_an_inconsistent_appliance_that_cannot_listen_waits_for_the_primary_again(
+        daemon: Daemon, disk: Path, busy_port: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "local_addresses", lambda: A2)
+    old = settings_for(disk)
+    running(daemon, Mode.INCONSISTENT, old, "secondary")
+    VolumeMeta(disk_state=DiskState.INCONSISTENT).save(daemon.home, "r0")
+    cut_short = FakeSecondary()
+    daemon.secondary = cut_short  # type: ignore[assignment]
+    BusyPort.free_for = 0.05  # the new settings' port is taken; the old one is free again once released
+    with pytest.raises(MirrordError, match="Cannot listen on 198.19.0.2:7788"):
+        daemon.start_ha(**options_of(settings_for(disk, ping_interval="0.1")))
+    assert cut_short.stopped, "a new start begins with a fresh secondary"
+    assert daemon.mode is Mode.INCONSISTENT and daemon.settings is old and config.load(daemon.home) == old
+    assert [p.settings.ping_interval for p in BusyPort.made] == [0.1, 0.05]
+    assert daemon.secondary is not None and daemon.secondary.lead is BusyPort.made[-1] and BusyPort.made[-1].running
+    assert daemon.metas[0].disk_state is DiskState.INCONSISTENT
+    assert daemon.heartbeat is heartbeats(daemon)[-1] and daemon.heartbeat.running
+    assert daemon.heartbeat.kwargs["interval"] == daemon_module.tick_period(0.05)
+
+
+def test_configure_secondary_whose_restarts_both_fail_is_standalone_with_the_previous_settings(
+        daemon: Daemon, disk: Path, busy_port: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "local_addresses", lambda: A2)
+    old = settings_for(disk)
+    running(daemon, Mode.SECONDARY, old, "secondary")
+    daemon.secondary = FakeSecondary()  # type: ignore[assignment]
+    checks: list[Path] = []
+
+    def ensure_unused(path: Path) -> None:
+        # Checked by configureHA, by the start with the new settings, then by the start with the
+        # old ones: by then another process has opened the disk.
+        checks.append(path)
+        if len(checks) == 3:
+            raise Refused(f"Disk {path} is in use by process 4242 (dd).")
+
+    monkeypatch.setattr(volume, "ensure_unused", ensure_unused)
+    with pytest.raises(MirrordError, match="Cannot listen on .* Starting again with the previous settings failed "
+                                           "too: Disk .* in use .* This appliance is standalone: run startHA"):
+        daemon.configure_ha(ping_interval="0.2")
+    assert daemon.mode is Mode.STANDALONE and daemon.settings is old and daemon.side is None
+    assert config.load(daemon.home) == old and daemon.status()[1]["settings"]["ping_interval"] == 0.05
+    assert daemon.heartbeat is None and daemon.secondary is None
 
 
 # -- mirrord trace on a daemon that is not (or no longer) in HA ----------------------------------
