@@ -8,12 +8,14 @@ changed on the appliance.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from hactl import HA_ARGS, forget_ha_state, start_ha, start_primary_with_fs, stop_all
+from hactl import HA_ARGS, forget_ha_state, start_ha, start_primary_with_fs, stop_all, stop_ha
 
 pytestmark = pytest.mark.lab
 
@@ -155,6 +157,53 @@ def test_stop_ha_on_a_busy_mount_can_be_run_again(lab: Any) -> None:
         mounts = lab.run("a1", "cat /proc/self/mounts").stdout
         assert str(mount) not in mounts and str(lab.home("a1") / "dev" / "r0") not in mounts
         assert json.loads((lab.home("a1") / "state.json").read_text())["mode"] == "standalone"
+    finally:
+        stop_all(lab)
+        forget_ha_state(lab)
+
+
+# Another process listens on the secondary's sync port (7788 on 198.19.0.2) until killed. SO_REUSEADDR,
+# as the daemon's own listener: an earlier test's connections may linger in TIME_WAIT on that port.
+PORT_HOLDER = """
+import socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("198.19.0.2", 7788))
+s.listen()
+print("listening", flush=True)
+time.sleep(600)
+"""
+
+
+def test_start_ha_that_cannot_listen_keeps_the_previous_settings(lab: Any) -> None:
+    """A startHA that passes its checks and then cannot start (exit 1) leaves the appliance as it was:
+    standalone, with the settings of its last HA session in HAstatus and ha.json; the same startHA
+    works once the port is free (docs/decisions.md 36)."""
+    from hactl import status
+
+    try:
+        start_ha(lab, "a2")
+        stop_ha(lab, "a2")  # the daemon keeps running, with these settings
+        saved = (lab.home("a2") / "ha.json").read_text()
+        holder = lab.popen("a2", [sys.executable, "-c", PORT_HOLDER], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "listening\n"
+            done = lab.run("a2", f"startHA {HA_ARGS} --ping-interval 2", timeout=120)
+            assert done.returncode == 1, (done.returncode, done.stderr)
+            assert "Cannot listen on 198.19.0.2:7788: Address already in use." in done.stderr, done.stderr
+            assert result(lab, "a2")["exit_code"] == 1
+            s2 = status(lab, "a2")
+            assert s2["mode"] == "standalone" and s2["side"] is None and s2["heartbeat"] == {}
+            assert s2["settings"]["ping_interval"] == 1.0, "the failed startHA left its settings behind"
+            assert (lab.home("a2") / "ha.json").read_text() == saved
+            assert json.loads((lab.home("a2") / "state.json").read_text())["mode"] == "standalone"
+        finally:
+            holder.kill()
+            holder.wait()
+        start_ha(lab, "a2", "--ping-interval 2")
+        s2 = status(lab, "a2")
+        assert s2["mode"] == "secondary" and s2["settings"]["ping_interval"] == 2.0
+        assert json.loads((lab.home("a2") / "ha.json").read_text())["ping_interval"] == 2.0
     finally:
         stop_all(lab)
         forget_ha_state(lab)
