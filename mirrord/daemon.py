@@ -956,8 +956,15 @@ class Daemon:
                 raise Refused(f"The new floating IP {new.floating_ip.ip} is already answered by {holder}; "
                               "choose a free address.")
             floatip.add(new.floating_ip, self.ends.my_public)
-            floatip.remove(old.floating_ip)
-            arp.announce(new.floating_ip.ip, iface, count=1)
+            try:
+                floatip.remove(old.floating_ip)
+                arp.announce(new.floating_ip.ip, iface, count=1)
+            except MirrordError:
+                # The settings stay the old ones, so must the address: stopHA and failOver release
+                # only the configured one, and a primary would keep the other for good.
+                floatip.add(old.floating_ip, self.ends.my_public)
+                floatip.remove(new.floating_ip)
+                raise
             self.log.log(f"Moved the floating IP from {old.floating_ip} to {new.floating_ip}.")
         self.settings = new
         if "witness_ip" in changed:

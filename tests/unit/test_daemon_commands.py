@@ -204,6 +204,26 @@ def test_configure_primary_bad_secret_file_changes_nothing(daemon: Daemon, disk:
     assert daemon.witness is None
 
 
+def test_configure_primary_whose_floating_ip_move_fails_keeps_the_old_address(
+        daemon: Daemon, disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = settings_for(disk)
+    running(daemon, Mode.PRIMARY, old, "primary")
+    daemon.primary = FakePrimary()  # type: ignore[assignment]
+    held = {old.floating_ip}
+    monkeypatch.setattr(floatip, "add", lambda ip, _beside: held.add(ip))
+    monkeypatch.setattr(floatip, "remove", lambda ip: ip in held and not held.remove(ip))
+    monkeypatch.setattr(arp, "address_in_use", lambda *_, **__: None)
+
+    def announce(*_: Any, **__: Any) -> int:
+        raise MirrordError("Cannot use interface 'eth0' for ARP: Network is down.")
+
+    monkeypatch.setattr(arp, "announce", announce)
+    with pytest.raises(MirrordError, match="Network is down"):
+        daemon.configure_ha(floating_ip="198.18.0.20/24")
+    assert held == {old.floating_ip}, "the primary holds an address its settings do not name"
+    assert daemon.settings is old and config.load(daemon.home) == old
+
+
 def test_configure_refuses_a_new_secret_on_a_running_pair(daemon: Daemon, disk: Path, secret_file: Path,
                                                           tmp_path: Path) -> None:
     settings = settings_for(disk, secret_file=str(secret_file))
