@@ -27,7 +27,8 @@ from write_path_report import Throughput, WritePathReport
 from write_targets import LABELS, Target, local_file, mirrord, passthrough_ll
 from write_workloads import (
     CONCURRENT_WRITERS, PARALLEL_WRITERS, GiB, KiB, MiB, LatencySummary, aligned_buffer, concurrent_dsync_4kib,
-    dsync_4kib, dsync_offsets, loopback_blast, loopback_round_trips, parallel_1mib, read_back, sequential_1mib, stamp,
+    busy_cpu_seconds, dsync_4kib, dsync_offsets, loopback_blast, loopback_round_trips, parallel_1mib, read_back,
+    sequential_1mib, stamp,
 )
 
 VARIANTS = list(LABELS)  # a b c d e
@@ -107,18 +108,26 @@ def test_1mib_writes_then_fsync(benchmark: Any, sweep: int, key: str, target: Ta
     """1 GiB as 1024 sequential 1 MiB writes (O_DIRECT where accepted), then one fsync."""
     buf = aligned_buffer(MiB, seed=1)
     seconds: list[float] = []
-    benchmark.pedantic(lambda: seconds.append(sequential_1mib(target.path, buf, SIZE, target.o_direct)),
-                       setup=_round_setup(buf), rounds=ROUNDS_1MIB, iterations=1,
+    cpu: list[float] = []
+
+    def one_round() -> None:
+        busy = busy_cpu_seconds()
+        seconds.append(sequential_1mib(target.path, buf, SIZE, target.o_direct))
+        cpu.append(busy_cpu_seconds() - busy)
+
+    benchmark.pedantic(one_round, setup=_round_setup(buf), rounds=ROUNDS_1MIB, iterations=1,
                        warmup_rounds=WARMUP_1MIB)
     seconds = seconds[-ROUNDS_1MIB:]
     _check_landed(target, [0, SIZE // 2, SIZE - MiB], bytes(buf))
     tp = Throughput(SIZE, seconds)
     write_path_report.add_throughput(key, SIZE, seconds)
+    write_path_report.add_cpu(key, SIZE, cpu[-ROUNDS_1MIB:])
     if target.note:
         write_path_report.notes[key] = target.note
     benchmark.extra_info.update(
         variant=f"({key}) {target.label}", o_direct=target.o_direct, note=target.note,
         bytes_per_round=SIZE, round_seconds=[round(s, 4) for s in seconds],
+        round_cpu_seconds=[round(c, 3) for c in cpu[-ROUNDS_1MIB:]],
         bytes_per_s=round(tp.mean_bps), GiB_per_s=round(tp.mean_bps / GiB, 3))
     _check_mirrord(target, benchmark, write_path_report, (WARMUP_1MIB + ROUNDS_1MIB) * SIZE)
 
@@ -158,13 +167,20 @@ def test_concurrent_4kib_dsync_writers(benchmark: Any, key: str, target: Target,
     bufs = [aligned_buffer(4 * KiB, seed=100 + i) for i in range(CONCURRENT_WRITERS)]
     offsets = sorted(set(dsync_offsets(DSYNC_WRITES * 2, SIZE, seed=8192)))[:DSYNC_WRITES]
     runs: list[tuple[list[int], float]] = []
-    benchmark.pedantic(lambda: runs.append(concurrent_dsync_4kib(target.path, bufs, offsets, target.o_direct)),
-                       rounds=1, iterations=1, warmup_rounds=1)
+    cpu: list[float] = []
+
+    def one_round() -> None:
+        busy = busy_cpu_seconds()
+        runs.append(concurrent_dsync_4kib(target.path, bufs, offsets, target.o_direct))
+        cpu.append(busy_cpu_seconds() - busy)
+
+    benchmark.pedantic(one_round, rounds=1, iterations=1, warmup_rounds=1)
     lat, wall = runs[-1]
     for i, buf in enumerate(bufs):
         _check_landed(target, [offsets[i::CONCURRENT_WRITERS][-1]], bytes(buf))
     summary = LatencySummary.of(lat, wall)
     write_path_report.concurrent[key] = summary
+    write_path_report.concurrent_cpu_s[key] = cpu[-1] / len(lat)
     benchmark.extra_info.update(variant=f"({key}) {target.label}", writers=CONCURRENT_WRITERS,
                                 writes_per_s=round(summary.writes_per_s, 1), mean_us=round(summary.mean_us, 1),
                                 p99_us=round(summary.p99_us, 1))

@@ -61,12 +61,17 @@ class WritePathReport:
     disk_read: Throughput | None = None  # the image read sequentially, not cached (what a sync reads)
     round_trip: LatencySummary | None = None  # 127.0.0.1 ping-pong
     concurrent: dict[str, LatencySummary] = field(default_factory=dict)  # CONCURRENT_WRITERS at once
+    concurrent_cpu_s: dict[str, float] = field(default_factory=dict)  # their busy CPU-s per write, all cores
     parallel: dict[str, Throughput] = field(default_factory=dict)  # 1 MiB writes, PARALLEL_WRITERS at once
+    cpu_s: dict[str, list[float]] = field(default_factory=dict)  # 1 MiB rounds: busy CPU-s, all cores
     started: float = field(default_factory=time.time)
     load_at_start: str = field(default_factory=lambda: loadavg())
 
     def add_throughput(self, key: str, bytes_per_round: int, seconds: list[float]) -> None:
         self.throughput.setdefault(key, Throughput(bytes_per_round, [])).seconds.extend(seconds)
+
+    def add_cpu(self, key: str, bytes_per_round: int, busy_seconds: list[float]) -> None:
+        self.cpu_s.setdefault(key, []).extend(b * GiB / bytes_per_round for b in busy_seconds)
 
     def add_dsync(self, key: str, latencies_ns: list[int], wall_seconds: float) -> None:
         self.dsync_ns.setdefault(key, []).extend(latencies_ns)
@@ -104,10 +109,26 @@ class WritePathReport:
         figures = [f for f in (disk, self.loopback.mean_bps if self.loopback else None) if f]
         return min(figures) if figures else None
 
+    def cpu_per_gib(self, key: str) -> float | None:
+        figures = self.cpu_s.get(key)
+        return statistics.fmean(figures) if figures else None
+
+    def cpu_ceiling(self) -> float | None:
+        """The highest 1 MiB (d)/(c) this machine's cores allow: (d) cannot take less wall time
+        than its CPU time spread over every core, whatever overlaps (both appliances run here)."""
+        c, d = self._tp("c"), self.cpu_per_gib("d")
+        return (os.cpu_count() or 1) * GiB / c / d if c and d else None
+
     def scaling(self, key: str) -> float | None:
         """writes/s of CONCURRENT_WRITERS concurrent O_DSYNC writers over one writer's, variant key."""
         one, many = self.dsync.get(key), self.concurrent.get(key)
         return many.writes_per_s / one.writes_per_s if one and many else None
+
+    def scaling_ceiling(self, key: str) -> float | None:
+        """The highest scaling the cores allow: writes/s at every core busy for the CPU time
+        one concurrent write took (writer threads included), over one writer's writes/s."""
+        one, cpu = self.dsync.get(key), self.concurrent_cpu_s.get(key)
+        return (os.cpu_count() or 1) / cpu / one.writes_per_s if one and cpu else None
 
     def targets(self) -> list[Target]:
         """Issue 3's first targets, then issue 7's raised ones (same figures, higher bars)."""
@@ -133,6 +154,8 @@ class WritePathReport:
             ("1 MiB throughput (c)/(a): mirrord alone vs local", self._ratio(self._tp("c"), self._tp("a")), ""),
             ("1 MiB throughput (e)/(c): mirrored (root-disk peer) vs alone",
              self._ratio(self._tp("e"), self._tp("c")), ""),
+            ("ceiling of 1 MiB (d)/(c) on this machine's cores: nproc × (c) seconds ÷ (d) CPU-seconds",
+             self.cpu_ceiling(), ""),
             (f"1 MiB throughput (d)/(c) with {PARALLEL_WRITERS} writers at once",
              self._ratio(*(self.parallel[k].mean_bps if k in self.parallel else None for k in ("d", "c"))), ""),
             ("4 KiB latency (b)-(a): FUSE passthrough vs local", self._diff(self._lat("b"), self._lat("a")), "µs"),
@@ -167,13 +190,23 @@ class WritePathReport:
                    else "– | – | – | –")
             ack = f"{statistics.fmean(self.ack_us[key]):.0f}" if self.ack_us.get(key) else "–"
             out.append(f"| ({key}) {label} | {tp} | {lat} | {ack} | {self.notes.get(key, '')} |")
+        if self.cpu_s:
+            out += ["", "| 1 MiB writes + fsync: CPU of the whole machine (/proc/stat, not idle or iowait) "
+                    "| CPU-seconds per GiB | cores busy on average |", "|---|---|---|"]
+            for key, label in LABELS.items():
+                cpu, tp = self.cpu_per_gib(key), self._tp(key)
+                if cpu is not None and tp:
+                    out.append(f"| ({key}) {label} | {cpu:.2f} | {cpu * tp / GiB:.2f} of {os.cpu_count()} |")
         if self.concurrent:
             out += ["", f"| {CONCURRENT_WRITERS} concurrent 4 KiB O_DSYNC writers | writes/s (all writers) | mean µs "
-                    "| p99 µs | × one writer's writes/s |", "|---|---|---|---|---|"]
+                    "| p99 µs | × one writer's writes/s | CPU µs per write, whole machine | × one writer the cores "
+                    "allow |", "|---|---|---|---|---|---|---|"]
+            fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
             for key, c in self.concurrent.items():
-                scale = self.scaling(key)
+                cpu = self.concurrent_cpu_s.get(key)
                 out.append(f"| ({key}) {LABELS[key]} | {c.writes_per_s:.0f} | {c.mean_us:.0f} | {c.p99_us:.0f} | "
-                           f"{'–' if scale is None else f'{scale:.2f}'} |")
+                           f"{fmt(self.scaling(key), '.2f')} | {fmt(cpu and cpu * 1e6, '.0f')} | "
+                           f"{fmt(self.scaling_ceiling(key), '.2f')} |")
         if self.parallel:
             out += ["", f"| 1 GiB as 1 MiB writes by {PARALLEL_WRITERS} writers at once + fsync | GiB/s (min–max) |",
                     "|---|---|"]

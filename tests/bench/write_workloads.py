@@ -54,6 +54,15 @@ def _write_range(fd: int, buf: mmap.mmap, start: int, end: int) -> None:
             raise OSError(f"short write at {off}: {n} of {chunk}")
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time every core of the machine has spent on anything but idle and iowait
+    (/proc/stat), for CPU budgets: both appliances of a mirrored variant run here."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq = ticks[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def sequential_1mib(path: Path, buf: mmap.mmap, total: int, direct: bool) -> float:
     """Write total bytes as len(buf)-sized pwrites from offset 0, then fsync; seconds taken."""
     fd = os.open(path, os.O_WRONLY | (os.O_DIRECT if direct else 0))
