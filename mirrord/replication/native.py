@@ -20,7 +20,6 @@ duplicate and the wrapper closes the one it was given.
 from __future__ import annotations
 
 import errno
-
 import os
 import threading
 from dataclasses import asdict, dataclass, fields
