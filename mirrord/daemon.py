@@ -43,7 +43,7 @@ from mirrord.paths import Home
 from mirrord.replication import extents, generations, keepcopy, link, volume
 from mirrord.replication.generations import Generations, Kind
 from mirrord.replication.group import PrimaryGroup, SecondaryGroup, worst
-from mirrord.replication.meta import DiskState, VolumeMeta
+from mirrord.replication.meta import DiskState, VolumeMeta, update_together
 from mirrord.replication.primary import PrimarySide, plan_sentence
 from mirrord.replication.secondary import SecondarySide
 from mirrord.restart import Restart, after_restart
@@ -471,9 +471,8 @@ class Daemon:
 
     def _mark_outdated(self) -> None:
         if self.settings is not None:
-            for meta, one in zip(self.metas, self.settings.volumes()):
-                meta.disk_state = DiskState.OUTDATED
-                meta.save(self.home, one.volume)
+            update_together(self.home, [(meta, one.volume, {"disk_state": DiskState.OUTDATED})
+                                        for meta, one in zip(self.metas, self.settings.volumes())])
 
     def _primary_group(self, settings: Settings, ends: Endpoints) -> PrimaryGroup:
         return PrimaryGroup([PrimarySide(self.home, one, self.log, config.check_disk(one.disk), ends,

@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from mirrord.errors import MirrordError, Refused
-from mirrord.replication.meta import DiskState
+from mirrord.replication.meta import DiskState, update_together
 from mirrord.replication.primary import PrimarySide
 from mirrord.replication.secondary import SecondarySide
 
@@ -264,8 +264,15 @@ class SecondaryGroup:
                      for s in self.sides if s.primary.last_error), "")
 
     def outdate(self) -> None:
-        for side in self.sides:
-            side.outdate()
+        """The primary continues without us: our copies fall behind and must never be promoted.
+
+        Every complete copy becomes Outdated, on disk before the group's state says so (the
+        heartbeats carry it, and the primary goes on alone once it hears it; update_together).
+        An Inconsistent copy (a sync cut short) is worse than old: calling it Outdated would let a
+        backup or an operator take it for whole.
+        """
+        update_together(self.sides[0].home, [(s.meta, s.settings.volume, {"disk_state": DiskState.OUTDATED})
+                                             for s in self.sides if s.meta.disk_state is DiskState.UP_TO_DATE])
 
     def request_failover(self) -> None:
         """failOver run here: every volume must be able to take over before the primary is asked."""

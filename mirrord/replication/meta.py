@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import enum
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 from mirrord import atomicfile
 from mirrord.paths import Home
@@ -75,12 +77,27 @@ class VolumeMeta:
                    bitmap_trusted=bool(data.get("bitmap_trusted", True)),
                    split_brain=str(data.get("split_brain", "")))
 
+    def _json(self, **changes: Any) -> dict[str, Any]:
+        v = {**{k: getattr(self, k) for k in ("disk_state", "epoch", "gen", "primary_open", "bitmap_trusted",
+                                            "split_brain")}, **changes}
+        return {"disk_state": str(v["disk_state"]), "epoch": v["epoch"], "gen": v["gen"].to_json(),
+                "primary_open": v["primary_open"], "bitmap_trusted": v["bitmap_trusted"],
+                "split_brain": v["split_brain"]}
+
     def save(self, home: Home, volume: str) -> None:
         with self._lock:
-            data = {"disk_state": str(self.disk_state), "epoch": self.epoch, "gen": self.gen.to_json(),
-                    "primary_open": self.primary_open, "bitmap_trusted": self.bitmap_trusted,
-                    "split_brain": self.split_brain}
-            atomicfile.write_json(home.meta_file(volume), data)
+            atomicfile.write_json(home.meta_file(volume), self._json())
+
+    def update(self, home: Home, volume: str, **changes: Any) -> None:
+        """Persist the changes, then make them visible here.
+
+        Other threads read these fields without waiting (the heartbeats tell
+        the peer the disk state, and a primary told "Outdated" goes on
+        writing alone): they must never see a state the disk does not hold
+        yet. A save that fails changes nothing.
+        """
+        update_together(home, [(self, volume, changes)])
+
 
     def recover(self, home: Home, volume: str, disk_size: int) -> str:
         """At start: if this node crashed as primary, what its bitmap is worth now (a sentence for ha.log)."""
@@ -103,3 +120,17 @@ class VolumeMeta:
         extents.forget_activity_log(home, volume)
         return (f"This appliance crashed as primary: the {len(in_flight)} extent(s) named by its activity log "
                 "are resynced at the next connect with the peer.")
+
+
+def update_together(home: Home, items: list[tuple[VolumeMeta, str, dict[str, Any]]]) -> None:
+    """VolumeMeta.update for several volumes at once: every file is written before any change is
+    visible, so a group's state (the worst of its volumes') never runs ahead of its disks. The
+    locks are taken in the order given, which every caller keeps (a group's volume order)."""
+    with ExitStack() as stack:
+        for meta, _, _ in items:
+            stack.enter_context(meta._lock)
+        for meta, volume, changes in items:
+            atomicfile.write_json(home.meta_file(volume), meta._json(**changes))
+        for meta, _, changes in items:
+            for name, value in changes.items():
+                setattr(meta, name, value)

@@ -67,6 +67,8 @@ class SecondarySide:
         self.primary = PrimaryView(sync_percent=100.0 if meta.disk_state == DiskState.UP_TO_DATE else 0.0)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        #: held by a data handshake from start to end: stop() waits for it (see _on_data)
+        self._data_lock = threading.Lock()
         self._pending: str | None = None
         self._pending_sync: tuple[Plan, str] | None = None  # the agreed plan and the sync identifier
         self._control: socket.socket | None = None
@@ -92,6 +94,8 @@ class SecondarySide:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._listener.close()
+        with self._data_lock:  # a data handshake under way finishes (or undoes itself) first
+            pass
         self._end_session("HA stopped on this appliance")
 
     def receiver_stats(self) -> dict[str, object]:
@@ -207,28 +211,42 @@ class SecondarySide:
         return plan, mine
 
     def _on_data(self, conn: socket.socket, msg: dict[str, object]) -> None:
-        with self._lock:
-            token = self._pending
-            if token is None or not link.proof_ok(self.secret, "data", msg.get("proof"), token) \
-                    or msg.get("session") != token:
-                raise PeerError("a data connection presented an unknown or unauthenticated session")
-            self._pending = None
-            control, agreed = self._control, self._pending_sync
-        assert control is not None and agreed is not None
-        plan, sync_uuid = agreed
-        # Mark the copy incomplete before the first sync byte can land, and move to the sync
-        # identifier: if the sync is cut short, the primary's bitmap resumes it.
-        self.meta.disk_state = DiskState.INCONSISTENT
-        if plan.kind is not Kind.IN_SYNC:
-            self.meta.gen = generations.begin_sync_target(self.meta.gen, sync_uuid)
-        if plan.resolves:
-            self.log.log(f"Discarding this appliance's changes: {plan_sentence(plan)}")
-        self.meta.save(self.home, self.settings.volume)
-        link.tune(conn, user_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000))
-        link.send(conn, {"type": "ok"})
-        conn.settimeout(None)
-        with self._lock:
-            self._receiver = Receiver(str(self.settings.disk), self.disk_size, conn.detach())
+        # A takeover may stop this side while the old primary's data handshake is under way.
+        # Had the handshake gone on, it would mark the disk the new primary serves Inconsistent
+        # and install a receiver nobody stops, writing under the new primary's filesystem. So
+        # stop() waits for _data_lock, and a handshake that finds itself stopped after its
+        # metadata change puts the metadata back (no byte has landed) before it lets go.
+        with self._data_lock:
+            with self._lock:
+                token = self._pending
+                if token is None or not link.proof_ok(self.secret, "data", msg.get("proof"), token) \
+                        or msg.get("session") != token:
+                    raise PeerError("a data connection presented an unknown or unauthenticated session")
+                self._pending = None
+                control, agreed = self._control, self._pending_sync
+            if self._stop.is_set():
+                raise PeerError("HA is stopping on this appliance")
+            assert control is not None and agreed is not None
+            plan, sync_uuid = agreed
+            # Mark the copy incomplete before the first sync byte can land, and move to the sync
+            # identifier: if the sync is cut short, the primary's bitmap resumes it.
+            before = {"disk_state": self.meta.disk_state, "gen": self.meta.gen}
+            changes: dict[str, object] = {"disk_state": DiskState.INCONSISTENT}
+            if plan.kind is not Kind.IN_SYNC:
+                changes["gen"] = generations.begin_sync_target(self.meta.gen, sync_uuid)
+            if plan.resolves:
+                self.log.log(f"Discarding this appliance's changes: {plan_sentence(plan)}")
+            self.meta.update(self.home, self.settings.volume, **changes)
+            link.tune(conn, user_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000))
+            link.send(conn, {"type": "ok"})
+            conn.settimeout(None)
+            with self._lock:
+                stopped = self._stop.is_set() or self._control is not control
+                if not stopped:
+                    self._receiver = Receiver(str(self.settings.disk), self.disk_size, conn.detach())
+            if stopped:
+                self.meta.update(self.home, self.settings.volume, **before)
+                raise PeerError("HA stopped on this appliance while the primary connected")
         self.primary = PrimaryView(connected=True, sync_started=True, since=time.monotonic())
         self.log.log(f"Primary {self.ends.peer_sync} connected; receiving a sync. This disk is Inconsistent "
                      "until it completes.")
@@ -252,11 +270,11 @@ class SecondarySide:
                         raise PeerError(f"the primary's sync_done is malformed: {exc}") from None
                     # A copy of the primary's generation now: our own changes are gone.
                     extents.bitmap_file(self.home, self.settings.volume).unlink(missing_ok=True)
-                    self.meta.gen = gen
-                    self.meta.disk_state = DiskState.UP_TO_DATE
-                    self.meta.bitmap_trusted = True
-                    self.meta.split_brain = ""
-                    self.meta.save(self.home, self.settings.volume)
+                    try:
+                        self.meta.update(self.home, self.settings.volume, gen=gen,
+                                         disk_state=DiskState.UP_TO_DATE, bitmap_trusted=True, split_brain="")
+                    except OSError as exc:
+                        raise PeerError(f"cannot record the finished sync: {exc}") from exc
                     self.primary.sync_percent = 100.0
                     self.primary.synced = True
                     self.log.log("Sync from the primary complete: this disk is UpToDate.")
@@ -280,16 +298,6 @@ class SecondarySide:
         if self.meta.disk_state is not DiskState.UP_TO_DATE:
             raise Refused(f"This disk is {self.meta.disk_state}: it cannot take over until the sync completes.")
         link.send(control, {"type": "failover_request"})
-
-    def outdate(self) -> None:
-        """The primary continues without us: our copy falls behind and must never be promoted.
-
-        Only a complete copy becomes Outdated: an Inconsistent one (a sync cut short) is worse
-        than old, and calling it Outdated would let a backup or an operator take it for whole.
-        """
-        if self.meta.disk_state is DiskState.UP_TO_DATE:
-            self.meta.disk_state = DiskState.OUTDATED
-            self.meta.save(self.home, self.settings.volume)
 
     def _end_session(self, reason: str) -> None:
         with self._lock:

@@ -550,6 +550,7 @@ def test_trace_names_both_appliances_from_the_saved_settings(daemon: Daemon, dis
 
 def test_teardown_keeps_an_inconsistent_disk_inconsistent(tmp_path: Path, disk: Path) -> None:
     from mirrord.halog import HALog
+    from mirrord.replication.group import SecondaryGroup
     from mirrord.replication.secondary import SecondarySide
 
     home = Home(tmp_path / "home")
@@ -561,7 +562,7 @@ def test_teardown_keeps_an_inconsistent_disk_inconsistent(tmp_path: Path, disk: 
         side = SecondarySide(home, settings.volumes()[0], HALog(home), 1 << 20, meta, settings.endpoints("secondary"),
                              lambda: None, None)
         try:
-            side.outdate()
+            SecondaryGroup([side]).outdate()
         finally:
             side.stop()
         assert meta.disk_state is after and VolumeMeta.load(home, "r0").disk_state is after

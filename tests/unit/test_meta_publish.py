@@ -1,0 +1,153 @@
+"""The secondary's disk state is on disk before anyone can see it, and a takeover never races a
+data handshake (reviewed in session 7).
+
+The heartbeats read the volumes' metadata without waiting, and a primary told "Outdated" goes on
+writing alone: an Outdated copy that is not yet Outdated on its disk would, after a power loss,
+come back UpToDate and could be made primary without those writes. And a takeover that stops the
+secondary while the old primary's data handshake runs must leave neither a changed disk state
+nor a receiver behind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirrord import atomicfile
+from mirrord.config import Endpoints, Settings
+from mirrord.errors import PeerError
+from mirrord.halog import HALog
+from mirrord.paths import Home
+from mirrord.replication import link, meta as meta_module
+from mirrord.replication.generations import Generations, Kind, Plan
+from mirrord.replication.group import SecondaryGroup, worst
+from mirrord.replication.meta import DiskState, VolumeMeta
+from mirrord.replication.secondary import SecondarySide
+
+A1, A2 = ipaddress.IPv4Address("198.18.0.11"), ipaddress.IPv4Address("198.18.0.12")
+S1, S2 = ipaddress.IPv4Address("198.19.0.11"), ipaddress.IPv4Address("198.19.0.12")
+
+
+def _settings(disk: Path, volume: str = "r0") -> Settings:
+    return Settings(primary_ip=A1, secondary_ip=A2, primary_sync_ip=S1, secondary_sync_ip=S2,
+                    floating_ip=ipaddress.IPv4Interface("198.18.0.100/24"), ping_interval=0.1, disk=disk,
+                    volume=volume)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Home:
+    h = Home(tmp_path / "home")
+    h.ensure()
+    return h
+
+
+def _side(home: Home, tmp_path: Path, volume: str, meta: VolumeMeta) -> SecondarySide:
+    disk = tmp_path / f"{volume}.img"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    return SecondarySide(home, _settings(disk, volume), HALog(home), 1 << 20, meta,
+                         Endpoints(A2, S2, A1, S1), lambda: None, None)
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on 127.0.0.1 (the handshake tunes TCP options)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=10)
+        server, _ = listener.accept()
+    return client, server
+
+
+def test_update_publishes_only_what_is_on_disk(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    meta = VolumeMeta()
+    seen: list[DiskState] = []
+    real = atomicfile.write_json
+
+    def write(path: Path, data: dict[str, Any]) -> None:
+        seen.append(meta.disk_state)  # what a heartbeat would read while the file is written
+        real(path, data)
+
+    monkeypatch.setattr(meta_module.atomicfile, "write_json", write)
+    meta.update(home, "r0", disk_state=DiskState.OUTDATED)
+    assert seen == [DiskState.UP_TO_DATE]
+    assert meta.disk_state is DiskState.OUTDATED
+    assert VolumeMeta.load(home, "r0").disk_state is DiskState.OUTDATED
+
+
+def test_failed_update_changes_nothing(home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    meta = VolumeMeta()
+    meta.save(home, "r0")
+
+    def full(path: Path, data: dict[str, Any]) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(meta_module.atomicfile, "write_json", full)
+    with pytest.raises(OSError):
+        meta.update(home, "r0", disk_state=DiskState.OUTDATED, gen=Generations(current="000000000000000a"))
+    assert meta.disk_state is DiskState.UP_TO_DATE and meta.gen == Generations()
+
+
+def test_group_outdate_writes_every_volume_before_the_group_looks_outdated(
+        home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    metas = [VolumeMeta(), VolumeMeta(), VolumeMeta(disk_state=DiskState.INCONSISTENT)]
+    sides = [_side(home, tmp_path, f"r{i}", m) for i, m in enumerate(metas)]
+    seen: list[DiskState] = []
+    real = atomicfile.write_json
+
+    def write(path: Path, data: dict[str, Any]) -> None:
+        seen.append(worst(m.disk_state for m in metas[:2]))  # the state the heartbeats carry
+        real(path, data)
+
+    monkeypatch.setattr(meta_module.atomicfile, "write_json", write)
+    try:
+        SecondaryGroup(sides).outdate()
+    finally:
+        for side in sides:
+            side.stop()
+    assert seen == [DiskState.UP_TO_DATE, DiskState.UP_TO_DATE]  # the Inconsistent copy is left as it is
+    assert [m.disk_state for m in metas] == [DiskState.OUTDATED, DiskState.OUTDATED, DiskState.INCONSISTENT]
+    assert [VolumeMeta.load(home, f"r{i}").disk_state for i in range(2)] == [DiskState.OUTDATED] * 2
+
+
+def test_takeover_during_a_data_handshake_leaves_the_disk_state_and_no_receiver(
+        home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    meta = VolumeMeta(gen=Generations(current="00000000000000c1"))
+    meta.save(home, "r0")
+    side = _side(home, tmp_path, "r0", meta)
+    control, control_far = _tcp_pair()
+    data, data_far = _tcp_pair()
+    side._control = control
+    side._pending = "token"
+    side._pending_sync = (Plan(Kind.BITMAP, source="peer"), "00000000000000d1")
+    stopper = threading.Thread(target=side.stop)
+    real_send = link.send
+
+    def send(conn: socket.socket, msg: dict[str, Any]) -> None:
+        if msg == {"type": "ok"}:  # the takeover stops this side right now
+            stopper.start()
+            for _ in range(1000):
+                if side._stop.is_set():
+                    break
+                threading.Event().wait(0.005)
+            assert meta.disk_state is DiskState.INCONSISTENT  # on disk first, for the sync to come
+        real_send(conn, msg)
+
+    monkeypatch.setattr(link, "send", send)
+    try:
+        with pytest.raises(PeerError, match="stopped"):
+            side._on_data(data, {"type": "data", "session": "token", "proof": link.proof(None, "data", "token")})
+        stopper.join(10)
+        assert not stopper.is_alive()
+        assert side._receiver is None
+        assert meta.disk_state is DiskState.UP_TO_DATE and meta.gen == Generations(current="00000000000000c1")
+        saved = VolumeMeta.load(home, "r0")
+        assert saved.disk_state is DiskState.UP_TO_DATE and saved.gen == Generations(current="00000000000000c1")
+    finally:
+        if stopper.is_alive() or stopper.ident is None:
+            side.stop()
+        for s in (control_far, data, data_far):
+            s.close()
