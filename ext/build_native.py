@@ -178,6 +178,7 @@ int mrd_server_attach_peer(struct mrd_server *s, int sock_fd);
 int mrd_server_detach_peer(struct mrd_server *s);
 int mrd_server_set_fencing(struct mrd_server *s, int on);
 int mrd_server_resume(struct mrd_server *s, int how);
+int mrd_server_resume_caught_up(struct mrd_server *s, uint64_t peer_failures);
 int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t flags);
 int mrd_server_set_sync_rate(struct mrd_server *s, uint64_t bytes_per_s);
 int mrd_server_set_unflushed_limit(struct mrd_server *s, uint64_t max_bytes, uint32_t max_ms);

@@ -340,14 +340,21 @@ static void op_put(struct mrd_server *s, struct op *o)
 /* Set io_state to to (IO_NORMAL or IO_FAILED) and answer every held op:
  * success (per its local result) for NORMAL, EIO for FAILED. Going to
  * NORMAL only happens from SUSPENDED: otherwise returns the current state
- * and changes nothing. */
-static int release_held(struct mrd_server *s, int to)
+ * and changes nothing. With link >= 0, going to NORMAL also needs the peer
+ * connected on the connection the caller saw catch up (peer_failures ==
+ * link): else returns -1 and changes nothing. */
+static int release_held(struct mrd_server *s, int to, int64_t link)
 {
     pthread_mutex_lock(&s->pend_mu);
     int was = s->io_state;
     if (to == IO_NORMAL && was != IO_SUSPENDED) {
         pthread_mutex_unlock(&s->pend_mu);
         return was;
+    }
+    if (to == IO_NORMAL && link >= 0 &&
+        (s->peer_state != PEER_CONNECTED || s->peer_failures != (uint64_t)link)) {
+        pthread_mutex_unlock(&s->pend_mu);
+        return -1;
     }
     __atomic_store_n(&s->io_state, to, __ATOMIC_RELEASE);
     struct op *list = s->held_head;
@@ -1676,9 +1683,17 @@ int mrd_server_resume(struct mrd_server *s, int how)
     if (!s || (how != MRD_RESUME_DEGRADED && how != MRD_RESUME_FAIL))
         return -EINVAL;
     if (how == MRD_RESUME_DEGRADED)
-        return release_held(s, IO_NORMAL) == IO_FAILED ? MRD_ESTATE : 0;
-    release_held(s, IO_FAILED);
+        return release_held(s, IO_NORMAL, -1) == IO_FAILED ? MRD_ESTATE : 0;
+    release_held(s, IO_FAILED, -1);
     return 0;
+}
+
+int mrd_server_resume_caught_up(struct mrd_server *s, uint64_t peer_failures)
+{
+    if (!s || peer_failures > INT64_MAX)
+        return -EINVAL;
+    int was = release_held(s, IO_NORMAL, (int64_t)peer_failures);
+    return was == IO_FAILED ? MRD_ESTATE : was < 0 ? MRD_ENOPEER : 0;
 }
 
 int mrd_server_detach_peer(struct mrd_server *s)
@@ -2121,7 +2136,7 @@ static int stop_serving(struct mrd_server *s)
     int suspended = s->io_state == IO_SUSPENDED || s->held_head;
     pthread_mutex_unlock(&s->pend_mu);
     if (suspended)
-        release_held(s, IO_FAILED);
+        release_held(s, IO_FAILED, -1);
     if (!s->se)
         return 0;
     if (s->loop_live) {

@@ -140,6 +140,14 @@ int mrd_server_set_fencing(struct mrd_server *s, int on);
  * (from any state: used to step down, an attached peer is left alone but
  * nothing more is acknowledged); idempotent. -EINVAL for another how. */
 int mrd_server_resume(struct mrd_server *s, int how);
+/* End a suspension because the peer caught up (its resync brought the held
+ * writes to its disk): like RESUME_DEGRADED, but only while the connection
+ * whose resync the caller saw finish is still up, i.e. the peer is
+ * connected and peer_failures (stats) is still the value the caller read
+ * then. Otherwise MRD_ENOPEER and nothing changes: released now, the held
+ * writes would be acknowledged from this disk alone. 0 when not suspended,
+ * MRD_ESTATE when FAILED. */
+int mrd_server_resume_caught_up(struct mrd_server *s, uint64_t peer_failures);
 /* Copy the disk to the peer from from_offset (rounded down to a block) in the
  * background; with MRD_SYNC_DIRTY_ONLY only blocks set in the dirty bitmap.
  * Acked chunks clear their dirty bits. With MRD_SYNC_VERIFY nothing is

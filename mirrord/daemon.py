@@ -374,8 +374,11 @@ class Daemon:
             self.outdate_request = False
         elif action is Action.RESUME_MIRRORED:
             assert self.primary is not None
-            self.primary.release_held()
-            self.outdate_request = False
+            if self.primary.release_held():
+                self.outdate_request = False
+            else:
+                self.log.log("The link to the secondary went again before the held writes were released: "
+                             "they stay held until the next decision.")
         elif action is Action.TAKEOVER:
             self._start_worker("taking over", lambda: self._promote(Event.TAKEOVER, sentence))
         elif action is Action.STEP_DOWN:
@@ -884,7 +887,7 @@ class Daemon:
             if self.heartbeat is not None:
                 self.heartbeat.send_once()
             if self.primary is not None and settings is not None:
-                self.primary.release_held()  # the operator ended the pair; the peer was told
+                self.primary.release_alone()  # the operator ended the pair; the peer was told
                 self._stop_app(settings, str(was))
                 if floatip.remove(settings.floating_ip):
                     self.log.log(f"Released floating IP {settings.floating_ip} ({why}).")

@@ -154,12 +154,25 @@ class PrimaryGroup:
                 side.start_writing_alone()  # persisted before the first write is acknowledged
             side.server.resume(degraded=degraded)
 
-    def release_held(self) -> None:
-        """Answer the writes held since the link was lost, as they were written locally, without
-        starting to write alone: stopHA (the operator ended the pair), or the peer reconnected and
-        its resync brought them to its disk."""
+    def release_held(self) -> bool:
+        """The peer reconnected and its resync brought the writes held since the link was lost to
+        its disk: answer them, without starting to write alone. Only on a connection that is still
+        the one whose resync finished (the data path checks it under its own lock): if the link
+        went again meanwhile, those writes would be acknowledged from this disk alone, with the
+        secondary neither Outdated nor told. False when a volume stays suspended for that reason."""
+        released = True
         for side in self.sides:
             if side.server is not None and side.server.stats().suspended:
+                released &= side.peer.synced_link >= 0 and side.server.resume_caught_up(side.peer.synced_link)
+        return released
+
+    def release_alone(self) -> None:
+        """stopHA on a suspended primary: the operator ends the pair, so the held writes are
+        answered from this disk alone, after this appliance moved to a new data generation like a
+        resume degraded (else a later sync from the peer would silently overwrite them)."""
+        for side in self.sides:
+            if side.server is not None and side.server.stats().suspended:
+                side.start_writing_alone()  # persisted before the first write is acknowledged
                 side.server.resume(degraded=True)
 
     def hand_over(self) -> None:

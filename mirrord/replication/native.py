@@ -511,6 +511,17 @@ class PrimaryServer:
             _check(lib.mrd_server_resume(self._ptr(), RESUME_DEGRADED if degraded else RESUME_FAIL),
                    "resume I/O")
 
+    def resume_caught_up(self, peer_failures: int) -> bool:
+        """End a suspension because the peer's resync brought it the held writes, only if that
+        connection is still up (peer_failures as read when the resync finished): True when
+        released or not suspended, False when the link went since (nothing changed)."""
+        with self._lock:
+            rc = lib.mrd_server_resume_caught_up(self._ptr(), peer_failures)
+        if rc == E_NOPEER:
+            return False
+        _check(rc, "resume I/O")
+        return True
+
     def start_sync(self, from_offset: int = 0, dirty_only: bool = False, checksum: bool = False) -> None:
         """Copy the disk (or only its dirty blocks) to the peer in the background.
 

@@ -57,6 +57,8 @@ class PeerView:
     connected: bool = False
     sync_percent: float = 0.0
     sync_done: bool = False
+    #: the data path's peer_failures when that sync finished: names the connection that caught up
+    synced_link: int = -1
     last_error: str = ""
 
 
@@ -467,6 +469,7 @@ class PrimarySide:
                 if done and not self.peer.sync_done:
                     link.send(control, {"type": "sync_done", "gen": self.meta.gen.to_json()})
             if done and not self.peer.sync_done:
+                self.peer.synced_link = stats.peer_failures
                 self.peer.sync_done = True
                 self.log.log(f"Sync to {self.ends.peer_sync} complete ({stats.bytes_synced} bytes sent in "
                              f"{time.monotonic() - started:.1f} s); the secondary is UpToDate.")

@@ -84,7 +84,7 @@ class FakePrimary:
     def volumes_status(self) -> list[dict[str, Any]]:
         return []
 
-    def release_held(self) -> None:
+    def release_alone(self) -> None:
         pass
 
     def set_settings(self, _volumes: list[Any], secret: bytes | None) -> None:

@@ -79,3 +79,43 @@ def test_stats_defaults_keep_older_constructors_working() -> None:
     assert names[-7:] == ["suspended", "failed_io", "held", "bytes_zeroed", "verify_diff_bytes", "verifying",
                           "bytes_verified"]
     assert n.RESUME_DEGRADED == 1 and n.RESUME_FAIL == 2
+
+
+def _wait(cond, what: str) -> None:  # type: ignore[no-untyped-def]
+    import time
+    end = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < end, what
+        time.sleep(0.005)
+
+
+def test_release_after_a_resync_needs_the_link_that_caught_up(server: PrimaryServer) -> None:
+    """The supervisor saw the resync finish and releases the held writes; if the link went again
+    in between, releasing would acknowledge them from this disk alone with the secondary neither
+    Outdated nor told. The release must refuse then, and hold on to them."""
+    server.set_fencing(True)
+    assert server.resume_caught_up(0)  # not suspended: nothing to release
+    a, b = socket.socketpair()
+    server.attach_peer(a.detach())
+    b.close()  # the link goes: suspended
+    _wait(lambda: server.stats().suspended, "the server suspended")
+    assert server.stats().peer_failures == 1
+    assert not server.resume_caught_up(0)  # the link of before: gone
+    assert not server.resume_caught_up(1)  # no link at all now
+    assert server.stats().suspended
+    c, d = socket.socketpair()
+    try:
+        server.attach_peer(c.detach())  # a new link (its resync would run here)
+        assert not server.resume_caught_up(0)  # still not the link whose resync was seen
+        assert server.stats().suspended
+        assert server.resume_caught_up(1)  # this link, still up: released
+        st = server.stats()
+        assert not st.suspended and st.peer_connected
+    finally:
+        server.detach_peer()
+        d.close()
+    server.resume(degraded=False)
+    with pytest.raises(NativeError) as ei:
+        server.resume_caught_up(1)
+    assert ei.value.code == n.E_STATE  # type: ignore[attr-defined]
+
