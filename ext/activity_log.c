@@ -179,6 +179,8 @@ struct mrd_al {
     mrd_al_flush_fn flush;
     void *flush_ctx;
     int flushing;
+    mrd_al_keep_fn keep;
+    void *keep_ctx;
 };
 
 static int slot_of(const struct mrd_al *al, uint64_t ext)
@@ -193,6 +195,12 @@ static int slot_of(const struct mrd_al *al, uint64_t ext)
 static int clean_locked(const struct mrd_al *al, const struct slot *sl)
 {
     return !al->flush || sl->last_end <= al->clean_gen;
+}
+
+/* See "Kept hot". */
+static int kept_locked(const struct mrd_al *al, const struct slot *sl)
+{
+    return al->keep && al->keep(al->keep_ctx, sl->ext);
 }
 
 static int by_last_use(const void *a, const void *b)
@@ -375,12 +383,13 @@ static int reserve_locked(struct mrd_al *al, uint64_t first, uint64_t last, uint
         found[k] = slot_of(al, first + k);
         missing += found[k] < 0;
     }
-    if (missing) {
+    for (uint32_t i = 0; missing && i < al->nslots; i++)
+        free_slots += !al->slots[i].used;
+    if (free_slots < missing) {
+        /* Unused slots are not enough: count the idle ones that may be evicted. */
         for (uint32_t i = 0; i < al->nslots; i++) {
             const struct slot *sl = &al->slots[i];
-            if (!sl->used)
-                free_slots++;
-            else if (!sl->in_flight && (sl->ext < first || sl->ext > last))
+            if (sl->used && !sl->in_flight && (sl->ext < first || sl->ext > last) && !kept_locked(al, sl))
                 clean_locked(al, sl) ? free_slots++ : unclean++;
         }
         if (free_slots < missing) {
@@ -394,16 +403,19 @@ static int reserve_locked(struct mrd_al *al, uint64_t first, uint64_t last, uint
         if (found[k] >= 0) {
             sl = &al->slots[found[k]];
         } else {
-            /* A free slot first, else the least recently used idle one. */
+            /* An unused slot first, else the least recently used idle one
+             * that may be evicted (the keep callback asked last: it is the
+             * dearest test). */
             sl = NULL;
-            for (uint32_t i = 0; i < al->nslots; i++) {
+            for (uint32_t i = 0; !sl && i < al->nslots; i++)
+                if (!al->slots[i].used)
+                    sl = &al->slots[i];
+            for (uint32_t i = 0; !(sl && !sl->used) && i < al->nslots; i++) {
                 struct slot *c = &al->slots[i];
-                if (c->used && (c->in_flight || (c->ext >= first && c->ext <= last) || !clean_locked(al, c)))
+                if (c->in_flight || (c->ext >= first && c->ext <= last) || !clean_locked(al, c) ||
+                    (sl && c->last_use >= sl->last_use) || kept_locked(al, c))
                     continue;
-                if (!sl || !c->used || (sl->used && c->last_use < sl->last_use))
-                    sl = c;
-                if (!sl->used)
-                    break;
+                sl = c;
             }
             sl->used = 1;
             sl->ext = first + k;
@@ -425,6 +437,16 @@ void mrd_al_set_flush(struct mrd_al *al, mrd_al_flush_fn fn, void *ctx)
     pthread_mutex_lock(&al->mu);
     al->flush = fn;
     al->flush_ctx = ctx;
+    pthread_mutex_unlock(&al->mu);
+}
+
+void mrd_al_set_keep(struct mrd_al *al, mrd_al_keep_fn fn, void *ctx)
+{
+    if (!al)
+        return;
+    pthread_mutex_lock(&al->mu);
+    al->keep = fn;
+    al->keep_ctx = ctx;
     pthread_mutex_unlock(&al->mu);
 }
 

@@ -43,7 +43,15 @@
  * flushes meanwhile) and the extents whose writes ended before the call
  * become clean. The callback returns 0, MRD_ENOPEER to be called again in
  * MRD_AL_FLUSH_RETRY_MS (the writer waits), or another error, which
- * mrd_al_begin returns. */
+ * mrd_al_begin returns.
+ *
+ * Kept hot. An extent can also hold blocks that differ from the peer's
+ * while the pair counts as in sync (a local write that failed after its
+ * frame went): only the in-memory dirty bitmap knows them, and after a
+ * crash of the primary only the log would. With a keep callback set
+ * (mrd_al_set_keep), an idle extent it names is never evicted; if every
+ * idle extent is kept, a write to a cold one waits like one that finds
+ * every slot busy. */
 #ifndef MIRRORD_ACTIVITY_LOG_H
 #define MIRRORD_ACTIVITY_LOG_H
 #include <stddef.h>
@@ -116,6 +124,10 @@ typedef int (*mrd_al_flush_fn)(void *ctx);
 /* Set the flush callback, before the log is used; NULL (the default) lets
  * an idle extent go cold at once. */
 void mrd_al_set_flush(struct mrd_al *al, mrd_al_flush_fn fn, void *ctx);
+/* Must extent ext stay hot (see "Kept hot")? Called under the log's mutex,
+ * only while a victim is chosen: it must not block or call into the log. */
+typedef int (*mrd_al_keep_fn)(void *ctx, uint64_t ext);
+void mrd_al_set_keep(struct mrd_al *al, mrd_al_keep_fn fn, void *ctx);
 /* Persist an empty log (nothing hot; no write when it already is):
  * MRD_ESTATE while anything is in flight or waiting. */
 int mrd_al_clear(struct mrd_al *al);

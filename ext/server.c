@@ -118,6 +118,7 @@ struct mrd_server {
     uint64_t size;
     struct mrd_bitmap *bm;
     struct mrd_al *al; /* NULL: no activity log */
+    uint64_t al_extent;
     pthread_mutex_t stripes[NSTRIPES];
     time_t start_time;
 
@@ -1325,6 +1326,29 @@ static int al_flush(void *arg)
     return lost ? MRD_ENOPEER : 0;
 }
 
+/* Kept extents ("Kept hot" in activity_log.h). While the pair is connected
+ * and no sync runs, a dirty block is one this disk and the peer's differ on
+ * although the pair counts as in sync: a local write that failed after its
+ * frame went (op_put), or an unsent frame. Nothing resyncs it before the
+ * next connection, and a crash of this node forgets the in-memory bitmap:
+ * its extent stays in the activity log, which the restart replays. Without
+ * a peer (or during a sync) the daemon has moved to a new bitmap identifier
+ * before any write is acknowledged alone, and a crash then means a full
+ * sync, so nothing needs keeping. Lock-free reads: the state may change
+ * right after, and either answer is safe then (the next eviction asks
+ * again). */
+static int al_keep(void *arg, uint64_t ext)
+{
+    struct mrd_server *s = arg;
+    if (!mrd_bitmap_count(s->bm) || __atomic_load_n(&s->peer_state, __ATOMIC_RELAXED) != PEER_CONNECTED ||
+        __atomic_load_n(&s->sync_active, __ATOMIC_RELAXED))
+        return 0;
+    uint64_t gran = mrd_bitmap_granularity(s->bm), off = ext * s->al_extent;
+    if (off >= s->size)
+        return 0;
+    return mrd_bitmap_find_next_set(s->bm, off / gran, (off + s->al_extent + gran - 1) / gran) >= 0;
+}
+
 /* flush (every close) and fsync: FLUSH frame (if needed), then the local
  * fdatasync (if needed) while it travels; the reply waits for the peer's
  * FLUSH_ACK, which it sends after its own fdatasync. */
@@ -1540,6 +1564,8 @@ int mrd_server_set_activity_log(struct mrd_server *s, const char *path, uint64_t
         mrd_bitmap_set_range(s->bm, off, len);
     }
     mrd_al_set_flush(al, al_flush, s);
+    mrd_al_set_keep(al, al_keep, s);
+    s->al_extent = extent_size;
     s->al = al;
     return 0;
 }

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -972,27 +973,28 @@ def test_clean_stop_flushes_the_peer_and_leaves_nothing_dirty(make_pair: Callabl
 
 
 @contextmanager
-def _pair_on_a_full_tmpfs(tmp_path: Path, size: int) -> Iterator[Pair]:
-    """A connected pair whose primary image lives on a 1 MiB tmpfs, its
-    first MiB written: any write to the rest fails with ENOSPC locally
-    (after its frame went to the peer)."""
+def _pair_on_a_full_tmpfs(tmp_path: Path, size: int, full_mib: int = 1, **server: Any) -> Iterator[Pair]:
+    """A connected pair whose primary image lives on a full_mib MiB tmpfs,
+    its first full_mib MiB written: any write to the rest fails with ENOSPC
+    locally (after its frame went to the peer). server: PrimaryServer's
+    keyword arguments (an activity log)."""
     _require()
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={full_mib}m", "tmpfs", str(small)], check=True)
     try:
         a, b, dev = small / "a.img", tmp_path / "b.img", tmp_path / "r0"
         for path in (a, b):
             with open(path, "wb") as f:
                 f.truncate(size)
         dev.touch()
-        pair = Pair(tmp_path, a, b, dev, size, PrimaryServer(str(a), str(dev), size))
+        pair = Pair(tmp_path, a, b, dev, size, PrimaryServer(str(a), str(dev), size, **server))
         try:
             pair.server.start()
             pair.connect()
             fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
             try:
-                os.pwrite(fd, _aligned(random.Random(48).randbytes(MiB)), 0)
+                os.pwrite(fd, _aligned(random.Random(48).randbytes(full_mib * MiB)), 0)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -1027,6 +1029,31 @@ def test_failed_local_write_is_marked_dirty(tmp_path: Path) -> None:
         stats = pair.server.stats()
         assert stats.peer_connected and stats.write_errors == 1
         assert stats.dirty_blocks * stats.dirty_granularity == MiB
+
+
+def test_extent_of_a_failed_write_stays_in_the_activity_log(tmp_path: Path) -> None:
+    """A write that failed locally after the peer applied it leaves the disks
+    different while the pair counts as in sync; only the in-memory bitmap
+    knows, and after a crash only the activity log would: its extent must
+    not go cold however many other extents are written."""
+    from mirrord.replication.native import read_activity_log
+
+    ext = 64 * KiB
+    log = tmp_path / "v.al"
+    with _pair_on_a_full_tmpfs(tmp_path, 8 * MiB, full_mib=2, activity_log=str(log), al_extent_size=ext,
+                               al_slots=17) as pair:
+        _write_fails_enospc(pair, 2 * MiB, 4 * KiB)  # extent 32
+        stats = pair.server.stats()
+        assert stats.peer_connected and stats.dirty_blocks == 1
+        fd = os.open(pair.dev, os.O_WRONLY | os.O_DIRECT)
+        try:
+            block = _aligned(bytes([0x44]) * 4 * KiB)
+            for e in range(32):  # twice the slots, all on the allocated part of the image
+                os.pwrite(fd, block, e * ext)
+                assert 32 in [off // ext for off, _ in read_activity_log(str(log))], f"after extent {e}"
+        finally:
+            os.close(fd)
+        assert pair.server.activity_log_stats().al_updates >= 32
 
 
 def test_sync_done_means_nothing_dirty_behind_its_cursor(tmp_path: Path) -> None:

@@ -500,6 +500,53 @@ def test_writes_completed_during_a_flush_are_not_covered_by_it(tmp_path: Path,
     log.end(3)
 
 
+def test_kept_extent_is_never_evicted(tmp_path: Path, open_log: Callable[..., Log]) -> None:
+    log = open_log(slots=3)
+    p = tmp_path / "v.al"
+    kept = {0}
+    asked: list[int] = []
+
+    def keep(_ctx: object, ext: int) -> int:
+        asked.append(ext)
+        return int(ext in kept)
+
+    cb = ffi.callback("int(void *, uint64_t)", keep)
+    lib.mrd_al_set_keep(log.al, cb, ffi.NULL)
+    log.touch(0, 1, 2)
+    assert asked == []                     # free slots: nobody asked
+    log.touch(3)                           # 0 is the least recently used, but kept: 1 goes
+    assert sorted(extents(p)) == [0, 2, 3]
+    log.touch(4)
+    assert sorted(extents(p)) == [0, 3, 4]
+    kept.clear()                           # its blocks were resynced: 0 may go now
+    log.touch(5)
+    assert sorted(extents(p)) == [3, 4, 5]
+
+
+def test_write_waits_while_every_idle_extent_is_kept(tmp_path: Path, open_log: Callable[..., Log]) -> None:
+    log = open_log(slots=2)
+    p = tmp_path / "v.al"
+    kept = {0, 1}
+    cb = ffi.callback("int(void *, uint64_t)", lambda _ctx, ext: int(ext in kept))
+    lib.mrd_al_set_keep(log.al, cb, ffi.NULL)
+    log.touch(0, 1)
+    result: list[int] = []
+    waiter = threading.Thread(target=lambda: result.append(log.begin(2)))
+    waiter.start()
+    try:
+        _wait_for(lambda: log.stats()["waiting"] == 1, "the cold write waiting")
+        assert result == [] and extents(p) == [0, 1]
+        kept.discard(1)
+        log.touch(0)                       # any completed write wakes the waiters to look again
+        waiter.join(10)
+        assert result == [0] and sorted(extents(p)) == [0, 2]
+    finally:
+        kept.clear()
+        log.touch(0)
+        waiter.join(10)
+    log.end(2)
+
+
 @pytest.mark.parametrize("size, slots, listed", [
     (2 * EXT, 8, [1]),        # another extent size
     (EXT, 2, [1, 2, 3]),      # more extents than the new log has slots
