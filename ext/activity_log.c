@@ -177,10 +177,9 @@ struct mrd_al {
     uint64_t updates, waits, flushes;
     uint64_t end_gen, clean_gen;
     mrd_al_flush_fn flush;
-    void *flush_ctx;
-    int flushing;
     mrd_al_keep_fn keep;
-    void *keep_ctx;
+    void *cb_ctx;
+    int flushing;
 };
 
 static int slot_of(const struct mrd_al *al, uint64_t ext)
@@ -200,7 +199,7 @@ static int clean_locked(const struct mrd_al *al, const struct slot *sl)
 /* See "Kept hot". */
 static int kept_locked(const struct mrd_al *al, const struct slot *sl)
 {
-    return al->keep && al->keep(al->keep_ctx, sl->ext);
+    return al->keep && al->keep(al->cb_ctx, sl->ext);
 }
 
 static int by_last_use(const void *a, const void *b)
@@ -430,23 +429,14 @@ static int reserve_locked(struct mrd_al *al, uint64_t first, uint64_t last, uint
     return 1;
 }
 
-void mrd_al_set_flush(struct mrd_al *al, mrd_al_flush_fn fn, void *ctx)
+void mrd_al_set_callbacks(struct mrd_al *al, mrd_al_flush_fn flush, mrd_al_keep_fn keep, void *ctx)
 {
     if (!al)
         return;
     pthread_mutex_lock(&al->mu);
-    al->flush = fn;
-    al->flush_ctx = ctx;
-    pthread_mutex_unlock(&al->mu);
-}
-
-void mrd_al_set_keep(struct mrd_al *al, mrd_al_keep_fn fn, void *ctx)
-{
-    if (!al)
-        return;
-    pthread_mutex_lock(&al->mu);
-    al->keep = fn;
-    al->keep_ctx = ctx;
+    al->flush = flush;
+    al->keep = keep;
+    al->cb_ctx = ctx;
     pthread_mutex_unlock(&al->mu);
 }
 
@@ -457,7 +447,7 @@ static int flush_locked(struct mrd_al *al)
     al->flushing = 1;
     uint64_t upto = al->end_gen;
     pthread_mutex_unlock(&al->mu);
-    int rc = al->flush(al->flush_ctx);
+    int rc = al->flush(al->cb_ctx);
     pthread_mutex_lock(&al->mu);
     al->flushing = 0;
     if (!rc) {

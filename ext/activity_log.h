@@ -37,7 +37,7 @@
  * (or of both appliances), and the resync that follows would skip it: the
  * two disks would differ there for good, silently. DRBD avoids this by
  * writing every activity-log transaction with a cache flush before it. So
- * with a flush callback set (mrd_al_set_flush), an extent with writes
+ * with a flush callback set (mrd_al_set_callbacks), an extent with writes
  * completed since the last successful flush is not evicted: when no clean
  * idle slot is left, one waiting thread calls the callback (nobody else
  * flushes meanwhile) and the extents whose writes ended before the call
@@ -49,7 +49,7 @@
  * while the pair counts as in sync (a local write that failed after its
  * frame went): only the in-memory dirty bitmap knows them, and after a
  * crash of the primary only the log would. With a keep callback set
- * (mrd_al_set_keep), an idle extent it names is never evicted; if every
+ * (mrd_al_set_callbacks), an idle extent it names is never evicted; if every
  * idle extent is kept, a write to a cold one waits like one that finds
  * every slot busy. */
 #ifndef MIRRORD_ACTIVITY_LOG_H
@@ -121,13 +121,12 @@ void mrd_al_end(struct mrd_al *al, uint64_t off, uint64_t len);
  * could lose it (see "Cold only when clean"). */
 typedef int (*mrd_al_flush_fn)(void *ctx);
 #define MRD_AL_FLUSH_RETRY_MS 50
-/* Set the flush callback, before the log is used; NULL (the default) lets
- * an idle extent go cold at once. */
-void mrd_al_set_flush(struct mrd_al *al, mrd_al_flush_fn fn, void *ctx);
 /* Must extent ext stay hot (see "Kept hot")? Called under the log's mutex,
  * only while a victim is chosen: it must not block or call into the log. */
 typedef int (*mrd_al_keep_fn)(void *ctx, uint64_t ext);
-void mrd_al_set_keep(struct mrd_al *al, mrd_al_keep_fn fn, void *ctx);
+/* Set both callbacks (each may be NULL, the default: an idle extent goes
+ * cold at once, none is kept), before the log is used. */
+void mrd_al_set_callbacks(struct mrd_al *al, mrd_al_flush_fn flush, mrd_al_keep_fn keep, void *ctx);
 /* Persist an empty log (nothing hot; no write when it already is):
  * MRD_ESTATE while anything is in flight or waiting. */
 int mrd_al_clear(struct mrd_al *al);

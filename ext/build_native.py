@@ -114,9 +114,8 @@ int mrd_al_begin(struct mrd_al *al, uint64_t off, uint64_t len);
 void mrd_al_end(struct mrd_al *al, uint64_t off, uint64_t len);
 typedef int (*mrd_al_flush_fn)(void *ctx);
 #define MRD_AL_FLUSH_RETRY_MS 50
-void mrd_al_set_flush(struct mrd_al *al, mrd_al_flush_fn fn, void *ctx);
 typedef int (*mrd_al_keep_fn)(void *ctx, uint64_t ext);
-void mrd_al_set_keep(struct mrd_al *al, mrd_al_keep_fn fn, void *ctx);
+void mrd_al_set_callbacks(struct mrd_al *al, mrd_al_flush_fn flush, mrd_al_keep_fn keep, void *ctx);
 int mrd_al_clear(struct mrd_al *al);
 long mrd_al_hot(struct mrd_al *al, uint64_t *out, long max);
 int mrd_al_stats(struct mrd_al *al, struct mrd_al_stats *out);

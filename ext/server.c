@@ -1563,8 +1563,7 @@ int mrd_server_set_activity_log(struct mrd_server *s, const char *path, uint64_t
             len = s->size - off;
         mrd_bitmap_set_range(s->bm, off, len);
     }
-    mrd_al_set_flush(al, al_flush, s);
-    mrd_al_set_keep(al, al_keep, s);
+    mrd_al_set_callbacks(al, al_flush, al_keep, s);
     s->al_extent = extent_size;
     s->al = al;
     return 0;

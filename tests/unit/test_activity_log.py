@@ -408,7 +408,7 @@ class Flusher:
         self.entered = threading.Event()
         self.cb = ffi.callback("int(void *)", self._call)
         self.path = path
-        lib.mrd_al_set_flush(log.al, self.cb, ffi.NULL)
+        lib.mrd_al_set_callbacks(log.al, self.cb, ffi.NULL, ffi.NULL)
 
     def _call(self, _ctx: object) -> int:
         self.listed.append(extents(self.path))
@@ -511,7 +511,7 @@ def test_kept_extent_is_never_evicted(tmp_path: Path, open_log: Callable[..., Lo
         return int(ext in kept)
 
     cb = ffi.callback("int(void *, uint64_t)", keep)
-    lib.mrd_al_set_keep(log.al, cb, ffi.NULL)
+    lib.mrd_al_set_callbacks(log.al, ffi.NULL, cb, ffi.NULL)
     log.touch(0, 1, 2)
     assert asked == []                     # free slots: nobody asked
     log.touch(3)                           # 0 is the least recently used, but kept: 1 goes
@@ -528,7 +528,7 @@ def test_write_waits_while_every_idle_extent_is_kept(tmp_path: Path, open_log: C
     p = tmp_path / "v.al"
     kept = {0, 1}
     cb = ffi.callback("int(void *, uint64_t)", lambda _ctx, ext: int(ext in kept))
-    lib.mrd_al_set_keep(log.al, cb, ffi.NULL)
+    lib.mrd_al_set_callbacks(log.al, ffi.NULL, cb, ffi.NULL)
     log.touch(0, 1)
     result: list[int] = []
     waiter = threading.Thread(target=lambda: result.append(log.begin(2)))
