@@ -120,11 +120,14 @@ Several volumes (they fail over together): repeat --disk, and --mount in the sam
 @click.option("--discard-my-data", "-discardMyData", "discard_my_data", is_flag=True, default=None,
               help="Resolve a split brain: this appliance becomes the secondary and its own changes are "
                    "overwritten by the peer's data (a copy of its disk is saved first, in $MIRRORD_HOME/splitbrain/).")
-def start_ha(discard_my_data: bool | None, **options: Any) -> None:
+@click.option("--force", "-force", "force", is_flag=True, default=None,
+              help="Become primary with this appliance's own copy although it may lack acknowledged writes "
+                   "(Outdated, or last the secondary's copy): only when the other appliance is lost for good.")
+def start_ha(discard_my_data: bool | None, force: bool | None, **options: Any) -> None:
     """Start high availability on this appliance (startHA)."""
     options = given(options)
-    # Not a setting: it applies to this one start and is never saved.
-    extra = {"discard_my_data": True} if discard_my_data else {}
+    # Not settings: they apply to this one start and are never saved.
+    extra = {**({"discard_my_data": True} if discard_my_data else {}), **({"force": True} if force else {})}
 
     def action(client: ControlClient) -> tuple[str, dict[str, Any]]:
         # Check everything that can be checked here before a daemon is started, so bad

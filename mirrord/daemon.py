@@ -43,7 +43,7 @@ from mirrord.paths import Home
 from mirrord.replication import extents, generations, keepcopy, link, volume
 from mirrord.replication.generations import Generations, Kind
 from mirrord.replication.group import PrimaryGroup, SecondaryGroup, worst
-from mirrord.replication.meta import DiskState, VolumeMeta, update_together
+from mirrord.replication.meta import DiskState, VolumeMeta, update_together, why_not_primary
 from mirrord.replication.primary import PrimarySide, plan_sentence
 from mirrord.replication.secondary import SecondarySide
 from mirrord.restart import Restart, after_restart
@@ -466,11 +466,24 @@ class Daemon:
         self._write_trace()
 
     def _new_term(self) -> None:
-        """Becoming primary: a term higher than any this appliance has served or heard of."""
+        """Becoming primary: a term higher than any this appliance has served or heard of, and its copies
+        are the primary's (no longer following: see VolumeMeta.following)."""
         assert self.meta is not None and self.settings is not None
         peer = self._peer_view()[2] or {}
-        self.meta.epoch = max(self.meta.epoch, int(peer.get("epoch") or 0)) + 1
-        self.meta.save(self.home, self.settings.volume)
+        epoch = max(self.meta.epoch, int(peer.get("epoch") or 0)) + 1
+        update_together(self.home, [(meta, one.volume, {"following": False, **({"epoch": epoch} if meta is self.meta
+                                                                                 else {})})
+                                    for meta, one in zip(self.metas, self.settings.volumes())])
+
+    def _serve_own_copy(self, settings: Settings, metas: list[VolumeMeta]) -> None:
+        """startHA --force: the operator says the other appliance is lost; this copy becomes the data."""
+        why = ("Outdated" if any(m.disk_state is DiskState.OUTDATED for m in metas)
+               else "last the secondary's copy")
+        self.log.log(f"startHA --force: serving this appliance's copy of {', '.join(map(str, settings.disks))} "
+                     f"although it is {why}; writes the other appliance acknowledged without it are not in it. "
+                     "Should the other appliance come back with such writes, the pair reports a split brain.")
+        update_together(self.home, [(meta, one.volume, {"disk_state": DiskState.UP_TO_DATE})
+                                    for meta, one in zip(metas, settings.volumes())])
 
     def _mark_outdated(self) -> None:
         if self.settings is not None:
@@ -603,7 +616,8 @@ class Daemon:
                 "peer_connected": peer_connected,
                 "floating_ip_held": held,
                 "disk": {"state": disk_state, "sync_percent": round(sync_percent, 2),
-                         "path": str(settings.disk) if settings else None},
+                         "path": str(settings.disk) if settings else None,
+                         "following": any(m.following for m in self.metas)},
                 "volumes": volumes,
                 "replication": replication,
                 "heartbeat": self.heartbeat.snapshot() if self.heartbeat else {},
@@ -636,11 +650,12 @@ class Daemon:
             time.sleep(0.02)
         return None
 
-    def start_ha(self, discard_my_data: bool = False, **options: Any) -> tuple[str, dict[str, Any]]:
-        return self._start_ha(options, secondary_only=False, discard_my_data=discard_my_data)
+    def start_ha(self, discard_my_data: bool = False, force: bool = False,
+                 **options: Any) -> tuple[str, dict[str, Any]]:
+        return self._start_ha(options, secondary_only=False, discard_my_data=discard_my_data, force=force)
 
     def _start_ha(self, options: dict[str, Any], secondary_only: bool,
-                  discard_my_data: bool = False) -> tuple[str, dict[str, Any]]:
+                  discard_my_data: bool = False, force: bool = False) -> tuple[str, dict[str, Any]]:
         """``secondary_only``: a resume after a restart, which must never make this appliance primary.
 
         Every check comes before the first change, so a refused startHA changes nothing. The
@@ -672,10 +687,15 @@ class Daemon:
                 self._start_companions(settings, ends, secret)
                 role = self._role(settings, side, secondary_only, discard_my_data)
                 next_mode = transition(self.mode, Event.START_PRIMARY if role == "primary" else Event.START_SECONDARY)
-                state = worst(m.disk_state for m in metas)
-                if role == "primary" and state is not DiskState.UP_TO_DATE:
-                    raise Refused(f"This appliance's disk is {state}: it cannot become primary. "
-                                  "Make it the secondary of an UpToDate primary first.")
+                if role == "primary":
+                    refusal = why_not_primary(worst(m.disk_state for m in metas), any(m.following for m in metas),
+                                              force)
+                    if refusal:
+                        raise Refused(refusal)
+                elif force:
+                    raise Refused("startHA --force makes this appliance primary with its own copy, but it becomes "
+                                  "the secondary here (the peer is primary, or these settings name it the "
+                                  "secondary): run startHA without --force.")
             except MirrordError:
                 self._starting = None
                 self._restore_companions(before.companions)
@@ -695,6 +715,8 @@ class Daemon:
                 self.settings, self.side, self.ends, self.metas = settings, side, ends, metas
                 self._starting = None
                 if role == "primary":
+                    if force:
+                        self._serve_own_copy(settings, metas)
                     self._new_term()
                     primary = self._primary_group(settings, ends)
                     primary.start()
@@ -759,6 +781,9 @@ class Daemon:
     def _start_secondary(self, settings: Settings, ends: Endpoints, metas: list[VolumeMeta],
                          discard_my_data: bool = False) -> SecondaryGroup:
         volumes = settings.volumes()
+        # Before the primary can reach us: from now on it may go on without us at any moment.
+        update_together(self.home, [(meta, one.volume, {"following": True}) for meta, one in zip(metas, volumes)
+                                    if not meta.following])
         group = SecondaryGroup([
             SecondarySide(self.home, one, self.log, config.check_disk(one.disk), meta, ends, self._on_promote,
                           self.secret, discard_my_data=discard_my_data)
@@ -1103,9 +1128,10 @@ class Daemon:
                         raise Refused("This primary has no mounted filesystem to freeze (--mount), so a copy of a disk "
                                       "the application writes cannot be consistent; back up a standalone appliance.")
                     freeze, how, size = settings.mount, "fsfreeze", self.primary.lead.disk_size
-                    state = DiskState.UP_TO_DATE  # a serving primary's disk
+                    state, following = DiskState.UP_TO_DATE, False  # a serving primary's disk
                 elif self.mode is Mode.STANDALONE:
-                    state = VolumeMeta.load(self.home, settings.volume).disk_state
+                    meta = VolumeMeta.load(self.home, settings.volume)
+                    state, following = meta.disk_state, meta.following
                     if state is DiskState.INCONSISTENT:
                         raise Refused(f"This disk is {state}: a sync into it was cut short, so it holds parts of two "
                                       "versions and no usable copy. Back up the appliance that was primary.")
@@ -1122,6 +1148,9 @@ class Daemon:
         if state is DiskState.OUTDATED:
             message += (" Warning: this disk is Outdated: it lacks the writes the other appliance served since "
                         "this one stopped following it; back up that appliance for the newest data.")
+        elif following:
+            message += (" Warning: this disk was last the secondary's copy: the primary may have acknowledged "
+                        "writes after this appliance last heard it; back up that appliance for the newest data.")
         self.log.log(message)
         return message, manifest
 
@@ -1148,8 +1177,8 @@ class Daemon:
             # a refusal as unrelated data, and no stale bitmap or activity log is replayed.
             meta = VolumeMeta.load(self.home, settings.volume)
             meta.gen = generations.restored(meta.gen, generations.new_uuid())
-            meta.disk_state, meta.primary_open, meta.bitmap_trusted, meta.split_brain = \
-                DiskState.UP_TO_DATE, False, True, ""
+            meta.disk_state, meta.primary_open, meta.bitmap_trusted, meta.split_brain, meta.following = \
+                DiskState.UP_TO_DATE, False, True, "", False
             meta.save(self.home, settings.volume)
             extents.bitmap_file(self.home, settings.volume).unlink(missing_ok=True)
             extents.forget_activity_log(self.home, settings.volume)

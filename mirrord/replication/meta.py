@@ -18,7 +18,12 @@ What a node must remember across crashes about its copy of the volume:
   after a crash that nothing recorded, until a full sync starts afresh;
 * ``split_brain``: the sentence of the last split brain (or unrelated data)
   detected with the peer, until a sync succeeds; ``startHA --discard-my-data``
-  needs it.
+  needs it;
+* ``following``: set before this node follows a primary as its secondary,
+  cleared when it becomes primary. An UpToDate copy with it set was current
+  when this node last heard the primary, and nothing says the primary did not
+  go on acknowledging writes alone afterwards (this node lost power, say):
+  ``startHA`` will not serve it without ``--force`` (DRBD's "Consistent").
 
 The file is replaced atomically (temp + fsync + rename + directory fsync), so
 after a crash it is either the old or the new version. A sync target marks
@@ -62,6 +67,7 @@ class VolumeMeta:
     primary_open: bool = False
     bitmap_trusted: bool = True
     split_brain: str = ""
+    following: bool = False
     # The daemon's thread and the replication threads both change and save it.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -75,14 +81,15 @@ class VolumeMeta:
                    gen=Generations.from_json(data["gen"]) if "gen" in data else Generations(),
                    primary_open=bool(data.get("primary_open", False)),
                    bitmap_trusted=bool(data.get("bitmap_trusted", True)),
-                   split_brain=str(data.get("split_brain", "")))
+                   split_brain=str(data.get("split_brain", "")),
+                   following=bool(data.get("following", False)))
 
     def _json(self, **changes: Any) -> dict[str, Any]:
         v = {**{k: getattr(self, k) for k in ("disk_state", "epoch", "gen", "primary_open", "bitmap_trusted",
-                                            "split_brain")}, **changes}
+                                            "split_brain", "following")}, **changes}
         return {"disk_state": str(v["disk_state"]), "epoch": v["epoch"], "gen": v["gen"].to_json(),
                 "primary_open": v["primary_open"], "bitmap_trusted": v["bitmap_trusted"],
-                "split_brain": v["split_brain"]}
+                "split_brain": v["split_brain"], "following": v["following"]}
 
     def save(self, home: Home, volume: str) -> None:
         with self._lock:
@@ -134,3 +141,31 @@ def update_together(home: Home, items: list[tuple[VolumeMeta, str, dict[str, Any
         for meta, _, changes in items:
             for name, value in changes.items():
                 setattr(meta, name, value)
+
+
+def why_not_primary(state: DiskState, following: bool, force: bool) -> str:
+    """Why startHA must not serve this copy as primary ("" if it may); ``state`` and ``following``
+    are the worst over the pair's volumes.
+
+    Only the operator knows whether the other appliance is gone for good, so a copy that may
+    lack acknowledged writes is served on their word alone (``--force``), never by default.
+    Half-copied data is refused even then: no copy of the data it holds exists anywhere.
+    """
+    if state is DiskState.INCONSISTENT:
+        return ("This appliance's disk is Inconsistent: a sync into it was cut short, so it holds parts of two "
+                "versions and cannot become primary, not even with --force. Make it the secondary of the "
+                "appliance that was primary.")
+    if state is DiskState.OUTDATED and not force:
+        return ("This appliance's disk is Outdated: it lacks the writes the other appliance acknowledged after "
+                "this one stopped following it, so it cannot become primary. Start HA on that appliance first "
+                "(this one then becomes its secondary and is synced); only if it is lost for good, run startHA "
+                "--force here to serve this older copy.")
+    if following and not force:
+        return ("This appliance's disk was last the secondary's copy, and nothing says the primary did not go on "
+                "acknowledging writes without it (this appliance restarted or left HA without hearing its "
+                "primary since). Start HA on the appliance that was primary first (this one then becomes its "
+                "secondary); only if it is lost for good, run startHA --force here to serve this copy.")
+    if force and state is DiskState.UP_TO_DATE and not following:
+        return ("--force is not needed: this appliance's disk is UpToDate and it was the primary's copy; run "
+                "startHA without --force.")
+    return ""

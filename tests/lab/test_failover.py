@@ -229,3 +229,37 @@ def test_stopping_the_primary_daemon_hands_over(pair: Any) -> None:
     s2 = wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=30)
     assert s2["floating_ip_held"]
     assert pair.run("a2", "cat $MIRRORD_HOME/mnt/data.txt", check=True).stdout == "before-stop\n"
+
+
+# The same settings with the roles swapped: how an operator makes a2 the primary once a1 is gone.
+A2_AS_PRIMARY = ("--primary-ip 198.18.0.12 --secondary-ip 198.18.0.11 --primary-sync-ip 198.19.0.2 "
+                 "--secondary-sync-ip 198.19.0.1 --floating-ip 198.18.0.10/24 --ping-interval 1 "
+                 "--disk $MIRRORD_HOME/disk.img " + APP_ARGS)
+
+
+def test_a_secondary_that_lost_power_serves_its_copy_only_when_forced(pair: Any) -> None:
+    """Decision 41: a2 loses power, a1 acknowledges writes alone, then a1 dies too. When a2 is
+    powered on, nothing tells it that it missed those writes: a startHA naming it primary must
+    refuse, and serve its copy only with --force."""
+    start_pair(pair)
+    pair.run("a1", "echo mirrored > $MIRRORD_HOME/mnt/before.txt && sync", check=True)
+    pair.crash("a2")
+    # a1 holds writes until a2 is silent for pingInterval, then goes on alone.
+    pair.run("a1", "echo alone > $MIRRORD_HOME/mnt/after.txt && sync", check=True, timeout=60)
+    assert status(pair, "a1")["degraded"]
+    pair.crash("a1")
+    pair.boot("a2")
+    refused = pair.run("a2", f"startHA {A2_AS_PRIMARY}", timeout=120)
+    assert refused.returncode == 3, f"{refused.stdout}{refused.stderr}"
+    assert "was last the secondary's copy" in refused.stdout + refused.stderr
+    s2 = status(pair, "a2")
+    assert s2["mode"] == "standalone" and not s2["floating_ip_held"]
+    assert pair.run("a2", "mountpoint -q $MIRRORD_HOME/mnt").returncode != 0
+    forced = pair.run("a2", f"startHA {A2_AS_PRIMARY} --force", timeout=120)
+    assert forced.returncode == 0, f"{forced.stdout}{forced.stderr}"
+    s2 = wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"])
+    assert not s2["disk"]["following"]
+    # What --force serves: the copy a2 had, without the write a1 acknowledged alone.
+    assert pair.run("a2", "cat $MIRRORD_HOME/mnt/before.txt", check=True).stdout == "mirrored\n"
+    assert pair.run("a2", "test -e $MIRRORD_HOME/mnt/after.txt").returncode != 0
+    assert "startHA --force: serving this appliance's copy" in ha_log(pair, "a2")

@@ -579,3 +579,83 @@ def test_backup_refuses_an_inconsistent_disk_and_warns_about_an_outdated_one(dae
     VolumeMeta(disk_state=DiskState.OUTDATED).save(daemon.home, "r0")
     message, _ = daemon.backup(str(tmp_path / "two.tar"))
     assert "Warning: this disk is Outdated" in message and (tmp_path / "two.tar").exists()
+
+
+# -- a copy that may lack acknowledged writes is served only on the operator's word (decision 41) ---
+
+class Serving(FakePrimary):
+    def start(self) -> None:
+        pass
+
+
+@pytest.fixture
+def can_serve(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon, "_primary_group", lambda *_: Serving())
+    monkeypatch.setattr(floatip, "add", lambda *_: None)
+    monkeypatch.setattr(arp, "announce", lambda *_, **__: None)
+
+
+def test_start_ha_refuses_to_serve_the_copy_a_secondary_left_behind(daemon: Daemon, disk: Path,
+                                                                   can_serve: None) -> None:
+    VolumeMeta(following=True).save(daemon.home, "r0")
+    before = daemon.home.meta_file("r0").read_bytes()
+    with pytest.raises(Refused, match="was last the secondary's copy.*startHA --force"):
+        daemon.start_ha(**options_of(settings_for(disk)))
+    assert daemon.home.meta_file("r0").read_bytes() == before
+    assert daemon.mode is Mode.STANDALONE and daemon.primary is None and not daemon.home.settings_file.exists()
+
+
+@pytest.mark.parametrize("state", [DiskState.UP_TO_DATE, DiskState.OUTDATED])
+def test_start_ha_force_serves_the_own_copy_and_says_so(daemon: Daemon, disk: Path, can_serve: None,
+                                                        state: DiskState) -> None:
+    VolumeMeta(disk_state=state, following=True, epoch=4).save(daemon.home, "r0")
+    message, data = daemon.start_ha(force=True, **options_of(settings_for(disk)))
+    assert "is the primary" in message and daemon.mode is Mode.PRIMARY
+    saved = VolumeMeta.load(daemon.home, "r0")
+    assert (saved.disk_state, saved.following, saved.epoch) == (DiskState.UP_TO_DATE, False, 5)
+    assert data["disk"]["following"] is False
+    log = (daemon.home.log_dir / "ha.log").read_text()
+    assert "startHA --force: serving this appliance's copy" in log
+
+
+def test_start_ha_force_never_serves_half_copied_data(daemon: Daemon, disk: Path, can_serve: None) -> None:
+    VolumeMeta(disk_state=DiskState.INCONSISTENT, following=True).save(daemon.home, "r0")
+    with pytest.raises(Refused, match="Inconsistent.*not even with --force"):
+        daemon.start_ha(force=True, **options_of(settings_for(disk)))
+    assert VolumeMeta.load(daemon.home, "r0").disk_state is DiskState.INCONSISTENT and daemon.primary is None
+
+
+def test_start_ha_force_where_it_is_not_needed_or_cannot_apply_is_refused(
+        daemon: Daemon, disk: Path, can_serve: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    VolumeMeta(epoch=2).save(daemon.home, "r0")
+    with pytest.raises(Refused, match="--force is not needed"):
+        daemon.start_ha(force=True, **options_of(settings_for(disk)))
+    monkeypatch.setattr(daemon_module, "local_addresses", lambda: A2)  # the configured secondary
+    with pytest.raises(Refused, match="it becomes the secondary here"):
+        daemon.start_ha(force=True, **options_of(settings_for(disk)))
+    assert VolumeMeta.load(daemon.home, "r0").epoch == 2 and daemon.mode is Mode.STANDALONE
+
+
+def test_a_secondary_marks_its_copy_following_before_it_listens(daemon: Daemon, disk: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+
+    class Listening(BusyPort):
+        def start(self) -> None:
+            seen.append(VolumeMeta.load(daemon.home, self.settings.volume).following)
+            super().start()  # then fails: the port is busy
+
+    monkeypatch.setattr(daemon_module, "SecondarySide", Listening)
+    monkeypatch.setattr(daemon_module, "local_addresses", lambda: A2)
+    with pytest.raises(MirrordError, match="Cannot listen"):
+        daemon.start_ha(**options_of(settings_for(disk)))
+    # Marked although the start failed: a mark too many only asks for --force, one too few loses writes.
+    assert seen == [True] and VolumeMeta.load(daemon.home, "r0").following is True
+
+
+def test_backup_warns_about_the_copy_a_secondary_left_behind(daemon: Daemon, disk: Path, tmp_path: Path) -> None:
+    config.save(daemon.home, settings_for(disk))
+    daemon.settings = config.load(daemon.home)
+    VolumeMeta(following=True).save(daemon.home, "r0")
+    message, _ = daemon.backup(str(tmp_path / "b.tar"))
+    assert "Warning: this disk was last the secondary's copy" in message

@@ -151,3 +151,36 @@ def test_takeover_during_a_data_handshake_leaves_the_disk_state_and_no_receiver(
             side.stop()
         for s in (control_far, data, data_far):
             s.close()
+
+
+# -- VolumeMeta.following (decision 41) -----------------------------------------------------------
+
+def test_following_survives_a_save_and_old_files_read_as_not_following(home: Home) -> None:
+    VolumeMeta(following=True).save(home, "r0")
+    assert VolumeMeta.load(home, "r0").following is True
+    data = atomicfile.read_json(home.meta_file("r0"))
+    del data["following"]
+    atomicfile.write_json(home.meta_file("r0"), data)
+    assert VolumeMeta.load(home, "r0").following is False
+
+
+U, O, I = DiskState.UP_TO_DATE, DiskState.OUTDATED, DiskState.INCONSISTENT
+
+
+@pytest.mark.parametrize(("state", "following", "force", "refused"), [
+    (U, False, False, ""),
+    (U, True, False, "was last the secondary's copy"),
+    (U, True, True, ""),
+    (U, False, True, "--force is not needed"),
+    (O, False, False, "is Outdated"),
+    (O, True, False, "is Outdated"),
+    (O, False, True, ""),
+    (O, True, True, ""),
+    (I, False, False, "not even with --force"),
+    (I, True, True, "not even with --force"),
+    (I, False, True, "not even with --force"),
+])
+def test_why_not_primary(state: DiskState, following: bool, force: bool, refused: str) -> None:
+    why = meta_module.why_not_primary(state, following, force)
+    assert (refused in why) if refused else why == ""
+    assert bool(why) == bool(refused)
