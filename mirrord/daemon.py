@@ -581,13 +581,16 @@ class Daemon:
             settings = self.settings
             peer_connected = False
             sync_percent = 100.0
-            disk_state = str(self._disk_state() or DiskState.UP_TO_DATE)
+            shown = self._shown_metas()
+            metas = shown or []
+            disk_state = "Unknown" if shown is None else str(worst(m.disk_state for m in metas) if metas
+                                                             else DiskState.UP_TO_DATE)
             replication: dict[str, Any] = {}
             peer_error = ""
             serving = False
             volumes: list[dict[str, Any]] = [
                 {"name": one.volume, "disk": str(one.disk), "mount": str(one.mount) if one.mount else None,
-                 "state": str(meta.disk_state)} for one, meta in zip(settings.volumes() if settings else [], self.metas)]
+                 "state": str(meta.disk_state)} for one, meta in zip(settings.volumes() if settings else [], metas)]
             if self.primary is not None:
                 peer_connected = self.primary.connected()
                 sync_percent = self.primary.sync_percent if peer_connected else 0.0
@@ -617,7 +620,7 @@ class Daemon:
                 "floating_ip_held": held,
                 "disk": {"state": disk_state, "sync_percent": round(sync_percent, 2),
                          "path": str(settings.disk) if settings else None,
-                         "following": any(m.following for m in self.metas)},
+                         "following": any(m.following for m in metas)},
                 "volumes": volumes,
                 "replication": replication,
                 "heartbeat": self.heartbeat.snapshot() if self.heartbeat else {},
@@ -625,7 +628,7 @@ class Daemon:
                 "settings_mismatch": self.mismatch,
                 "peer_error": peer_error,
                 "last_takeover": self.last_takeover,
-                "split_brain": next((m.split_brain for m in self.metas if m.split_brain), None),
+                "split_brain": next((m.split_brain for m in metas if m.split_brain), None),
                 "resync": dict(self.primary.lead.resync) if self.primary is not None else {},
                 "app": {"monitored": self.app_monitor is not None,
                         "healthy": self.app_monitor.healthy if self.app_monitor else None,
@@ -638,6 +641,17 @@ class Daemon:
         if data["split_brain"] and data["split_brain"] != peer_error:  # HAstatus's text shows a refusal once
             summary = f"{summary} {data['split_brain']}"
         return summary, data
+
+    def _shown_metas(self) -> list[VolumeMeta] | None:
+        """What HAstatus reports: the running session's metadata or, on a daemon started standalone, what
+        the saved settings' disks hold (an operator asking why startHA refused must see it); None if
+        that is unreadable (startHA then says what is wrong with it)."""
+        if self.metas or self.settings is None:
+            return self.metas
+        try:
+            return [VolumeMeta.load(self.home, one.volume) for one in self.settings.volumes()]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def _peer_mode_now(self, settings: Settings, wait: float) -> str | None:
         """What the peer says it is, listening to its heartbeats for at most ``wait`` seconds."""

@@ -253,7 +253,7 @@ def test_a_secondary_that_lost_power_serves_its_copy_only_when_forced(pair: Any)
     assert refused.returncode == 3, f"{refused.stdout}{refused.stderr}"
     assert "was last the secondary's copy" in refused.stdout + refused.stderr
     s2 = status(pair, "a2")
-    assert s2["mode"] == "standalone" and not s2["floating_ip_held"]
+    assert s2["mode"] == "standalone" and not s2["floating_ip_held"] and s2["disk"]["following"]
     assert pair.run("a2", "mountpoint -q $MIRRORD_HOME/mnt").returncode != 0
     forced = pair.run("a2", f"startHA {A2_AS_PRIMARY} --force", timeout=120)
     assert forced.returncode == 0, f"{forced.stdout}{forced.stderr}"

@@ -659,3 +659,14 @@ def test_backup_warns_about_the_copy_a_secondary_left_behind(daemon: Daemon, dis
     VolumeMeta(following=True).save(daemon.home, "r0")
     message, _ = daemon.backup(str(tmp_path / "b.tar"))
     assert "Warning: this disk was last the secondary's copy" in message
+
+
+def test_status_of_a_daemon_started_standalone_shows_the_saved_disks(daemon: Daemon, disk: Path) -> None:
+    config.save(daemon.home, settings_for(disk))
+    daemon.settings = config.load(daemon.home)
+    VolumeMeta(disk_state=DiskState.OUTDATED, following=True).save(daemon.home, "r0")
+    data = daemon.status()[1]
+    assert data["mode"] == "standalone" and data["disk"]["state"] == "Outdated" and data["disk"]["following"]
+    assert [v["state"] for v in data["volumes"]] == ["Outdated"]
+    daemon.home.meta_file("r0").write_text("{not json")
+    assert daemon.status()[1]["disk"]["state"] == "Unknown"  # startHA names the problem
