@@ -718,6 +718,8 @@ class Daemon:
             # holds, a disk that cannot be mounted) puts back what ran before (decision 36).
             saved: list[Path] = []
             try:
+                # First: a session whose settings cannot be saved would resume with others after a restart.
+                self._save_settings(settings)
                 if self.secondary is not None:  # inconsistent: start over as a fresh secondary
                     self.secondary.stop()
                     self.secondary = None
@@ -750,7 +752,6 @@ class Daemon:
             except Exception as exc:  # whatever broke, the appliance must not keep half of this start
                 self._roll_back(before, exc)
                 raise
-            config.save(self.home, settings)
             self._set_mode(next_mode)
             disks = ", ".join(str(d) for d in settings.disks)
             if role == "primary":
@@ -815,6 +816,7 @@ class Daemon:
         primary run again as before. The metadata stays as the attempt left it: it describes the disk,
         which the attempt may have written (mkfs, a new generation)."""
         self._starting = None
+        self._put_back_settings(before.settings)
         self.settings, self.side, self.ends = before.settings, before.side, before.ends
         self.metas = [VolumeMeta.load(self.home, one.volume) for one in before.settings.volumes()] \
             if before.metas and before.settings is not None else before.metas
@@ -827,6 +829,27 @@ class Daemon:
             except (MirrordError, OSError) as again:
                 self.log.log(f"Could not wait for the primary again with the previous settings: {again} "
                              "Run startHA.")
+
+    def _save_settings(self, settings: Settings) -> None:
+        """ha.json before a command changes anything with them: if it cannot be written, nothing runs."""
+        try:
+            config.save(self.home, settings)
+        except OSError as exc:
+            raise MirrordError(f"Cannot save the HA settings to {self.home.settings_file}: "
+                               f"{exc.strerror or exc}. Nothing was changed; free space or fix the file system "
+                               "and run the command again.") from exc
+
+    def _put_back_settings(self, settings: Settings | None) -> None:
+        """A command that failed after _save_settings: ha.json names what runs again."""
+        try:
+            if settings is None:
+                self.home.settings_file.unlink(missing_ok=True)
+            else:
+                config.save(self.home, settings)
+        except OSError as exc:
+            self.log.log(f"Could not put the previous HA settings back in {self.home.settings_file}: "
+                         f"{exc.strerror or exc}. It holds the settings of the command that failed; a restart "
+                         "would resume with those.")
 
     def _check_peer_version(self, role: str) -> None:
         """A peer heard to run another release is refused now, not later by the handshake."""
@@ -979,11 +1002,15 @@ class Daemon:
                               "would reject each other's heartbeats until both had it, and the secondary would take "
                               "over. Run stopHA on both appliances, then startHA with the new --secret-file on "
                               "both.")
-            if self.mode is Mode.PRIMARY:
-                self._configure_primary(old_settings, new, changed)
-            else:
-                self._configure_standby(old_settings, new)
-            config.save(self.home, new)
+            self._save_settings(new)
+            try:
+                if self.mode is Mode.PRIMARY:
+                    self._configure_primary(old_settings, new, changed)
+                else:
+                    self._configure_standby(old_settings, new)
+            except Exception:
+                self._put_back_settings(self.settings)  # what runs now: the old ones (see the two above)
+                raise
             message = f"configureHA: changed {', '.join(changed)}. Run the same configureHA on the other appliance."
             self.log.log(message)
             return message, self.status()[1]

@@ -670,3 +670,52 @@ def test_status_of_a_daemon_started_standalone_shows_the_saved_disks(daemon: Dae
     assert [v["state"] for v in data["volumes"]] == ["Outdated"]
     daemon.home.meta_file("r0").write_text("{not json")
     assert daemon.status()[1]["disk"]["state"] == "Unknown"  # startHA names the problem
+
+
+# -- ha.json is saved before a command changes anything with it ------------------------------------
+
+def _no_space(monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*_: Any, **__: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(config.atomicfile, "write_json", full)
+
+
+def test_start_ha_whose_settings_cannot_be_saved_starts_nothing(daemon: Daemon, disk: Path, can_serve: None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[str] = []
+    monkeypatch.setattr(daemon, "_new_term", lambda: started.append("primary"))
+    _no_space(monkeypatch)
+    with pytest.raises(MirrordError, match="Cannot save the HA settings .*No space left on device. Nothing was "
+                                           "changed"):
+        daemon.start_ha(**options_of(settings_for(disk)))
+    assert started == [] and daemon.primary is None and daemon.mode is Mode.STANDALONE
+    assert daemon.settings is None and not daemon.home.settings_file.exists()
+
+
+def test_start_ha_that_fails_after_saving_its_settings_puts_the_old_ones_back(
+        daemon: Daemon, disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = settings_for(disk)
+    config.save(daemon.home, old)
+    daemon.settings = old
+
+    class Unmountable(FakePrimary):
+        def start(self) -> None:
+            assert config.load(daemon.home).ping_interval == 0.1  # saved before anything ran
+            raise MirrordError("Could not mount /srv/data: wrong fs type.")
+
+    monkeypatch.setattr(daemon, "_primary_group", lambda *_: Unmountable())
+    with pytest.raises(MirrordError, match="Could not mount"):
+        daemon.start_ha(**options_of(settings_for(disk, ping_interval="0.1")))
+    assert config.load(daemon.home) == old and daemon.settings is old
+
+
+def test_configure_primary_whose_settings_cannot_be_saved_changes_nothing(
+        daemon: Daemon, disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_for(disk)
+    running(daemon, Mode.PRIMARY, settings, "primary")
+    daemon.primary = FakePrimary()  # type: ignore[assignment]
+    interval = daemon.heartbeat.kwargs["interval"]  # type: ignore[union-attr]
+    _no_space(monkeypatch)
+    with pytest.raises(MirrordError, match="Cannot save the HA settings"):
+        daemon.configure_ha(ping_interval="0.2")
+    assert daemon.settings is settings and daemon.heartbeat.kwargs["interval"] == interval  # type: ignore[union-attr]
