@@ -309,7 +309,7 @@ class PrimarySide:
             hello = link.hello(node=str(self.ends.my_sync), role="primary", volume=self.settings.volume,
                                disk_size=self.disk_size, version=__version__, settings=self.settings.to_json())
             me = Side(gen=self.meta.gen, primary=True, bitmap_trusted=self.meta.bitmap_trusted)
-            sync_uuid = generations.new_uuid()
+            sync_uuid = generations.next_sync_uuid(self.meta.gen)
             link.send(control, {**hello, "nonce": mine, "state": link.state(me), "sync_uuid": sync_uuid})
             reply = self._expect(control, "challenge")
             theirs = str(reply.get("nonce"))
@@ -324,7 +324,8 @@ class PrimarySide:
             # the secondary adopts it, and the next connect then resumes from this bitmap.
             self._mark_for_sync(plan, extra)
             if plan.kind is not Kind.IN_SYNC:
-                self.meta.gen = generations.begin_sync_source(self.meta.gen, sync_uuid)
+                self.meta.gen = generations.begin_sync_source(
+                    self.meta.gen, generations.sync_uuid_for(plan, self.meta.gen, sync_uuid))
                 if plan.kind is Kind.FULL:
                     self.meta.bitmap_trusted = True
             self.meta.split_brain = ""

@@ -3,11 +3,11 @@
 A PrimarySide (C server, FUSE) and a SecondarySide (C receiver) run in this
 process and replicate over 127.0.0.1. Their disks and metadata are laid out
 as a returning secondary finds them: the primary holds a bitmap of what the
-secondary lacks. The fault is injected where the real one strikes: the link
-fails just after the secondary noted the sync identifier. The next connect
-resyncs from the bitmap, so a full sync's bitmap must already hold every
-block. Needs root and /dev/fuse; without them the tests skip, or fail under
-CI=true.
+secondary lacks. The fault is injected where the real one strikes: the
+secondary's data handshake fails before (or just after) it notes the sync
+identifier. The next connect must resync from the bitmap, and only a full
+sync's bitmap may then hold every block. Needs root and /dev/fuse; without
+them the tests skip, or fail under CI=true.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from mirrord.config import Endpoints, Settings
+from mirrord.errors import PeerError
 from mirrord.halog import HALog
 from mirrord.paths import Home
 from mirrord.replication import extents, link
@@ -71,6 +72,10 @@ class Node:
     def disk(self) -> Path:
         return self.settings.disk
 
+    def log(self) -> str:
+        path = self.home.log_dir / "ha.log"
+        return path.read_text() if path.exists() else ""
+
 
 def _node(root: Path, name: str, port: int, data: bytes) -> Node:
     home = Home(root / name)
@@ -105,11 +110,19 @@ def pair(tmp_path: Path) -> tuple[Node, Node]:
 
 
 @contextmanager
-def running(primary: Node, secondary: Node) -> Iterator[PrimarySide]:
-    """Both sides replicating; always stopped."""
+def running(primary: Node, secondary: Node, before_data: Callable[[], None] = lambda: None) -> Iterator[PrimarySide]:
+    """Both sides replicating; always stopped. ``before_data`` runs first in every data handshake
+    of the secondary (a fault it raises fails that data connection)."""
     s = SecondarySide(secondary.home, secondary.settings, HALog(secondary.home), SIZE,
                       VolumeMeta.load(secondary.home, "r0"), Endpoints(LOCAL, LOCAL, LOCAL, LOCAL),
                       lambda: None, None)
+    real = s._on_data
+
+    def on_data(conn: socket.socket, msg: dict[str, object]) -> None:
+        before_data()
+        real(conn, msg)
+
+    s._on_data = on_data  # type: ignore[method-assign]
     p = PrimarySide(primary.home, primary.settings, HALog(primary.home), SIZE,
                     Endpoints(LOCAL, LOCAL, LOCAL, LOCAL), lambda: None, None, VolumeMeta.load(primary.home, "r0"))
     s.start()
@@ -128,6 +141,30 @@ def _wait_synced(p: PrimarySide, secondary: Node) -> None:
     while not (p.peer.sync_done and VolumeMeta.load(secondary.home, "r0").disk_state is DiskState.UP_TO_DATE):
         assert time.monotonic() < deadline, f"no sync completed in {SYNC_SECONDS} s: {p.peer}, {p.resync}"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_sync_start_the_secondary_never_noted_is_resumed_from_the_bitmap(pair: tuple[Node, Node],
+                                                                           failures: int) -> None:
+    """Once, or twice in a row: a start retried under the same identifier is recognised again."""
+    primary, secondary = pair
+    injected: list[str] = []
+
+    def fail_before_noting() -> None:
+        if len(injected) < failures:
+            injected.append("data handshake")
+            raise PeerError("injected: the data connection failed before this disk noted the sync identifier")
+
+    with running(primary, secondary, fail_before_noting) as p:
+        _wait_synced(p, secondary)
+        resync = dict(p.resync)
+    assert len(injected) == failures
+    assert resync["kind"] == "bitmap" and resync["rule"] == "r71", resync
+    assert resync["dirty_bytes_at_start"] == WRITTEN_ALONE[1], resync
+    assert resync["bytes_sent"] <= 1.05 * WRITTEN_ALONE[1], resync
+    assert "the last sync start never reached the target" in primary.log()
+    assert filecmp.cmp(primary.disk, secondary.disk, shallow=False)
+    assert VolumeMeta.load(primary.home, "r0").gen == VolumeMeta.load(secondary.home, "r0").gen
 
 
 def test_a_full_sync_cut_right_after_the_secondary_noted_it_still_sends_every_block(
