@@ -47,6 +47,40 @@ next connect as "the same sync, resume from the bitmap". When it finishes,
 the source moves its bitmap identifier into history and the target adopts the
 source's identifiers: both hold the same ``current`` again.
 
+A sync start can get lost. The source moves its bitmap identifier to the
+sync identifier (the old one into history) *before* it dials the data
+connection, so that a sync cut short is always resumable; if the data
+connection fails before the target has noted the sync identifier, the next
+connect finds the target still at the source's ``history[0]``. Read as
+"the bitmap does not reach back to the target" (r80) that would be a full
+sync, yet the bitmap still holds every block changed since the target's
+generation: a sync clears a block's bit only when a target *at the sync
+identifier* acknowledged it, and no copy ever got there (the target is the
+only other copy; a copy never returns to a generation it left, and a data
+handshake that undoes its move does so before any block lands).
+
+The identifiers alone cannot tell this from a copy that merely has the
+peer's generation in ``history[0]`` beside an unrelated bitmap identifier.
+A restored disk that starts serving is one: ``(new, restored, [old])``,
+whose bitmap counts from the restore, not from ``old``; a bitmap resync to
+a peer at ``old`` would miss everything the restore changed. So, as in
+DRBD, a sync identifier is *derived* from the bitmap identifier it replaces
+(:func:`next_sync_uuid`; random when there is none), and rule r71 (r51 seen
+from the target; DRBD's rules of the same numbers) asks for all three: my
+bitmap identifier is set, it was derived from my ``history[0]``, and that is
+the peer's current. Then a bitmap resync from me suffices, and it is
+retried under the *same* sync identifier: the source's identifiers do not
+change (:func:`begin_sync_source` of its own bitmap identifier) and the
+target adopts the source's bitmap identifier, so a link that fails right
+after every handshake neither pushes the target's generation out of the
+history nor loses the recognition. No other step leaves that shape: the
+only other derived identifier a copy holds is a sync target's current, and
+:func:`begin_sync_target` drops the generation the target came from instead
+of keeping it in history. The trust rules below still apply (an untrusted bitmap on either side makes it a
+full sync), and a full sync marks every block before its sync identifier is
+saved, so a trusted bitmap under a sync identifier always holds what that
+sync must send.
+
 In mirrord only the primary sends data. A plan whose source would be the
 secondary (the primary's data is older) is refused like a split brain: the
 operator decides. ``--discard-my-data`` on one side of a split brain (or of
@@ -56,6 +90,7 @@ unrelated data) turns it into a sync from the other side, the survivor.
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass, replace
@@ -72,6 +107,10 @@ def new_uuid() -> str:
 
 def is_uuid(value: object) -> bool:
     return isinstance(value, str) and bool(_UUID.match(value))
+
+
+def _derived(bitmap: str) -> str:
+    return hashlib.sha256(b"mirrord sync identifier " + bitmap.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -136,8 +175,23 @@ def start_writing_alone(g: Generations, uuid: str) -> Generations:
     return Generations(current=uuid, bitmap=g.bitmap, history=_push(g.history, g.current))
 
 
+def next_sync_uuid(g: Generations) -> str:
+    """The identifier a sync from this copy starts under: derived from the bitmap identifier it
+    pushes into history, so that a start the target never noted is recognised (r71)."""
+    return _derived(g.bitmap) if g.bitmap else new_uuid()
+
+
+def sync_uuid_for(plan: "Plan", source: Generations, offered: str) -> str:
+    """The identifier this plan's sync runs under: a lost start (r71 / r51) is retried under its own,
+    the source's bitmap identifier; any other sync under the one the source offered."""
+    return source.bitmap if plan.rule in _LOST_START_RULES else offered
+
+
 def begin_sync_source(g: Generations, sync_uuid: str) -> Generations:
-    """The source starts a (bitmap or full) sync: its bitmap now counts from the sync identifier."""
+    """The source starts a (bitmap or full) sync: its bitmap now counts from the sync identifier
+    (unchanged when a lost start is retried under the same one)."""
+    if sync_uuid == g.bitmap:
+        return g
     return Generations(current=g.current, bitmap=sync_uuid, history=_push(g.history, g.bitmap))
 
 
@@ -167,7 +221,12 @@ class Kind(str, enum.Enum):
 
 
 #: DRBD numbers the rules from one side: "I am just created" (r20) is "the peer is" (r30) seen from the peer.
-_MIRROR_RULE = {"r20": "r30", "r30": "r20", "r50": "r70", "r70": "r50", "r60": "r80", "r80": "r60"}
+_MIRROR_RULE = {"r20": "r30", "r30": "r20", "r50": "r70", "r70": "r50", "r51": "r71", "r71": "r51",
+                "r60": "r80", "r80": "r60"}
+
+#: A bitmap resync after a sync start the target never noted (see the module's essay).
+_LOST_START_RULES = frozenset({"r51", "r71"})
+_LOST_START_WHY = "the last sync start never reached the target"
 
 #: Full-sync rules where the two disks share no history: a new disk (r10-r30) or unrelated data
 #: (r110). Every other full sync is between copies of one history, most of whose blocks are equal.
@@ -195,7 +254,7 @@ class Plan:
     kind: Kind
     source: str | None = None  # "local" or "peer": who sends; None when nothing is sent
     rule: str = ""             # which comparison decided (for logs and tests)
-    why: str = ""              # why a bitmap resync became a full one, or why refused
+    why: str = ""              # why a bitmap resync became a full one, why refused, or why a bitmap suffices after all
     resolves: bool = False     # a split brain / unrelated pair resolved by --discard-my-data
 
     @property
@@ -220,10 +279,14 @@ def relation(mine: Generations, theirs: Generations) -> Plan:
         return Plan(Kind.IN_SYNC, None, "r40")
     if mine.current == theirs.bitmap:
         return Plan(Kind.BITMAP, "peer", "r50")
+    if _lost_start(theirs, mine.current):
+        return Plan(Kind.BITMAP, "peer", "r51", _LOST_START_WHY)
     if mine.current in theirs.history:
         return Plan(Kind.FULL, "peer", "r60", "the peer's bitmap does not reach back to this copy's generation")
     if mine.bitmap and mine.bitmap == theirs.current:
         return Plan(Kind.BITMAP, "local", "r70")
+    if _lost_start(mine, theirs.current):
+        return Plan(Kind.BITMAP, "local", "r71", _LOST_START_WHY)
     if theirs.current in mine.history:
         return Plan(Kind.FULL, "local", "r80", "this copy's bitmap does not reach back to the peer's generation")
     if mine.bitmap and mine.bitmap == theirs.bitmap:
@@ -231,6 +294,12 @@ def relation(mine: Generations, theirs: Generations) -> Plan:
     if (mine.known() - {mine.current}) & (theirs.known() - {theirs.current}):
         return Plan(Kind.SPLIT_BRAIN, None, "r100")
     return Plan(Kind.UNRELATED, None, "r110")
+
+
+def _lost_start(source: Generations, target_current: str) -> bool:
+    """The source's last sync start never reached a target still at ``target_current``."""
+    return bool(source.bitmap) and source.history[:1] == (target_current,) \
+        and source.bitmap == _derived(target_current)
 
 
 def _role(side: str, local: Side, peer: Side) -> Side:

@@ -309,7 +309,7 @@ class PrimarySide:
             hello = link.hello(node=str(self.ends.my_sync), role="primary", volume=self.settings.volume,
                                disk_size=self.disk_size, version=__version__, settings=self.settings.to_json())
             me = Side(gen=self.meta.gen, primary=True, bitmap_trusted=self.meta.bitmap_trusted)
-            sync_uuid = generations.new_uuid()
+            sync_uuid = generations.next_sync_uuid(self.meta.gen)
             link.send(control, {**hello, "nonce": mine, "state": link.state(me), "sync_uuid": sync_uuid})
             reply = self._expect(control, "challenge")
             theirs = str(reply.get("nonce"))
@@ -319,12 +319,15 @@ class PrimarySide:
                 raise HandshakeRefused(reason)
             link.send(control, {"type": "auth", "proof": link.proof(self.secret, "primary", theirs, mine)})
             reply, plan, extra = self._agree(control, me)
+            # Every block this sync must send is in the bitmap before the identifiers say the
+            # bitmap counts from the sync identifier: the data connection may fail right after
+            # the secondary adopts it, and the next connect then resumes from this bitmap.
+            self._mark_for_sync(plan, extra)
             if plan.kind is not Kind.IN_SYNC:
-                # Before the secondary adopts the sync identifier (when the data connection is
-                # accepted): a sync cut short from here on resumes from this bitmap.
-                self.meta.gen = generations.begin_sync_source(self.meta.gen, sync_uuid)
+                self.meta.gen = generations.begin_sync_source(
+                    self.meta.gen, generations.sync_uuid_for(plan, self.meta.gen, sync_uuid))
                 if plan.kind is Kind.FULL:
-                    self.meta.bitmap_trusted = True  # every block is marked below
+                    self.meta.bitmap_trusted = True
             self.meta.split_brain = ""
             self.meta.save(self.home, self.settings.volume)
             data = self._dial()
@@ -342,14 +345,6 @@ class PrimarySide:
                 self._guard = guard
             self.sessions += 1
             self.server.attach_peer(data.detach())
-            # Every sync is a bitmap sync (DRBD's way): our bitmap holds what the secondary
-            # lacks since the generation it holds (or since the sync that was cut short),
-            # plus the blocks it changed on its own; a full sync marks every block first,
-            # so one that is cut short leaves only the rest dirty.
-            if plan.kind is Kind.FULL:
-                self.server.mark_dirty(0, self.disk_size)
-            for offset, length in extra:
-                self.server.mark_dirty(offset, length)
             kind = self._sync_kind(plan)
             if kind == "full" and plan.kind is Kind.BITMAP:  # over the threshold: copy it all, in one pass
                 self.server.mark_dirty(0, self.disk_size)
@@ -380,6 +375,17 @@ class PrimarySide:
             with self._send_lock:
                 self._control = None
             control.close()
+
+    def _mark_for_sync(self, plan: Plan, extra: list[extents.Range]) -> None:
+        """Every sync is a bitmap sync (DRBD's way): our bitmap holds what the secondary lacks
+        since the generation it holds (or since the sync that was cut short); add the blocks it
+        changed on its own, and for a full sync every block, so one cut short leaves only the
+        rest dirty."""
+        assert self.server is not None
+        if plan.kind is Kind.FULL:
+            self.server.mark_dirty(0, self.disk_size)
+        for offset, length in extra:
+            self.server.mark_dirty(offset, length)
 
     def _agree(self, control: socket.socket, me: Side) -> tuple[dict[str, Any], Plan, list[extents.Range]]:
         """The secondary's state and both sides' plan: the same one, or the connection is refused."""

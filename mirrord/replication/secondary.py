@@ -159,14 +159,15 @@ class SecondarySide:
             link.send(conn, {"type": "refuse", "reason": reason})
             conn.close()
             return
-        plan, mine = self._plan(conn, msg)
-        if plan is None:
+        agreed, mine = self._plan(conn, msg)
+        if agreed is None:
             return
+        plan = agreed[0]
         self._end_session("the primary reconnected")
         token = secrets.token_hex(16)
         with self._lock:
             self._pending = token
-            self._pending_sync = (plan, str(msg["sync_uuid"]))
+            self._pending_sync = agreed
             self._control = conn
         link.send(conn, {"type": "welcome", "session": token, "disk_size": self.disk_size,
                          "disk_state": str(self.meta.disk_state), "state": mine,
@@ -181,8 +182,10 @@ class SecondarySide:
             return []
         return extents.coarsen(extents.ranges_from_bitmap(data, min(self.disk_size, primary_size)))
 
-    def _plan(self, conn: socket.socket, msg: dict[str, object]) -> tuple[Plan | None, dict[str, object]]:
-        """Compare generations with the (authenticated) primary; refuse it on a conflict."""
+    def _plan(self, conn: socket.socket,
+              msg: dict[str, object]) -> tuple[tuple[Plan, str] | None, dict[str, object]]:
+        """Compare generations with the (authenticated) primary; refuse it on a conflict. The
+        agreed plan comes with the sync identifier this disk moves to if it is a sync target."""
         me = Side(gen=self.meta.gen, primary=False, bitmap_trusted=self.meta.bitmap_trusted,
                   discard_my_data=self.discard_my_data)
         # check_hello has validated disk_size (a positive int, at most ours).
@@ -208,7 +211,7 @@ class SecondarySide:
             link.send(conn, {"type": "refuse", "reason": sentence, "state": mine})
             conn.close()
             return None, mine
-        return plan, mine
+        return (plan, generations.sync_uuid_for(plan, peer.gen, str(msg["sync_uuid"]))), mine
 
     def _on_data(self, conn: socket.socket, msg: dict[str, object]) -> None:
         # A takeover may stop this side while the old primary's data handshake is under way.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
@@ -14,6 +15,15 @@ A, B, C, D, E, F, S = ("a" * 16, "b" * 16, "c" * 16, "d" * 16, "e" * 16, "f" * 1
 
 def gen(current: str = "", bitmap: str = "", *history: str) -> Generations:
     return Generations(current, bitmap, tuple(history))
+
+
+def sync_from(bitmap: str) -> str:
+    """The sync identifier a source with this bitmap identifier starts under (derived from it)."""
+    return g.next_sync_uuid(gen(F, bitmap))
+
+
+#: Sync identifiers of starts that pushed A (or C) into history: what a lost start leaves behind.
+SA, SC = sync_from(A), sync_from(C)
 
 
 # (name, local, peer, kind, source, rule): relation() from the local side.
@@ -29,13 +39,24 @@ RELATIONS = [
     ("peer's bitmap is my current", gen(A), gen(B, A), Kind.BITMAP, "peer", "r50"),
     ("peer's bitmap is my current, peer has history", gen(A, "", C), gen(B, A, C), Kind.BITMAP, "peer", "r50"),
     ("interrupted sync: I hold the sync id", gen(S), gen(A, S, B), Kind.BITMAP, "peer", "r50"),
+    ("peer's sync start never reached me", gen(A), gen(B, SA, A), Kind.BITMAP, "peer", "r51"),
+    ("peer's sync start never reached me, histories", gen(A, "", C), gen(B, SA, A, C), Kind.BITMAP, "peer", "r51"),
     ("my current in peer's history[0]", gen(A), gen(B, C, A), Kind.FULL, "peer", "r60"),
+    ("my current in peer's history[0], peer in sync", gen(A), gen(B, "", A), Kind.FULL, "peer", "r60"),
     ("my current in peer's history[1]", gen(A), gen(B, C, D, A), Kind.FULL, "peer", "r60"),
     ("my bitmap is peer's current", gen(B, A), gen(A), Kind.BITMAP, "local", "r70"),
     ("my bitmap is the sync id the peer holds", gen(A, S, B), gen(S), Kind.BITMAP, "local", "r70"),
-    ("peer's current in my history[0]", gen(B, C, A), gen(A), Kind.FULL, "local", "r80"),
+    ("my sync start never reached the peer", gen(B, SA, A), gen(A), Kind.BITMAP, "local", "r71"),
+    ("my sync start never reached the peer, it has a bitmap", gen(B, SA, A, C), gen(A, D, C), Kind.BITMAP, "local",
+     "r71"),
+    ("the peer holds my lost-looking sync identifier", gen(B, SA, A), gen(SA), Kind.BITMAP, "local", "r70"),
+    # A restored disk that started serving: its bitmap counts from the restore, not from history[0].
+    ("peer's current in my history[0], bitmap not derived from it", gen(B, C, A), gen(A), Kind.FULL, "local", "r80"),
+    ("my bitmap derived from history[1], not history[0]", gen(B, SA, C, A), gen(A), Kind.FULL, "local", "r80"),
+    ("my bitmap derived from history[0], peer at history[1]", gen(B, SC, C, A), gen(A), Kind.FULL, "local", "r80"),
     ("peer's current in my history[1]", gen(B, C, D, A), gen(A), Kind.FULL, "local", "r80"),
     ("peer's current in my history, no bitmap", gen(B, "", A), gen(A), Kind.FULL, "local", "r80"),
+    ("peer's current in my history, no bitmap, peer has one", gen(B, "", A), gen(A, C), Kind.FULL, "local", "r80"),
     ("both bitmaps are the common ancestor", gen(B, A), gen(C, A), Kind.SPLIT_BRAIN, None, "r90"),
     ("common ancestor, histories differ", gen(B, A, D), gen(C, A, E), Kind.SPLIT_BRAIN, None, "r90"),
     ("histories share a generation", gen(B, C, A), gen(D, E, A), Kind.SPLIT_BRAIN, None, "r100"),
@@ -43,6 +64,7 @@ RELATIONS = [
     ("peer's bitmap in my history", gen(D, E, A), gen(B, A), Kind.SPLIT_BRAIN, None, "r100"),
     ("history[1] matches", gen(B, "", C, A), gen(D, "", E, A), Kind.SPLIT_BRAIN, None, "r100"),
     ("nothing in common", gen(A), gen(B), Kind.UNRELATED, None, "r110"),
+    ("a bitmap derived from the peer's current is not enough", gen(B, SA), gen(A), Kind.UNRELATED, None, "r110"),
     ("nothing in common, with bitmaps", gen(A, B), gen(C, D), Kind.UNRELATED, None, "r110"),
     ("nothing in common, with histories", gen(A, B, C), gen(D, E, F), Kind.UNRELATED, None, "r110"),
     ("empty bitmaps are not a common ancestor", gen(A, ""), gen(B, ""), Kind.UNRELATED, None, "r110"),
@@ -104,6 +126,13 @@ COMPARISONS = [
      Kind.UNRELATED, None),
     ("discard without a conflict changes nothing", side(gen(B, A), True), side(gen(A), False, discard=True),
      Kind.BITMAP, "local"),
+    ("lost sync start", side(gen(B, SA, A), True), side(gen(A), False), Kind.BITMAP, "local"),
+    ("lost sync start, untrusted bitmap", side(gen(B, SA, A), True, trusted=False), side(gen(A), False),
+     Kind.FULL, "local"),
+    ("lost sync start, secondary crashed as primary", side(gen(B, SA, A), True), side(gen(A), False, trusted=False),
+     Kind.FULL, "local"),
+    ("lost sync start on the secondary's side", side(gen(A), True), side(gen(B, SA, A), False),
+     Kind.STALE_PRIMARY, "peer"),
 ]
 
 
@@ -134,6 +163,18 @@ def test_refusals_name_the_resolving_command(kind: Kind) -> None:
 # -- the rules that move them ------------------------------------------------------------
 
 
+def test_sync_identifiers_are_derived_from_the_bitmap_identifier() -> None:
+    assert g.next_sync_uuid(gen(B, A)) == g.next_sync_uuid(gen(C, A, D)) == SA
+    assert g.is_uuid(SA) and len({SA, SC, A, C}) == 4
+    fresh = {g.next_sync_uuid(gen(B)) for _ in range(8)}  # nothing to derive from: random
+    assert len(fresh) == 8 and all(map(g.is_uuid, fresh))
+
+
+@pytest.mark.parametrize(("rule", "expected"), [("r71", SA), ("r51", SA), ("r70", S), ("r80", S), ("r30", S)])
+def test_a_lost_start_is_retried_under_its_own_identifier(rule: str, expected: str) -> None:
+    assert g.sync_uuid_for(Plan(Kind.BITMAP, rule=rule), gen(B, SA, A), S) == expected
+
+
 def test_start_writing_alone() -> None:
     assert g.start_writing_alone(gen(), A) == gen(A)
     assert g.start_writing_alone(gen(A, "", C), B) == gen(B, A, C)
@@ -144,6 +185,7 @@ def test_start_writing_alone() -> None:
 def test_sync_rules() -> None:
     assert g.begin_sync_source(gen(B, A), S) == gen(B, S, A)
     assert g.begin_sync_source(gen(B), S) == gen(B, S)
+    assert g.begin_sync_source(gen(B, SA, A), SA) == gen(B, SA, A)  # a lost start retried: nothing moves
     assert g.begin_sync_target(gen(A, "", C), S) == gen(S, "", C)
     assert g.finish_sync_source(gen(B, S, A)) == gen(B, "", S, A)
     assert g.finish_sync_source(gen(B)) == gen(B)
@@ -184,8 +226,10 @@ class Node:
         return Side(self.gen, primary, self.trusted, discard)
 
 
-def connect(primary: Node, secondary: Node, discard: bool = False, finish: bool = True) -> Plan:
-    """The handshake and, unless refused, the sync (cut short if not ``finish``)."""
+def connect(primary: Node, secondary: Node, discard: bool = False, finish: bool = True, lost: bool = False) -> Plan:
+    """The handshake and, unless refused, the sync (cut short if not ``finish``; if ``lost``, the
+    data connection fails before the secondary notes the sync identifier)."""
+    offered = g.next_sync_uuid(primary.gen)
     plan = compare(primary.side(True), secondary.side(False, discard))
     theirs, mirrored = compare(secondary.side(False, discard), primary.side(True)), plan.mirrored()
     # The same decision from both sides (the reason is worded from each side's view).
@@ -193,9 +237,13 @@ def connect(primary: Node, secondary: Node, discard: bool = False, finish: bool 
     if plan.refused:
         return plan
     if plan.kind is not Kind.IN_SYNC:
-        sync_id = next(Node._ids)
+        # Both sides pick the sync identifier from what each saw in the handshake.
+        sync_id = g.sync_uuid_for(plan, primary.gen, offered)
+        assert g.sync_uuid_for(theirs, primary.gen, offered) == sync_id
         primary.gen = g.begin_sync_source(primary.gen, sync_id)
-        primary.trusted = primary.trusted or plan.kind is Kind.FULL
+        primary.trusted = primary.trusted or plan.kind is Kind.FULL  # every block is marked first
+        if lost:
+            return plan
         secondary.gen = g.begin_sync_target(secondary.gen, sync_id)
     if finish:
         primary.gen = g.finish_sync_source(primary.gen)
@@ -258,6 +306,56 @@ def test_story_interrupted_initial_sync_resumes() -> None:
     assert connect(a1, a2).kind is Kind.BITMAP
 
 
+def test_story_lost_sync_starts_stay_bitmap_resyncs() -> None:
+    a1, a2 = in_sync_pair()
+    a1.serve_alone()
+    assert connect(a1, a2, lost=True).rule == "r70"
+    held = a2.gen
+    for _ in range(3):  # the link fails right after every handshake: nothing is pushed out of history
+        plan = connect(a1, a2, lost=True)
+        assert (plan.kind, plan.rule) == (Kind.BITMAP, "r71") and a2.gen == held
+        assert a1.gen.history[0] == held.current
+    assert connect(a1, a2).rule == "r71"
+    assert a1.gen.current == a2.gen.current and not a1.gen.bitmap
+
+
+def test_story_lost_start_then_a_sync_cut_short_resumes() -> None:
+    a1, a2 = in_sync_pair()
+    a1.serve_alone()
+    connect(a1, a2, lost=True)
+    assert connect(a1, a2, finish=False).rule == "r71"  # now the secondary holds the sync identifier
+    assert connect(a1, a2, lost=True).rule == "r70"
+    assert connect(a1, a2, lost=True).rule == "r71"
+    assert connect(a1, a2).kind is Kind.BITMAP
+
+
+def test_story_lost_start_of_a_full_sync_from_an_untrusted_bitmap() -> None:
+    a1, a2 = in_sync_pair()
+    a1.serve_alone()
+    a1.trusted = False  # crashed as primary, nothing recorded
+    assert connect(a1, a2, lost=True).kind is Kind.FULL
+    # The full sync marked every block before its identifier was saved: that bitmap is trusted now.
+    assert connect(a1, a2).kind is Kind.BITMAP
+
+
+def test_story_lost_start_then_the_primary_restarts() -> None:
+    """Still a full sync: the restart pushes a generation between the lost start and the secondary's."""
+    a1, a2 = in_sync_pair()
+    a1.serve_alone()
+    connect(a1, a2, lost=True)
+    a1.serve_alone()
+    plan = connect(a1, a2)
+    assert (plan.kind, plan.rule) == (Kind.FULL, "r80")
+
+
+def test_story_lost_start_of_an_initial_sync() -> None:
+    a1, a2 = Node(), Node()
+    a1.serve_alone()
+    assert connect(a1, a2, lost=True).rule == "r30"
+    assert connect(a1, a2, lost=True).rule == "r30"  # a new disk gets everything anyway
+    assert connect(a1, a2).kind is Kind.FULL
+
+
 def test_story_partition_is_a_split_brain_until_resolved() -> None:
     a1, a2 = in_sync_pair()
     a1.serve_alone()  # continued alone
@@ -304,3 +402,102 @@ def test_restored_keeps_the_old_identifiers_in_the_history() -> None:
     new = g.restored(old, "d" * 16)
     assert new.current == "d" * 16 and not new.bitmap and new.history[:2] == ("a" * 16, "b" * 16)
     assert len(new.history) <= g.HISTORY
+
+
+# -- a model of the data: no plan may ever sync less than differs ---------------------------
+
+BLOCKS = 8
+
+
+class Copy:
+    """One appliance's identifiers and disk (block -> version), the primary's dirty bitmap of what
+    its peer may lack, and whether that bitmap can be trusted."""
+
+    def __init__(self) -> None:
+        self.gen, self.trusted = Generations(), True
+        self.disk: dict[int, int] = {}
+        self.dirty: set[int] = set()
+
+
+class Story:
+    """A primary and a secondary moved by random operations, the identifiers by the daemon's rules."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.p, self.s = Copy(), Copy()
+        self.versions = itertools.count(1)
+        self.p.gen = g.start_writing_alone(self.p.gen, g.new_uuid())
+
+    def write_alone(self, recorded: bool = True) -> None:
+        if not self.p.gen.bitmap:  # the supervisor lets it write alone: a new data generation
+            self.p.gen = g.start_writing_alone(self.p.gen, g.new_uuid())
+        block = self.rng.randrange(BLOCKS)
+        self.p.disk[block] = next(self.versions)
+        if recorded:
+            self.p.dirty.add(block)
+        else:  # a crash of the primary that nothing recorded
+            self.p.trusted = False
+
+    def restart(self) -> None:
+        self.p.gen = g.start_writing_alone(self.p.gen, g.new_uuid())
+
+    def restore(self) -> None:
+        for block in self.rng.sample(range(BLOCKS), 3):
+            self.p.disk[block] = next(self.versions)
+        self.p.gen, self.p.dirty, self.p.trusted = g.restored(self.p.gen, g.new_uuid()), set(), True
+        self.restart()
+
+    def connect(self, outcome: str) -> Plan:
+        """outcome: "lost" (before the secondary notes the sync identifier), "cut" (part sent) or "done"."""
+        p, s = self.p, self.s
+        offered = g.next_sync_uuid(p.gen)
+        plan = compare(Side(p.gen, True, p.trusted), Side(s.gen, False, s.trusted))
+        if plan.refused or plan.kind is Kind.IN_SYNC:
+            return plan
+        if plan.kind is Kind.FULL:
+            p.dirty = set(range(BLOCKS))
+        p.gen = g.begin_sync_source(p.gen, g.sync_uuid_for(plan, p.gen, offered))
+        p.trusted = p.trusted or plan.kind is Kind.FULL
+        if outcome == "lost":
+            return plan
+        s.gen = g.begin_sync_target(s.gen, p.gen.bitmap)
+        sent = set(self.rng.sample(sorted(p.dirty), len(p.dirty) // 2)) if outcome == "cut" else set(p.dirty)
+        for block in sent:
+            s.disk[block] = p.disk.get(block, 0)
+        p.dirty -= sent
+        if outcome == "done":
+            p.gen = g.finish_sync_source(p.gen)
+            s.gen = p.gen
+            assert all(s.disk.get(b, 0) == p.disk.get(b, 0) for b in range(BLOCKS)), (plan, p.gen)
+        return plan
+
+
+STEPS = ("write", "write", "unrecorded", "restart", "restore", "lost", "lost", "cut", "done")
+
+
+def play(seed: int) -> set[str]:
+    """A random story; every finished sync asserts the disks are equal. Returns the rules seen."""
+    story = Story(seed)
+    rules: set[str] = set()
+    for step in ["done", *(story.rng.choice(STEPS) for _ in range(14)), "done"]:
+        if step in ("lost", "cut", "done"):
+            plan = story.connect(step)
+            rules.add(plan.rule)
+            # Two lost starts of a full sync in a row are refused as unrelated (reliability.md).
+            assert not plan.refused or plan.kind is Kind.UNRELATED, plan
+        elif step == "write":
+            story.write_alone()
+        elif step == "unrecorded":
+            story.write_alone(recorded=False)
+        else:
+            getattr(story, step)()
+    return rules
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_no_plan_syncs_less_than_differs(seed: int) -> None:
+    play(seed)
+
+
+def test_the_stories_reach_every_rule_of_a_returning_secondary() -> None:
+    assert {"r40", "r70", "r71", "r80"} <= set().union(*map(play, range(300)))
