@@ -1071,7 +1071,8 @@ class Daemon:
         compared, differed = primary.verify()
         if differed:
             message = (f"Verified {compared} bytes against the secondary: {differed} bytes differed there; they "
-                       "are marked out of sync and being resent (HAstatus shows the resync).")
+                       "are marked out of sync and being resent, and the secondary is Inconsistent until that is "
+                       "done (HAstatus shows the resync).")
         else:
             message = f"Verified {compared} bytes against the secondary: the two disks are identical."
         self.log.log(message)

@@ -175,7 +175,8 @@ def _secondary(f: Facts) -> Decision:
     if not f.peer_connected:
         return Decision(Action.NONE, f"Secondary ({f.disk_state}): the primary is not replicating to us.{one_silent}")
     if f.disk_state is DiskState.INCONSISTENT:
-        return Decision(Action.NONE, f"Secondary: receiving the initial sync from the primary.{one_silent}")
+        return Decision(Action.NONE, f"Secondary: receiving a sync from the primary; this disk is Inconsistent until it "
+                                     f"completes.{one_silent}")
     return Decision(Action.NONE, f"Secondary: in sync with the primary; every write is mirrored here.{one_silent}")
 
 

@@ -88,6 +88,8 @@ class PrimarySide:
         self._guard_lock = threading.Lock()
         #: data connections handed to C so far: tells a volume group one link from the next
         self.sessions = 0
+        #: a verify (command thread) and a clean stop (daemon thread) both write the bitmap file
+        self._bitmap_lock = threading.Lock()
 
     # -- exposing the disk -------------------------------------------------
     def start(self) -> None:
@@ -193,22 +195,27 @@ class PrimarySide:
     def verify(self) -> tuple[int, int]:
         """Online verify (docs/protocol.md, VERIFY): (bytes compared, bytes that differed on the secondary).
 
-        Runs while serving. Differences are marked dirty and resent at once;
-        the secondary counts as in sync again only when that resync is done.
+        Runs while serving. Differences are marked dirty, persisted in the bitmap
+        file and resent at once; the secondary is Inconsistent until that resync
+        is done (decision 42).
         """
-        assert self.server is not None
-        if not (self.peer.connected and self.peer.sync_done) or self.server.stats().sync_active:
+        # One server throughout: a stopHA meanwhile sets self.server to None.
+        server = self.server
+        assert server is not None
+        if not (self.peer.connected and self.peer.sync_done) or server.stats().sync_active:
             raise Refused("The secondary is not connected and in sync: verify compares two copies that should be "
                           "identical. Wait until HAstatus shows the secondary UpToDate.")
-        self.server.start_verify(0)
+        server.start_verify(0)
         # Bounded: a verify reads the disk on both sides; 20 MiB/s is far below either.
         deadline = time.monotonic() + 60 + self.disk_size / (20 << 20)
-        while (stats := self.server.stats()).sync_active:
+        while (stats := server.stats()).sync_active:
             if time.monotonic() > deadline:
-                self.server.stop_sync()
+                server.stop_sync()
                 raise MirrordError(f"The verify did not finish in time (at {stats.sync_offset} of {self.disk_size} "
                                    "bytes) and was stopped; nothing was changed. Run mirrord verify again.")
             time.sleep(0.05)
+        if stats.verify_diff_bytes:
+            self._prepare_repair(server, stats.verify_diff_bytes)
         if not stats.sync_done:
             raise PeerError(f"The verify stopped at {stats.sync_offset} of {self.disk_size} bytes: "
                             f"{stats.last_error or 'the secondary went away'}. Differences found so far are "
@@ -216,9 +223,36 @@ class PrimarySide:
         if stats.verify_diff_bytes:
             # Start the resync before the secondary stops counting as in sync, so the
             # progress reporter never sees a finished sync with blocks still dirty.
-            self.server.start_sync(0, dirty_only=True)
+            server.start_sync(0, dirty_only=True)
             self.peer.sync_done = False
         return stats.bytes_verified, stats.verify_diff_bytes
+
+    def _prepare_repair(self, server: PrimaryServer, differed: int) -> None:
+        """Differences found: make them survive a crash of either appliance before anything repairs them.
+
+        Until now only the C server's memory knows them, and their extents need
+        not be in the activity log: a crash of this primary would forget them
+        and the next resync would skip them. The secondary holds blocks known to
+        be wrong: it must not be promoted as if its copy were whole (decision 42).
+        """
+        self._tell_secondary({"type": "out_of_sync", "bytes": differed})
+        try:
+            self._persist_bitmap(server)
+        except OSError as exc:
+            # The repair runs all the same: not resending them would be worse than a crash forgetting them.
+            self.log.log(f"Could not save the differences the verify found ({exc}): they are being resent, but "
+                         "a crash of this appliance before that is done would forget them.")
+
+    def _tell_secondary(self, message: dict[str, Any]) -> None:
+        """Best effort: without a working control connection the link is lost, and fencing makes
+        the secondary Outdated (or this primary step down) before anything more is acknowledged."""
+        with self._send_lock:
+            if self._control is None:
+                return
+            try:
+                link.send(self._control, message)
+            except OSError:
+                return  # the connector notices the broken connection on its own
 
     def stop(self) -> None:
         # Unmount while the peer is still attached: the filesystem's last writes
@@ -259,9 +293,21 @@ class PrimarySide:
     def _save_bitmap(self) -> None:
         """Clean stop: the bitmap file first, then the meta file that says it is current."""
         assert self.server is not None
-        atomicfile.write_bytes(extents.bitmap_file(self.home, self.settings.volume), self.server.dirty_bitmap())
-        self.meta.primary_open = False
-        self.meta.save(self.home, self.settings.volume)
+        with self._bitmap_lock:
+            atomicfile.write_bytes(extents.bitmap_file(self.home, self.settings.volume), self.server.dirty_bitmap())
+            self.meta.primary_open = False
+            self.meta.save(self.home, self.settings.volume)
+
+    def _persist_bitmap(self, server: PrimaryServer) -> None:
+        """The live bitmap to the file while serving, with primary_open still set: after a crash,
+        recover() adds the activity log's extents to it, so the blocks it holds now are resynced.
+
+        Bits that are cleared later (synced) stay set in the file until the next save: a crash
+        resends them once more, never less than differs. After a clean stop the file is final.
+        """
+        with self._bitmap_lock:
+            if self.meta.primary_open:
+                atomicfile.write_bytes(extents.bitmap_file(self.home, self.settings.volume), server.dirty_bitmap())
 
     def start_writing_alone(self) -> None:
         """The supervisor lets this primary acknowledge writes its lost secondary does not get."""

@@ -137,6 +137,59 @@ def test_idle_old_primary_becomes_secondary_with_a_bitmap_resync(pair: Any) -> N
     assert identical(pair)
 
 
+MiB = 1 << 20
+#: The repair of REPAIR_MIB chunks at REPAIR_RATE MiB/s takes seconds: time to crash the primary inside it.
+REPAIR_MIB, REPAIR_RATE = 96, 24
+
+
+def flip_a_byte_per_chunk(lab: Any, node: str, chunks: range) -> None:
+    """Bit rot behind mirrord's back: one byte changed in each of these 1 MiB chunks."""
+    with open(lab.home(node) / "disk.img", "r+b") as f:
+        for chunk in chunks:
+            f.seek(chunk * MiB + 777)
+            old = f.read(1)
+            f.seek(chunk * MiB + 777)
+            f.write(bytes([old[0] ^ 0xFF]))
+
+
+def chunks_differing(lab: Any, chunks: range) -> int:
+    one, two = image(lab, "a1"), image(lab, "a2")
+    return sum(one[c * MiB:(c + 1) * MiB] != two[c * MiB:(c + 1) * MiB] for c in chunks)
+
+
+def test_a_crash_of_the_primary_during_the_verify_repair_neither_forgets_nor_promotes_the_differences(
+        pair: Any) -> None:
+    """Decision 42: the differences verify found are in the bitmap file before the repair starts,
+    and the secondary holding them is Inconsistent until it ends, so a crash of the primary inside
+    the repair leaves no takeover with the wrong blocks and a restart resends them."""
+    start_ha(pair, "a2")
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", resync_done)
+    write_blocks(pair, "a1", 0, 16, "before-verify")  # an activity log: the crash is recovered by bitmap
+    done = pair.run("a1", f"configureHA --resync-rate {REPAIR_RATE}", timeout=60)
+    assert done.returncode == 0, done
+    chunks = range(64, 64 + REPAIR_MIB)
+    flip_a_byte_per_chunk(pair, "a2", chunks)
+    done = pair.run("a1", "mirrord verify", timeout=120)
+    assert done.returncode == 0 and f"{REPAIR_MIB * MiB} bytes differed" in done.stdout, done
+    pair.crash("a1")
+    left = chunks_differing(pair, chunks)
+    assert 0 < left, "the repair finished before the crash: the test proves nothing"
+    s2 = wait_status(pair, "a2", lambda s: s["mode"] in ("inconsistent", "primary"), timeout=30)
+    assert s2["mode"] == "inconsistent" and s2["disk"]["state"] == "Inconsistent", s2
+    assert "differ on this disk and is resending them" in ha_log(pair, "a2")
+    pair.boot("a1")
+    start_ha(pair, "a1")
+    resync = wait_status(pair, "a1", resync_done, timeout=120)["resync"]
+    wait_status(pair, "a2", lambda s: s["mode"] == "secondary" and s["disk"]["state"] == "UpToDate", timeout=60)
+    print(f"{left} of {REPAIR_MIB} chunks still differed at the crash; resync {resync}")
+    assert resync["kind"] == "bitmap", resync
+    assert "named by its activity log" in ha_log(pair, "a1")
+    stop_all(pair)
+    assert chunks_differing(pair, chunks) == 0
+    assert identical(pair)
+
+
 def test_split_brain_is_refused_then_resolved_on_the_victim(pair: Any) -> None:
     """(3) both appliances primary during a partition, each written; heal; refuse; resolve on a1."""
     start_ha(pair, "a2")

@@ -100,7 +100,7 @@ def test_an_outdate_request_seen_before_the_current_link_is_stale(connected: boo
 
 def test_secondary_states_in_sentences() -> None:
     assert "in sync" in decide(facts(Mode.SECONDARY)).sentence
-    assert "initial sync" in decide(facts(Mode.SECONDARY, disk_state=INC)).sentence
+    assert "receiving a sync" in decide(facts(Mode.SECONDARY, disk_state=INC)).sentence
     assert "not replicating" in decide(facts(Mode.SECONDARY, peer_connected=False)).sentence
 
 
