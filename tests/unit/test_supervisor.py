@@ -247,6 +247,14 @@ def test_failing_application(healthy: bool | None, restarts: int, connected: boo
     assert d.action is expected
 
 
+def test_a_failed_application_is_handed_over_only_after_a_running_verify() -> None:
+    failed = dict(peer_mode="secondary", app_healthy=False, app_restarts=3, restart_limit=3, peer_connected=True,
+                  sync_percent=100.0)
+    d = decide(facts(Mode.PRIMARY, verifying=True, **failed))
+    assert d.action is Action.NONE and "once mirrord verify has finished" in d.sentence
+    assert decide(facts(Mode.PRIMARY, verifying=False, **failed)).action is Action.HAND_OVER
+
+
 @pytest.mark.parametrize("split_brain", [True, False])
 def test_two_primaries_after_a_partition_step_down_without_touching_the_data(split_brain: bool) -> None:
     d = decide(facts(Mode.PRIMARY, peer_mode="primary", epoch=1, peer_epoch=2, split_brain=split_brain))

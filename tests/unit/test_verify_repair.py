@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 
 from mirrord.config import Endpoints, Settings
-from mirrord.errors import PeerError
+from mirrord.errors import MirrordError, PeerError
 from mirrord.halog import HALog
 from mirrord.paths import Home
 from mirrord.replication import extents, link, primary as primary_module
 from mirrord.replication.generations import Generations
 from mirrord.replication.meta import DiskState, VolumeMeta
-from mirrord.replication.primary import PrimarySide
+from mirrord.replication.primary import SAVE_DIFFERENCES_SECONDS, KeptDifferences, PrimarySide
 from mirrord.replication.secondary import SecondarySide
 
 A1, A2 = ipaddress.IPv4Address("198.18.0.11"), ipaddress.IPv4Address("198.18.0.12")
@@ -48,23 +48,35 @@ def home(tmp_path: Path) -> Home:
 
 
 class VerifyingServer:
-    """Stands in for the C server: a verify that finds ``differed`` bytes, or is cut short."""
+    """Stands in for the C server: a verify pass that reports ``running`` (the differences found so
+    far, one value a look) while it runs, then ends with ``differed``, at the end of the disk or
+    not; it notes at each look whether the bitmap file exists."""
 
-    def __init__(self, bitmap_path: Path, differed: int, reaches_end: bool = True) -> None:
+    def __init__(self, bitmap_path: Path, differed: int, reaches_end: bool = True,
+                 running: tuple[int, ...] = ()) -> None:
         self.bitmap_path = bitmap_path
         self.differed = differed
         self.reaches_end = reaches_end
-        self.verified = False
+        self.running = list(running)
+        self.verified = self.stopped = False
+        self.file_seen: list[bool] = []
         #: the bitmap file as the repair resync found it when it started
         self.file_at_sync: bytes | None = None
 
     def stats(self) -> SimpleNamespace:
-        return SimpleNamespace(sync_active=False, sync_done=self.reaches_end, sync_offset=SIZE // 2,
-                               bytes_verified=SIZE if self.verified else 0, last_error="",
+        if self.verified and self.running and not self.stopped:
+            self.file_seen.append(self.bitmap_path.exists())
+            return SimpleNamespace(sync_active=True, sync_done=False, sync_offset=0, bytes_verified=0,
+                                   last_error="", verify_diff_bytes=self.running.pop(0))
+        return SimpleNamespace(sync_active=False, sync_done=self.reaches_end and not self.stopped,
+                               sync_offset=SIZE // 2, bytes_verified=SIZE if self.verified else 0, last_error="",
                                verify_diff_bytes=self.differed if self.verified else 0)
 
     def start_verify(self, offset: int) -> None:
         self.verified = True
+
+    def stop_sync(self) -> None:
+        self.stopped = True
 
     def start_sync(self, offset: int, dirty_only: bool = False) -> None:
         assert dirty_only
@@ -97,6 +109,48 @@ def test_verify_persists_the_differences_and_tells_the_secondary_before_the_repa
         far.close()
     assert server.file_at_sync == MIB_DIRTY
     assert side.meta.primary_open and not side.peer.sync_done  # a crash from here on is recovered
+
+
+def test_kept_differences_are_saved_first_at_once_then_at_most_every_second_and_all_at_the_end() -> None:
+    kept = KeptDifferences()
+    assert not kept.due(0, 0.0) and kept.due(SIZE, 0.0)
+    kept.bytes, kept.at = SIZE, 10.0
+    assert not kept.due(SIZE, 99.0)  # nothing new
+    assert not kept.due(2 * SIZE, 10.0 + SAVE_DIFFERENCES_SECONDS / 2)
+    assert kept.due(2 * SIZE, 10.0 + SAVE_DIFFERENCES_SECONDS / 2, final=True)
+    assert kept.due(2 * SIZE, 10.0 + SAVE_DIFFERENCES_SECONDS)
+
+
+def test_the_first_difference_is_told_and_saved_while_the_pass_still_runs(
+        home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(primary_module.time, "sleep", lambda _s: None)
+    path = extents.bitmap_file(home, "r0")
+    server = VerifyingServer(path, differed=2 * SIZE, running=(0, SIZE, SIZE, 2 * SIZE))
+    near, far = socket.socketpair()
+    try:
+        side = _primary(home, tmp_path, server, near)
+        assert side.verify() == (SIZE, 2 * SIZE)
+        near.close()
+        assert link.recv(far) == {"type": "out_of_sync", "bytes": SIZE}
+        with pytest.raises(PeerError):  # told once: nothing after it but the end of the connection
+            link.recv(far)
+    finally:
+        near.close()
+        far.close()
+    assert server.file_seen == [False, False, True, True]
+    assert server.file_at_sync == MIB_DIRTY
+
+
+def test_a_verify_out_of_time_still_resends_what_it_found(
+        home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([0.0, 0.0, 1e9, 1e9, 1e9])  # the deadline passes at the second look
+    monkeypatch.setattr(primary_module, "time", SimpleNamespace(monotonic=lambda: next(clock), sleep=lambda _s: None))
+    path = extents.bitmap_file(home, "r0")
+    server = VerifyingServer(path, differed=SIZE, running=(SIZE,) * 10)
+    side = _primary(home, tmp_path, server, None)
+    with pytest.raises(MirrordError, match=f"the {SIZE} bytes that differed until then are being resent"):
+        side.verify()
+    assert server.stopped and server.file_at_sync == MIB_DIRTY and not side.peer.sync_done
 
 
 def test_an_interrupted_verify_persists_what_it_found_and_starts_no_repair(home: Home, tmp_path: Path) -> None:
