@@ -314,6 +314,7 @@ class Daemon:
             return Facts(disk_state=DiskState.UP_TO_DATE, peer_connected=self.primary.link_up(),
                          sync_percent=self.primary.sync_percent,
                          io_suspended=self.primary.io_suspended(), link_synced=self.primary.in_sync,
+                         verifying=self.primary.verifying(),
                          app_healthy=self.app_monitor.healthy if self.app_monitor else None,
                          app_restarts=self.app_restarts,
                          restart_limit=self.settings.restart_limit if self.settings else 3, **common)
@@ -514,22 +515,27 @@ class Daemon:
             if not primary.in_sync:
                 raise Refused("The secondary is not connected and in sync: a failOver now would lose data. "
                               "Wait until HAstatus shows it UpToDate.")
-            self._stop_app(settings, "primary", check=not app_failed)
-            floatip.remove(settings.floating_ip)
-            try:
-                primary.hand_over()
-            except MirrordError as exc:
-                # Stay the primary we were: address back, application back, then say why.
-                primary.remount()
-                floatip.add(settings.floating_ip, primary.lead.ends.my_public)
-                self._start_app(settings, check=False)
-                raise Refused(f"failOver refused, this appliance stays primary: {exc}") from exc
-            primary.stop()
-            self.primary = None
-            self._mark_outdated()
-            self._set_mode(transition(self.mode, Event.FAILOVER_DEMOTE))
-            self.log.log("failOver: this appliance is idle; the peer is taking over. Run startHA here to make it "
-                         "the new secondary.")
+            # A verify's compare pass resends what it finds only when it ends: a secondary
+            # promoted meanwhile would serve blocks known to differ (decision 42).
+            with primary.exclusive("mirrord verify is comparing the two disks: blocks it finds different on the "
+                                   "secondary are resent only after it ends, so the secondary cannot take over now. "
+                                   "Run failOver when the verify is done and HAstatus shows the secondary UpToDate."):
+                self._stop_app(settings, "primary", check=not app_failed)
+                floatip.remove(settings.floating_ip)
+                try:
+                    primary.hand_over()
+                except MirrordError as exc:
+                    # Stay the primary we were: address back, application back, then say why.
+                    primary.remount()
+                    floatip.add(settings.floating_ip, primary.lead.ends.my_public)
+                    self._start_app(settings, check=False)
+                    raise Refused(f"failOver refused, this appliance stays primary: {exc}") from exc
+                primary.stop()
+                self.primary = None
+                self._mark_outdated()
+                self._set_mode(transition(self.mode, Event.FAILOVER_DEMOTE))
+                self.log.log("failOver: this appliance is idle; the peer is taking over. Run startHA here to make it "
+                             "the new secondary.")
 
     def _write_trace(self) -> None:
         if self.ends is None:
@@ -1137,7 +1143,8 @@ class Daemon:
         compared, differed = primary.verify()
         if differed:
             message = (f"Verified {compared} bytes against the secondary: {differed} bytes differed there; they "
-                       "are marked out of sync and being resent (HAstatus shows the resync).")
+                       "are marked out of sync and being resent, and the secondary is Inconsistent until that is "
+                       "done (HAstatus shows the resync).")
         else:
             message = f"Verified {compared} bytes against the secondary: the two disks are identical."
         self.log.log(message)

@@ -95,6 +95,7 @@ class Facts:
     my_links_up: bool = True
     io_suspended: bool = False            # the C data path holds writes after losing the peer
     link_synced: bool = False             # primary: every volume's current link finished its sync (and flush)
+    verifying: bool = False               # primary: mirrord verify runs, and no hand-over may (decision 42)
     witness_ok: bool | None = None        # None: no witness configured
     busy: str | None = None               # a slow action already running beside the loop
     app_healthy: bool | None = None       # the OCF monitor's last answer (None: no monitor or not yet)
@@ -175,7 +176,8 @@ def _secondary(f: Facts) -> Decision:
     if not f.peer_connected:
         return Decision(Action.NONE, f"Secondary ({f.disk_state}): the primary is not replicating to us.{one_silent}")
     if f.disk_state is DiskState.INCONSISTENT:
-        return Decision(Action.NONE, f"Secondary: receiving the initial sync from the primary.{one_silent}")
+        return Decision(Action.NONE, f"Secondary: receiving a sync from the primary; this disk is Inconsistent until it "
+                                     f"completes.{one_silent}")
     return Decision(Action.NONE, f"Secondary: in sync with the primary; every write is mirrored here.{one_silent}")
 
 
@@ -230,6 +232,9 @@ def _primary(f: Facts) -> Decision:
         if f.app_restarts < f.restart_limit:
             return Decision(Action.RESTART_APP, f"The application failed its monitor: restarting it "
                             f"({f.app_restarts + 1} of {f.restart_limit}).")
+        if f.peer_connected and f.sync_percent >= 100.0 and f.verifying:
+            return Decision(Action.NONE, f"The application failed again after {f.restart_limit} restarts: "
+                            "handing over to the secondary once mirrord verify has finished.")
         if f.peer_connected and f.sync_percent >= 100.0:
             return Decision(Action.HAND_OVER, f"The application failed again after {f.restart_limit} restarts: "
                             "handing over to the secondary.")

@@ -29,7 +29,9 @@ marks it UpToDate again.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 from mirrord.errors import MirrordError, Refused
 from mirrord.replication.meta import DiskState, update_together
@@ -78,6 +80,8 @@ class PrimaryGroup:
         self._seen: list[tuple[bool, int]] = [(False, 0)] * len(sides)
         #: per volume, the session share_fate itself dropped (its loss is not news)
         self._dropped: list[int | None] = [None] * len(sides)
+        #: held by a verify or a hand-over, start to end: they never overlap (exclusive())
+        self._exclusive = threading.Lock()
 
     @property
     def lead(self) -> PrimarySide:
@@ -203,11 +207,32 @@ class PrimaryGroup:
             side.secret = secret
             side.apply_resync_rate()
 
+    def verifying(self) -> bool:
+        """A verify (or a hand-over) holds exclusive(): a hand-over now would be refused."""
+        return self._exclusive.locked()
+
+    @contextmanager
+    def exclusive(self, refusal: str) -> Iterator[None]:
+        """Run a verify or a hand-over only while the other is not running (``refusal`` says why not).
+
+        A hand-over during a verify would promote a secondary holding blocks the verify found
+        wrong, or, once it has been told so (decision 42), one that refuses to be promoted after
+        this primary gave up its role.
+        """
+        if not self._exclusive.acquire(blocking=False):
+            raise Refused(refusal)
+        try:
+            yield
+        finally:
+            self._exclusive.release()
+
     def verify(self) -> tuple[int, int]:
         compared = differed = 0
-        for side in self.sides:
-            c, d = side.verify()
-            compared, differed = compared + c, differed + d
+        with self.exclusive("A failOver or another mirrord verify is under way: run mirrord verify again when it "
+                            "is done."):
+            for side in self.sides:
+                c, d = side.verify()
+                compared, differed = compared + c, differed + d
         return compared, differed
 
     def volumes_status(self) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ persists the C server's dirty bitmap on every clean stop, so a later start
 from __future__ import annotations
 
 import errno
+import math
 import os
 import secrets
 import select
@@ -44,12 +45,27 @@ SYNC_CHUNK = 1 << 20
 #: (startHA --discard-my-data on the other appliance): retry slowly, log once.
 CONFLICT_RETRY_SECONDS = 3.0
 PROGRESS_SECONDS = 0.2
+#: A running verify saves newly found differences at most this often: each save copies the whole bitmap.
+SAVE_DIFFERENCES_SECONDS = 1.0
 RESOLVE_COMMAND = "stopHA, then startHA --discard-my-data"
 
 
 def plan_sentence(plan: Plan) -> str:
     """The one sentence both ha.log and HAstatus show for a refused connection."""
     return generations.describe(plan, command=RESOLVE_COMMAND)
+
+
+@dataclass
+class KeptDifferences:
+    """How much of a running verify's differences the bitmap file holds, and since when."""
+
+    bytes: int = 0
+    at: float = -math.inf
+
+    def due(self, differed: int, now: float, final: bool = False) -> bool:
+        """Save now? The first differences at once (the secondary is told with them), more at
+        most every SAVE_DIFFERENCES_SECONDS while the pass runs, and all of them at its end."""
+        return differed > self.bytes and (final or not self.bytes or now - self.at >= SAVE_DIFFERENCES_SECONDS)
 
 
 @dataclass
@@ -88,6 +104,8 @@ class PrimarySide:
         self._guard_lock = threading.Lock()
         #: data connections handed to C so far: tells a volume group one link from the next
         self.sessions = 0
+        #: a verify (command thread) and a clean stop (daemon thread) both write the bitmap file
+        self._bitmap_lock = threading.Lock()
 
     # -- exposing the disk -------------------------------------------------
     def start(self) -> None:
@@ -193,32 +211,77 @@ class PrimarySide:
     def verify(self) -> tuple[int, int]:
         """Online verify (docs/protocol.md, VERIFY): (bytes compared, bytes that differed on the secondary).
 
-        Runs while serving. Differences are marked dirty and resent at once;
-        the secondary counts as in sync again only when that resync is done.
+        Runs while serving. Differences are marked dirty, saved in the bitmap
+        file and resent when the pass ends; from the first one the secondary is
+        Inconsistent until that resync is done (decision 42).
         """
-        assert self.server is not None
-        if not (self.peer.connected and self.peer.sync_done) or self.server.stats().sync_active:
+        # One server throughout: a stopHA meanwhile sets self.server to None.
+        server = self.server
+        assert server is not None
+        if not (self.peer.connected and self.peer.sync_done) or server.stats().sync_active:
             raise Refused("The secondary is not connected and in sync: verify compares two copies that should be "
                           "identical. Wait until HAstatus shows the secondary UpToDate.")
-        self.server.start_verify(0)
+        server.start_verify(0)
         # Bounded: a verify reads the disk on both sides; 20 MiB/s is far below either.
         deadline = time.monotonic() + 60 + self.disk_size / (20 << 20)
-        while (stats := self.server.stats()).sync_active:
+        kept, timed_out = KeptDifferences(), False
+        while (stats := server.stats()).sync_active:
+            self._keep_differences(server, kept, stats.verify_diff_bytes)
             if time.monotonic() > deadline:
-                self.server.stop_sync()
-                raise MirrordError(f"The verify did not finish in time (at {stats.sync_offset} of {self.disk_size} "
-                                   "bytes) and was stopped; nothing was changed. Run mirrord verify again.")
-            time.sleep(0.05)
-        if not stats.sync_done:
+                server.stop_sync()  # returns once the pass stopped: the next look ends the loop
+                timed_out = True
+            else:
+                time.sleep(0.05)
+        self._keep_differences(server, kept, stats.verify_diff_bytes, final=True)
+        if not (stats.sync_done or timed_out):
             raise PeerError(f"The verify stopped at {stats.sync_offset} of {self.disk_size} bytes: "
                             f"{stats.last_error or 'the secondary went away'}. Differences found so far are "
                             "marked and resent when it reconnects.")
         if stats.verify_diff_bytes:
             # Start the resync before the secondary stops counting as in sync, so the
             # progress reporter never sees a finished sync with blocks still dirty.
-            self.server.start_sync(0, dirty_only=True)
+            server.start_sync(0, dirty_only=True)
             self.peer.sync_done = False
+        if timed_out:
+            found = (f"the {stats.verify_diff_bytes} bytes that differed until then are being resent"
+                     if stats.verify_diff_bytes else "nothing differed until then")
+            raise MirrordError(f"The verify did not finish in time (at {stats.sync_offset} of {self.disk_size} "
+                               f"bytes) and was stopped; {found}. Run mirrord verify again.")
         return stats.bytes_verified, stats.verify_diff_bytes
+
+    def _keep_differences(self, server: PrimaryServer, kept: KeptDifferences, differed: int,
+                          final: bool = False) -> None:
+        """Differences found: make them survive a crash of either appliance before anything repairs them.
+
+        Until now only the C server's memory knows them, and their extents need
+        not be in the activity log: a crash of this primary would forget them
+        and the next resync would skip them. The secondary holds blocks known to
+        be wrong from the first one on, and a pass can take hours: it must not
+        be promoted as if its copy were whole (decision 42).
+        """
+        now = time.monotonic()
+        if not kept.due(differed, now, final):
+            return
+        if not kept.bytes:
+            self._tell_secondary({"type": "out_of_sync", "bytes": differed})
+        kept.bytes, kept.at = differed, now
+        try:
+            self._persist_bitmap(server)
+        except OSError as exc:
+            # The repair runs all the same: not resending them would be worse than a crash forgetting them.
+            self.log.log(f"Could not save the differences the verify found ({exc}): they are resent, but a crash "
+                         "of this appliance before that is done would forget them.")
+
+    def _tell_secondary(self, message: dict[str, Any]) -> None:
+        """Best effort: without a working control connection the link is lost, and fencing makes
+        the secondary Outdated (or this primary step down) before anything more is acknowledged."""
+        with self._send_lock:
+            if self._control is None:
+                return
+            try:
+                link.send(self._control, message)
+            except OSError:
+                return  # the connector notices the broken connection on its own
 
     def stop(self) -> None:
         # Unmount while the peer is still attached: the filesystem's last writes
@@ -259,9 +322,21 @@ class PrimarySide:
     def _save_bitmap(self) -> None:
         """Clean stop: the bitmap file first, then the meta file that says it is current."""
         assert self.server is not None
-        atomicfile.write_bytes(extents.bitmap_file(self.home, self.settings.volume), self.server.dirty_bitmap())
-        self.meta.primary_open = False
-        self.meta.save(self.home, self.settings.volume)
+        with self._bitmap_lock:
+            atomicfile.write_bytes(extents.bitmap_file(self.home, self.settings.volume), self.server.dirty_bitmap())
+            self.meta.primary_open = False
+            self.meta.save(self.home, self.settings.volume)
+
+    def _persist_bitmap(self, server: PrimaryServer) -> None:
+        """The live bitmap to the file while serving, with primary_open still set: after a crash,
+        recover() adds the activity log's extents to it, so the blocks it holds now are resynced.
+
+        Bits that are cleared later (synced) stay set in the file until the next save: a crash
+        resends them once more, never less than differs. After a clean stop the file is final.
+        """
+        with self._bitmap_lock:
+            if self.meta.primary_open:
+                atomicfile.write_bytes(extents.bitmap_file(self.home, self.settings.volume), server.dirty_bitmap())
 
     def start_writing_alone(self) -> None:
         """The supervisor lets this primary acknowledge writes its lost secondary does not get."""

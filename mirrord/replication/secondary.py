@@ -281,6 +281,8 @@ class SecondarySide:
                     self.primary.sync_percent = 100.0
                     self.primary.synced = True
                     self.log.log("Sync from the primary complete: this disk is UpToDate.")
+                elif msg["type"] == "out_of_sync":
+                    self._mark_out_of_sync(msg.get("bytes"))
                 elif msg["type"] == "promote":
                     reason = "the primary handed over (failOver)"
                     self._end_session(reason)
@@ -290,6 +292,18 @@ class SecondarySide:
             reason = str(exc)
         if self._control is control:
             self._end_session(reason)
+
+    def _mark_out_of_sync(self, differed: object) -> None:
+        """The primary's verify found blocks that differ here (it resends them when its pass ends):
+        until its sync_done this copy is partly wrong, so it must never be promoted (decision 42)."""
+        if type(differed) is not int or differed <= 0:
+            raise PeerError(f"the primary's out_of_sync is malformed: bytes={differed!r}")
+        try:
+            self.meta.update(self.home, self.settings.volume, disk_state=DiskState.INCONSISTENT)
+        except OSError as exc:
+            raise PeerError(f"cannot record the differences the verify found: {exc}") from exc
+        self.log.log(f"The primary's verify found blocks that differ on this disk ({differed} bytes at first): "
+                     "this disk is Inconsistent until the primary has resent them.")
 
     def request_failover(self) -> None:
         """failOver run on the secondary: ask the primary to hand over (it unmounts, then says promote)."""

@@ -137,6 +137,85 @@ def test_idle_old_primary_becomes_secondary_with_a_bitmap_resync(pair: Any) -> N
     assert identical(pair)
 
 
+MiB = 1 << 20
+#: The repair of REPAIR_MIB chunks at REPAIR_RATE MiB/s takes seconds: time to crash the primary inside it.
+REPAIR_MIB, REPAIR_RATE = 96, 24
+
+
+def flip_a_byte_per_chunk(lab: Any, node: str, chunks: range) -> None:
+    """Bit rot behind mirrord's back: one byte changed in each of these 1 MiB chunks."""
+    with open(lab.home(node) / "disk.img", "r+b") as f:
+        for chunk in chunks:
+            f.seek(chunk * MiB + 777)
+            old = f.read(1)
+            f.seek(chunk * MiB + 777)
+            f.write(bytes([old[0] ^ 0xFF]))
+
+
+def chunks_differing(lab: Any, chunks: range) -> int:
+    one, two = image(lab, "a1"), image(lab, "a2")
+    return sum(one[c * MiB:(c + 1) * MiB] != two[c * MiB:(c + 1) * MiB] for c in chunks)
+
+
+def in_sync_with_a_slow_verify(lab: Any, chunks: range) -> None:
+    """A pair in sync with an activity log on a1 (a crash is then recovered by bitmap), a resync
+    rate that makes the verify and its repair take seconds, and ``chunks`` flipped on a2."""
+    start_ha(lab, "a2")
+    start_ha(lab, "a1")
+    wait_status(lab, "a1", resync_done)
+    write_blocks(lab, "a1", 0, 16, "before-verify")
+    done = lab.run("a1", f"configureHA --resync-rate {REPAIR_RATE}", timeout=60)
+    assert done.returncode == 0, done
+    flip_a_byte_per_chunk(lab, "a2", chunks)
+
+
+def crash_a1_and_restart_it(lab: Any, chunks: range) -> None:
+    """a1 crashes with ``chunks`` still different: a2 must not take over, and a1's restart must
+    resend them."""
+    left = chunks_differing(lab, chunks)
+    lab.crash("a1")
+    assert 0 < left, "the repair finished before the crash: the test proves nothing"
+    s2 = wait_status(lab, "a2", lambda s: s["mode"] in ("inconsistent", "primary"), timeout=30)
+    assert s2["mode"] == "inconsistent" and s2["disk"]["state"] == "Inconsistent", s2
+    assert "differ on this disk" in ha_log(lab, "a2")
+    lab.boot("a1")
+    start_ha(lab, "a1")
+    resync = wait_status(lab, "a1", resync_done, timeout=120)["resync"]
+    wait_status(lab, "a2", lambda s: s["mode"] == "secondary" and s["disk"]["state"] == "UpToDate", timeout=60)
+    print(f"{left} of {len(chunks)} chunks differed before the crash; resync {resync}")
+    assert resync["kind"] == "bitmap", resync
+    assert "named by its activity log" in ha_log(lab, "a1")
+    stop_all(lab)
+    assert chunks_differing(lab, chunks) == 0
+    assert identical(lab)
+
+
+def test_a_crash_of_the_primary_during_the_verify_repair_neither_forgets_nor_promotes_the_differences(
+        pair: Any) -> None:
+    """Decision 42: the differences verify found are in the bitmap file before the repair starts,
+    and the secondary holding them is Inconsistent until it ends, so a crash of the primary inside
+    the repair leaves no takeover with the wrong blocks and a restart resends them."""
+    chunks = range(64, 64 + REPAIR_MIB)
+    in_sync_with_a_slow_verify(pair, chunks)
+    done = pair.run("a1", "mirrord verify", timeout=120)
+    assert done.returncode == 0 and f"{REPAIR_MIB * MiB} bytes differed" in done.stdout, done
+    crash_a1_and_restart_it(pair, chunks)
+
+
+def test_a_crash_of_the_primary_during_the_verify_pass_neither_forgets_nor_promotes_what_it_found(
+        pair: Any) -> None:
+    """Decision 42: a pass can take hours, so from its first difference on the secondary is
+    Inconsistent and the bitmap file holds what was found (at most a second behind)."""
+    chunks = range(8, 16)  # found in the pass's first second; the pass takes about ten
+    in_sync_with_a_slow_verify(pair, chunks)
+    verify = pair.popen("a1", "mirrord verify", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_status(pair, "a2", lambda s: s["disk"]["state"] == "Inconsistent", timeout=30)
+    time.sleep(2.5)  # past the next save of what the pass found
+    assert verify.poll() is None, "the verify ended before the crash: the test proves nothing"
+    crash_a1_and_restart_it(pair, chunks)
+    verify.wait(timeout=30)
+
+
 def test_split_brain_is_refused_then_resolved_on_the_victim(pair: Any) -> None:
     """(3) both appliances primary during a partition, each written; heal; refuse; resolve on a1."""
     start_ha(pair, "a2")

@@ -26,6 +26,7 @@ from mirrord.modes import Mode
 from mirrord.net import arp, floatip
 from mirrord.paths import Home
 from mirrord.replication import volume
+from mirrord.replication.group import PrimaryGroup
 from mirrord.replication.meta import DiskState, VolumeMeta
 from mirrord.trace import peer_log_dir
 
@@ -354,6 +355,24 @@ def test_failed_stop_ha_keeps_the_mode_and_can_be_retried(daemon: Daemon, disk: 
     assert primary.stopped and daemon.primary is None and daemon.heartbeat is None
     assert data["mode"] == "standalone" and state_file(daemon)["mode"] == "standalone"
     assert daemon.stop_ha()[0] == "HA was not running; this appliance is standalone."
+
+
+# -- failOver: never while a verify compares the disks (decision 42) ------------------------------
+
+def test_fail_over_during_a_verify_is_refused_before_anything_is_stopped(daemon: Daemon, disk: Path) -> None:
+    running(daemon, Mode.PRIMARY, settings_for(disk), "primary")
+    primary = FakePrimary()
+    primary.in_sync = True
+    group = PrimaryGroup([SimpleNamespace()])  # type: ignore[list-item]
+    primary.exclusive = group.exclusive  # type: ignore[attr-defined]
+    daemon.primary = primary  # type: ignore[assignment]
+    with group.exclusive("a verify runs"):
+        with pytest.raises(Refused, match="mirrord verify is comparing the two disks"):
+            daemon.fail_over()
+    assert daemon.mode is Mode.PRIMARY and daemon.primary is primary and not primary.stopped
+    with group.exclusive("a hand-over runs"):
+        with pytest.raises(Refused, match="A failOver or another mirrord verify is under way"):
+            group.verify()
 
 
 # -- startHA: a refusal changes nothing -----------------------------------------------------------

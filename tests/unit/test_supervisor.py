@@ -100,7 +100,7 @@ def test_an_outdate_request_seen_before_the_current_link_is_stale(connected: boo
 
 def test_secondary_states_in_sentences() -> None:
     assert "in sync" in decide(facts(Mode.SECONDARY)).sentence
-    assert "initial sync" in decide(facts(Mode.SECONDARY, disk_state=INC)).sentence
+    assert "receiving a sync" in decide(facts(Mode.SECONDARY, disk_state=INC)).sentence
     assert "not replicating" in decide(facts(Mode.SECONDARY, peer_connected=False)).sentence
 
 
@@ -245,6 +245,14 @@ def test_failing_application(healthy: bool | None, restarts: int, connected: boo
     d = decide(facts(Mode.PRIMARY, peer_mode="secondary", app_healthy=healthy, app_restarts=restarts,
                      restart_limit=3, peer_connected=connected, sync_percent=sync))
     assert d.action is expected
+
+
+def test_a_failed_application_is_handed_over_only_after_a_running_verify() -> None:
+    failed = dict(peer_mode="secondary", app_healthy=False, app_restarts=3, restart_limit=3, peer_connected=True,
+                  sync_percent=100.0)
+    d = decide(facts(Mode.PRIMARY, verifying=True, **failed))
+    assert d.action is Action.NONE and "once mirrord verify has finished" in d.sentence
+    assert decide(facts(Mode.PRIMARY, verifying=False, **failed)).action is Action.HAND_OVER
 
 
 @pytest.mark.parametrize("split_brain", [True, False])
