@@ -1990,8 +1990,11 @@ int mrd_server_start_sync(struct mrd_server *s, uint64_t from_offset, uint32_t f
     s->sync_offset = s->sync_from;
     s->bytes_synced = 0;
     s->bytes_zeroed = 0;
-    s->verify_diff_bytes = 0;
-    s->bytes_verified = 0;
+    /* Kept through a plain sync: the repair that follows a verify must not erase its count. */
+    if (flags & (MRD_SYNC_VERIFY | MRD_SYNC_CHECKSUM)) {
+        s->verify_diff_bytes = 0;
+        s->bytes_verified = 0;
+    }
     s->sync_total = (flags & (MRD_SYNC_DIRTY_ONLY | MRD_SYNC_CHECKSUM)) ? mrd_bitmap_count(s->bm) * gran
                                                                          : s->size - s->sync_from;
     pthread_mutex_unlock(&s->pend_mu);

@@ -722,6 +722,7 @@ def test_online_verify_finds_a_flipped_byte_and_the_resync_repairs_it(make_pair:
     assert pair.receiver is not None and pair.receiver.stats().verify_diffs == 1
     pair.server.start_sync(0, dirty_only=True)
     _wait(lambda: not pair.server.stats().sync_active and pair.server.stats().dirty_blocks == 0, timeout=60)
+    assert pair.server.stats().verify_diff_bytes == MiB  # the last verify's count, through its repair
     pair.stop()
     assert _identical(pair.a, pair.b)
 
