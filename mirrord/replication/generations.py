@@ -183,8 +183,24 @@ def next_sync_uuid(g: Generations) -> str:
 
 def sync_uuid_for(plan: "Plan", source: Generations, offered: str) -> str:
     """The identifier this plan's sync runs under: a lost start (r71 / r51) is retried under its own,
-    the source's bitmap identifier; any other sync under the one the source offered."""
-    return source.bitmap if plan.rule in _LOST_START_RULES else offered
+    the source's bitmap identifier; so is a full sync whose source last started a sync that never
+    finished (see below); any other sync runs under the one the source offered."""
+    if plan.rule in _LOST_START_RULES or (plan.kind is Kind.FULL and _unfinished_start(source)):
+        return source.bitmap
+    return offered
+
+
+def _unfinished_start(source: Generations) -> bool:
+    """The source's last step was a sync start that never finished: its bitmap identifier is the
+    one derived from its ``history[0]``.
+
+    A full sync marks every block before its identifier is saved, so it may run under any
+    identifier the source's bitmap counts from; retrying it under the same one keeps the
+    target's generation in the source's history however often the data connection fails right
+    after the handshake (a new identifier each time pushed it out after two, and the next
+    connect was refused as unrelated data).
+    """
+    return bool(source.bitmap) and bool(source.history) and source.bitmap == _derived(source.history[0])
 
 
 def begin_sync_source(g: Generations, sync_uuid: str) -> Generations:

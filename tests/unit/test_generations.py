@@ -483,7 +483,7 @@ def play(seed: int) -> set[str]:
         if step in ("lost", "cut", "done"):
             plan = story.connect(step)
             rules.add(plan.rule)
-            # Two lost starts of a full sync in a row are refused as unrelated (reliability.md).
+            # Nothing here changes data on both sides: no story may end in a refusal.
             assert not plan.refused or plan.kind is Kind.UNRELATED, plan
         elif step == "write":
             story.write_alone()
@@ -501,3 +501,33 @@ def test_no_plan_syncs_less_than_differs(seed: int) -> None:
 
 def test_the_stories_reach_every_rule_of_a_returning_secondary() -> None:
     assert {"r40", "r70", "r71", "r80"} <= set().union(*map(play, range(300)))
+
+
+def test_story_lost_starts_of_a_full_sync_keep_the_secondary_in_the_history() -> None:
+    """A restored primary owes its secondary a full sync (r80); the data connection fails right after
+    the handshake three times. Each retry runs under the same sync identifier, so the secondary's
+    generation stays in the primary's history and the fourth connect still syncs (it used to be
+    refused as unrelated data from the third on)."""
+    story = Story(7)
+    story.connect("done")
+    story.restore()
+    for _ in range(3):
+        plan = story.connect("lost")
+        assert (plan.kind, plan.rule) == (Kind.FULL, "r80"), plan
+        assert story.s.gen.current in story.p.gen.history
+    plan = story.connect("done")  # asserts the disks are equal
+    assert (plan.kind, plan.rule) == (Kind.FULL, "r80"), plan
+
+
+@pytest.mark.parametrize(("source", "retried"), [
+    (Generations(C, g._derived(B), (B, A)), True),    # last step: a sync start derived from history[0]
+    (Generations(C, g._derived(A), (B, A)), False),   # derived from an older generation
+    (Generations(C, B, (A,)), False),                 # a random bitmap identifier (writing alone)
+    (Generations(C, "", (B,)), False),                # no bitmap
+    (Generations(C, g._derived(B), ()), False),       # no history
+])
+def test_a_full_sync_reuses_only_an_unfinished_start(source: Generations, retried: bool) -> None:
+    offered = "f" * 16
+    full, bitmap = Plan(Kind.FULL, "local", "r80"), Plan(Kind.BITMAP, "local", "r70")
+    assert g.sync_uuid_for(full, source, offered) == (source.bitmap if retried else offered)
+    assert g.sync_uuid_for(bitmap, source, offered) == offered
