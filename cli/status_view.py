@@ -155,6 +155,9 @@ def render_status(summary: str, s: dict[str, Any], speed: Progress | None = None
         serving = f" serving:{'yes' if s.get('serving') else 'no'}" if mode == "primary" else ""
         lines.append(f"  floating-ip:{settings['floating_ip']} held-here:{'yes' if s.get('floating_ip_held') else 'no'}"
                      + serving)
+    if mode == "standalone" and disk.get("following") and disk.get("state") == "UpToDate":
+        lines.append("  last the secondary's copy: the primary may have written without it since; startHA makes "
+                     "it primary only with --force")
     if s.get("split_brain"):
         detail = s["split_brain"] if isinstance(s["split_brain"], str) else "both copies changed independently"
         lines.append(f"  SPLIT BRAIN: {detail}; neither copy is synced over the other")
