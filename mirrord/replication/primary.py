@@ -91,6 +91,9 @@ class PrimarySide:
         self.on_failover_request = on_failover_request
         self._control: socket.socket | None = None
         self._send_lock = threading.Lock()
+        #: _watch's "the sync is done" (stats read to peer.sync_done set) against a verify starting its
+        #: repair: otherwise a pass that ended just before the repair began reads as the repair's end
+        self._sync_lock = threading.Lock()
         self.device_file: Path = home.device(settings.volume)
         self.server: PrimaryServer | None = None
         self.loop_device: str | None = None
@@ -238,10 +241,11 @@ class PrimarySide:
                             f"{stats.last_error or 'the secondary went away'}. Differences found so far are "
                             "marked and resent when it reconnects.")
         if stats.verify_diff_bytes:
-            # Start the resync before the secondary stops counting as in sync, so the
-            # progress reporter never sees a finished sync with blocks still dirty.
-            server.start_sync(0, dirty_only=True)
-            self.peer.sync_done = False
+            # One step for the progress reporter (_watch): it must never read the verify's
+            # finished pass as a finished sync once the repair has begun.
+            with self._sync_lock:
+                server.start_sync(0, dirty_only=True)
+                self.peer.sync_done = False
         if timed_out:
             found = (f"the {stats.verify_diff_bytes} bytes that differed until then are being resent"
                      if stats.verify_diff_bytes else "nothing differed until then")
@@ -531,29 +535,30 @@ class PrimarySide:
         assert self.server is not None
         started = time.monotonic()
         while not self._stop.is_set():
-            stats = self.server.stats()
-            if not stats.peer_connected:
-                raise PeerError(f"data connection lost ({stats.last_error or 'no reason given'})")
-            # Progress as DRBD shows it: the share of the disk the secondary has.
-            percent = 100.0 * (1 - stats.dirty_bytes / self.disk_size)
-            done = stats.sync_done and not stats.sync_active
-            self.peer.sync_percent = 100.0 if done else percent
-            self.resync["bytes_sent"] = stats.bytes_synced
-            if done and not self.peer.sync_done:
-                # History first, then tell the secondary, which adopts these identifiers.
-                self.meta.gen = generations.finish_sync_source(self.meta.gen)
-                self.meta.bitmap_trusted = True
-                self.meta.save(self.home, self.settings.volume)
-                self.resync["done"] = True
-            with self._send_lock:
-                link.send(control, {"type": "progress", "percent": self.peer.sync_percent})
-                if done and not self.peer.sync_done:
-                    link.send(control, {"type": "sync_done", "gen": self.meta.gen.to_json()})
-            if done and not self.peer.sync_done:
-                self.peer.synced_link = stats.peer_failures
-                self.peer.sync_done = True
-                self.log.log(f"Sync to {self.ends.peer_sync} complete ({stats.bytes_synced} bytes sent in "
-                             f"{time.monotonic() - started:.1f} s); the secondary is UpToDate.")
+            with self._sync_lock:
+                stats = self.server.stats()
+                if not stats.peer_connected:
+                    raise PeerError(f"data connection lost ({stats.last_error or 'no reason given'})")
+                # Progress as DRBD shows it: the share of the disk the secondary has.
+                percent = 100.0 * (1 - stats.dirty_bytes / self.disk_size)
+                finished = stats.sync_done and not stats.sync_active and not self.peer.sync_done
+                self.peer.sync_percent = 100.0 if stats.sync_done and not stats.sync_active else percent
+                self.resync["bytes_sent"] = stats.bytes_synced
+                if finished:
+                    # History first, then tell the secondary, which adopts these identifiers.
+                    self.meta.gen = generations.finish_sync_source(self.meta.gen)
+                    self.meta.bitmap_trusted = True
+                    self.meta.save(self.home, self.settings.volume)
+                    self.resync["done"] = True
+                with self._send_lock:
+                    link.send(control, {"type": "progress", "percent": self.peer.sync_percent})
+                    if finished:
+                        link.send(control, {"type": "sync_done", "gen": self.meta.gen.to_json()})
+                if finished:
+                    self.peer.synced_link = stats.peer_failures
+                    self.peer.sync_done = True
+                    self.log.log(f"Sync to {self.ends.peer_sync} complete ({stats.bytes_synced} bytes sent in "
+                                 f"{time.monotonic() - started:.1f} s); the secondary is UpToDate.")
             readable, _, _ = select.select([control], [], [], PROGRESS_SECONDS)
             if readable and link.recv(control)["type"] == "failover_request":  # EOF raises PeerError
                 self.on_failover_request()

@@ -246,3 +246,67 @@ def test_a_malformed_out_of_sync_ends_the_link(home: Home, tmp_path: Path) -> No
     side = _secondary(home, tmp_path, meta)
     _follow(side, [{"type": "out_of_sync", "bytes": "lots"}], hang_up=False)
     assert side._control is None and meta.disk_state is DiskState.UP_TO_DATE
+
+
+class RacingServer:
+    """A verify pass that ends; the progress reporter (_watch) looks at the stats just then and is
+    held there (as a thread can be between two C calls) while the verify starts its repair."""
+
+    def __init__(self) -> None:
+        self.phase = "idle"
+        self.watch_looked = threading.Event()
+        self.repair_started = threading.Event()
+
+    def stats(self) -> SimpleNamespace:
+        phase = self.phase
+        if phase == "pass" and threading.current_thread().name == "verify":
+            self.phase = "pass over"  # after this look
+        look = SimpleNamespace(sync_active=phase in ("pass", "repair"), sync_done=phase in ("idle", "pass over"),
+                               sync_offset=SIZE, bytes_verified=SIZE, last_error="", verify_diff_bytes=4096,
+                               peer_connected=True, dirty_bytes=4096, bytes_synced=0, peer_failures=0)
+        if phase == "pass over" and threading.current_thread().name == "watch":
+            self.watch_looked.set()
+            self.repair_started.wait(0.5)  # without the lock, the verify starts its repair meanwhile
+        return look
+
+    def start_verify(self, _offset: int) -> None:
+        self.phase = "pass"
+
+    def start_sync(self, _offset: int, dirty_only: bool = False) -> None:
+        self.watch_looked.wait(0.5)  # the reporter's look comes first, if nothing keeps it out
+        self.phase = "repair"
+        self.repair_started.set()
+
+    def dirty_bitmap(self) -> bytes:
+        return MIB_DIRTY
+
+
+def test_the_end_of_a_verify_pass_is_never_reported_as_the_end_of_its_repair(home: Home, tmp_path: Path) -> None:
+    near, far = socket.socketpair()
+    side = PrimarySide(home, _settings(tmp_path), HALog(home), SIZE, Endpoints(A1, S1, A2, S2), lambda: None, None,
+                       VolumeMeta(primary_open=True))
+    server = RacingServer()
+    side.server, side._control = server, near  # type: ignore[assignment]
+    side.peer.connected = side.peer.sync_done = True
+    verify = threading.Thread(target=side.verify, name="verify")
+    verify.start()
+    for _ in range(5000):  # bounded: the pass ends after the verify's first look
+        if server.phase != "idle" and server.phase != "pass":
+            break
+        threading.Event().wait(0.001)
+    watch = threading.Thread(target=side._watch, args=(near,), name="watch", daemon=True)
+    watch.start()
+    verify.join(5)
+    assert server.phase == "repair" and not verify.is_alive()
+    threading.Event().wait(2 * primary_module.PROGRESS_SECONDS)  # the reporter's next looks
+    side._stop.set()
+    watch.join(5)
+    far.setblocking(False)
+    sent = b""
+    try:
+        while chunk := far.recv(65536):
+            sent += chunk
+    except BlockingIOError:
+        pass
+    near.close(), far.close()
+    assert b"sync_done" not in sent and not side.peer.sync_done
