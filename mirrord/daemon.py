@@ -437,6 +437,7 @@ class Daemon:
                 self._set_mode(transition(self.mode, Event.STEP_DOWN))
                 raise
             self.primary = group
+            self._copies_are_the_primarys()
             self._set_mode(transition(self.mode, event))
             self._start_app(settings, check=False)
             self.last_takeover = {"reason": why, "ip_seconds": round(ip_at - started, 3),
@@ -467,24 +468,31 @@ class Daemon:
         self._write_trace()
 
     def _new_term(self) -> None:
-        """Becoming primary: a term higher than any this appliance has served or heard of, and its copies
-        are the primary's (no longer following: see VolumeMeta.following)."""
+        """Becoming primary: a term higher than any this appliance has served or heard of."""
         assert self.meta is not None and self.settings is not None
         peer = self._peer_view()[2] or {}
-        epoch = max(self.meta.epoch, int(peer.get("epoch") or 0)) + 1
-        update_together(self.home, [(meta, one.volume, {"following": False, **({"epoch": epoch} if meta is self.meta
-                                                                                 else {})})
-                                    for meta, one in zip(self.metas, self.settings.volumes())])
+        self.meta.update(self.home, self.settings.volume,
+                         epoch=max(self.meta.epoch, int(peer.get("epoch") or 0)) + 1)
 
-    def _serve_own_copy(self, settings: Settings, metas: list[VolumeMeta]) -> None:
-        """startHA --force: the operator says the other appliance is lost; this copy becomes the data."""
-        why = ("Outdated" if any(m.disk_state is DiskState.OUTDATED for m in metas)
-               else "last the secondary's copy")
-        self.log.log(f"startHA --force: serving this appliance's copy of {', '.join(map(str, settings.disks))} "
-                     f"although it is {why}; writes the other appliance acknowledged without it are not in it. "
-                     "Should the other appliance come back with such writes, the pair reports a split brain.")
-        update_together(self.home, [(meta, one.volume, {"disk_state": DiskState.UP_TO_DATE})
-                                    for meta, one in zip(metas, settings.volumes())])
+    def _copies_are_the_primarys(self, forced: bool = False) -> None:
+        """Serving now: the copies are the primary's (no longer following: VolumeMeta.following); after
+        startHA --force also UpToDate. Only once the primary runs: a start that fails must leave a copy
+        that may lack acknowledged writes marked so (the session 8 review)."""
+        assert self.settings is not None
+        if forced:
+            why = ("Outdated" if any(m.disk_state is DiskState.OUTDATED for m in self.metas)
+                   else "last the secondary's copy")
+            self.log.log(f"startHA --force: serving this appliance's copy of "
+                         f"{', '.join(map(str, self.settings.disks))} although it was {why}; writes the other "
+                         "appliance acknowledged without it are not in it. Should the other appliance come back "
+                         "with such writes, the pair reports a split brain.")
+        changes: dict[str, Any] = {"following": False, **({"disk_state": DiskState.UP_TO_DATE} if forced else {})}
+        try:
+            update_together(self.home, [(meta, one.volume, changes)
+                                        for meta, one in zip(self.metas, self.settings.volumes())])
+        except OSError as exc:  # serving goes on: the marks left only ask for --force once more
+            self.log.log(f"Could not record that this appliance's copies are the primary's ({exc}); a later startHA "
+                         "making it primary will ask for --force.")
 
     def _mark_outdated(self) -> None:
         if self.settings is not None:
@@ -737,8 +745,6 @@ class Daemon:
                 self.settings, self.side, self.ends, self.metas = settings, side, ends, metas
                 self._starting = None
                 if role == "primary":
-                    if force:
-                        self._serve_own_copy(settings, metas)
                     self._new_term()
                     primary = self._primary_group(settings, ends)
                     primary.start()
@@ -751,6 +757,7 @@ class Daemon:
                         primary.stop()
                         raise
                     self.primary = primary
+                    self._copies_are_the_primarys(forced=force)
                 else:
                     if discard_my_data:
                         saved = [self._keep_copy(one, size) for one, size in zip(volumes, sizes)]

@@ -738,3 +738,37 @@ def test_configure_primary_whose_settings_cannot_be_saved_changes_nothing(
     with pytest.raises(MirrordError, match="Cannot save the HA settings"):
         daemon.configure_ha(ping_interval="0.2")
     assert daemon.settings is settings and daemon.heartbeat.kwargs["interval"] == interval  # type: ignore[union-attr]
+
+
+class Unservable(FakePrimary):
+    def start(self) -> None:
+        raise MirrordError("Could not mount /srv/data: wrong fs type.")
+
+
+@pytest.mark.parametrize("state", [DiskState.UP_TO_DATE, DiskState.OUTDATED])
+def test_a_forced_start_that_fails_leaves_the_copy_marked(daemon: Daemon, disk: Path, can_serve: None,
+                                                           monkeypatch: pytest.MonkeyPatch, state: DiskState) -> None:
+    VolumeMeta(disk_state=state, following=True).save(daemon.home, "r0")
+    monkeypatch.setattr(daemon, "_primary_group", lambda *_: Unservable())
+    with pytest.raises(MirrordError, match="Could not mount"):
+        daemon.start_ha(force=True, **options_of(settings_for(disk)))
+    saved = VolumeMeta.load(daemon.home, "r0")
+    assert (saved.disk_state, saved.following) == (state, True)  # the next start needs --force again
+
+
+def test_a_takeover_that_cannot_serve_leaves_the_copy_marked(daemon: Daemon, disk: Path, can_serve: None,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_for(disk)
+    running(daemon, Mode.SECONDARY, settings, "secondary")
+    daemon.metas = [VolumeMeta(following=True)]
+    daemon.metas[0].save(daemon.home, "r0")
+    monkeypatch.setattr(arp, "address_in_use", lambda *_, **__: None)
+    monkeypatch.setattr(daemon, "_primary_group", lambda *_: Unservable())
+    with pytest.raises(MirrordError, match="Could not mount"):
+        daemon._promote(daemon_module.Event.TAKEOVER, "the primary is silent")
+    assert daemon.mode is Mode.STANDALONE and VolumeMeta.load(daemon.home, "r0").following
+    monkeypatch.setattr(daemon, "_primary_group", lambda *_: Serving())
+    running(daemon, Mode.SECONDARY, settings, "secondary")
+    daemon.metas = [VolumeMeta(following=True)]
+    daemon._promote(daemon_module.Event.TAKEOVER, "the primary is silent")
+    assert daemon.mode is Mode.PRIMARY and not VolumeMeta.load(daemon.home, "r0").following
