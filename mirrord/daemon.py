@@ -720,6 +720,11 @@ class Daemon:
                                               force)
                     if refusal:
                         raise Refused(refusal)
+                    if force and min(self._peer_view()[:2]) < settings.ping_interval:
+                        mode = (self._peer_view()[2] or {}).get("mode", "running")
+                        raise Refused(f"startHA --force is for an appliance whose peer is lost for good, but "
+                                      f"{ends.peer_public} answers ({mode}): start HA there first, and this "
+                                      "appliance becomes its secondary.")
                 elif force:
                     raise Refused("startHA --force makes this appliance primary with its own copy, but it becomes "
                                   "the secondary here (the peer is primary, or these settings name it the "
@@ -1224,13 +1229,21 @@ class Daemon:
                 raise BadInput(f"--disk {settings.disk} has {size} bytes, less than the backup's {manifest['disk_size']}; "
                                "nothing was restored.")
             volume.ensure_unused(settings.disk)
-            archive.restore_disk(Path(path), manifest, settings.disk)
+            # Inconsistent before the first restored byte lands: a restore cut short holds neither the
+            # old data (which its generation names) nor the backup's, and must never be synced from.
+            meta = VolumeMeta.load(self.home, settings.volume)
+            meta.update(self.home, settings.volume, disk_state=DiskState.INCONSISTENT)
+            try:
+                archive.restore_disk(Path(path), manifest, settings.disk)
+            except (MirrordError, OSError) as exc:
+                raise MirrordError(f"The restore of {settings.disk} stopped part way: {exc} The disk is marked "
+                                   "Inconsistent (it holds neither its old data nor the backup's); run mirrord "
+                                   "restore again.") from exc
             config.save(self.home, settings)
             self.settings = settings
             # The restored disk is new data whose only tie to the peer is the generation this
             # appliance held before: the secondary gets a full (checksum) sync from it, never
             # a refusal as unrelated data, and no stale bitmap or activity log is replayed.
-            meta = VolumeMeta.load(self.home, settings.volume)
             meta.gen = generations.restored(meta.gen, generations.new_uuid())
             meta.disk_state, meta.primary_open, meta.bitmap_trusted, meta.split_brain, meta.following = \
                 DiskState.UP_TO_DATE, False, True, "", False

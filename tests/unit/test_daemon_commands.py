@@ -772,3 +772,34 @@ def test_a_takeover_that_cannot_serve_leaves_the_copy_marked(daemon: Daemon, dis
     daemon.metas = [VolumeMeta(following=True)]
     daemon._promote(daemon_module.Event.TAKEOVER, "the primary is silent")
     assert daemon.mode is Mode.PRIMARY and not VolumeMeta.load(daemon.home, "r0").following
+
+
+def test_a_restore_cut_short_leaves_the_disk_inconsistent(daemon: Daemon, disk: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    config.save(daemon.home, settings_for(disk))
+    daemon.settings = config.load(daemon.home)
+    VolumeMeta(epoch=3).save(daemon.home, "r0")
+    daemon.backup(str(tmp_path / "b.tar"))
+
+    def cut_short(_src: Path, _manifest: dict[str, Any], target: Path) -> None:
+        with open(target, "r+b") as f:
+            f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(daemon_module.archive, "restore_disk", cut_short)
+    with pytest.raises(MirrordError, match="stopped part way.*marked Inconsistent.*run mirrord restore again"):
+        daemon.restore(str(tmp_path / "b.tar"))
+    assert VolumeMeta.load(daemon.home, "r0").disk_state is DiskState.INCONSISTENT
+
+
+def test_start_ha_force_is_refused_while_the_peer_answers(daemon: Daemon, disk: Path, can_serve: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    class StandalonePeer(PrimaryPeer):
+        def peer_state(self, _network: str) -> dict[str, Any]:
+            return {"mode": "standalone", "version": __version__}
+
+    monkeypatch.setattr(daemon_module, "Heartbeat", StandalonePeer)
+    VolumeMeta(disk_state=DiskState.OUTDATED, following=True).save(daemon.home, "r0")
+    with pytest.raises(Refused, match=r"198\.18\.0\.12 answers \(standalone\): start HA there first"):
+        daemon.start_ha(force=True, **options_of(settings_for(disk)))
+    assert VolumeMeta.load(daemon.home, "r0").disk_state is DiskState.OUTDATED and daemon.primary is None
