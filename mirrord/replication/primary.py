@@ -327,7 +327,7 @@ class PrimarySide:
         """Clean stop: the bitmap file first, then the meta file that says it is current."""
         assert self.server is not None
         with self._bitmap_lock:
-            atomicfile.write_bytes(extents.bitmap_file(self.home, self.settings.volume), self.server.dirty_bitmap())
+            self._write_bitmap_file(self.server)
             self.meta.primary_open = False
             self.meta.save(self.home, self.settings.volume)
 
@@ -340,7 +340,10 @@ class PrimarySide:
         """
         with self._bitmap_lock:
             if self.meta.primary_open:
-                atomicfile.write_bytes(extents.bitmap_file(self.home, self.settings.volume), server.dirty_bitmap())
+                self._write_bitmap_file(server)
+
+    def _write_bitmap_file(self, server: PrimaryServer) -> None:
+        atomicfile.write_bytes(extents.bitmap_file(self.home, self.settings.volume), server.dirty_bitmap())
 
     def start_writing_alone(self) -> None:
         """The supervisor lets this primary acknowledge writes its lost secondary does not get."""
@@ -541,8 +544,9 @@ class PrimarySide:
                     raise PeerError(f"data connection lost ({stats.last_error or 'no reason given'})")
                 # Progress as DRBD shows it: the share of the disk the secondary has.
                 percent = 100.0 * (1 - stats.dirty_bytes / self.disk_size)
-                finished = stats.sync_done and not stats.sync_active and not self.peer.sync_done
-                self.peer.sync_percent = 100.0 if stats.sync_done and not stats.sync_active else percent
+                done = stats.sync_done and not stats.sync_active
+                finished = done and not self.peer.sync_done
+                self.peer.sync_percent = 100.0 if done else percent
                 self.resync["bytes_sent"] = stats.bytes_synced
                 if finished:
                     # History first, then tell the secondary, which adopts these identifiers.
