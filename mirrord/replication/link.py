@@ -40,8 +40,9 @@ from mirrord.replication.generations import Generations, Side
 
 #: Bumped whenever the frame layout or the handshake changes incompatibly
 #: (3: generation identifiers replace the lineage in hello / welcome;
-#: 4: SYNC_ZERO and VERIFY frames; 5: both together).
-PROTOCOL_VERSION = 5
+#: 4: SYNC_ZERO and VERIFY frames; 5: both together; 6: the secondary confirms a finished
+#: sync with ``synced``, and the primary waits for it).
+PROTOCOL_VERSION = 6
 MAX_MESSAGE = 64 * 1024
 _LEN = struct.Struct(">I")
 

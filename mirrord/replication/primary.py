@@ -534,19 +534,31 @@ class PrimarySide:
         return reply
 
     def _watch(self, control: socket.socket) -> None:
-        """Report progress until the link breaks or we are stopped."""
+        """Report progress until the link breaks or we are stopped.
+
+        A finished sync is reported (100 %, UpToDate, failOver allowed, held writes released)
+        only once the secondary says ``synced``: it has saved the identifiers ``sync_done``
+        carried. Reporting it when the last block was acknowledged left a gap. A secondary that
+        crashed before it saved came back at the sync identifier, by then only in our history,
+        and got a full sync (r60) for a few changed blocks, after HAstatus had shown it UpToDate.
+        That crash can still happen in the window between our save and its save (a full sync:
+        more than needed, never less), but nothing calls the pair in sync inside it.
+        """
         assert self.server is not None
         started = time.monotonic()
+        #: sync_done sent, synced not yet back: the data link the sync finished on
+        awaiting: int | None = None
         while not self._stop.is_set():
             with self._sync_lock:
                 stats = self.server.stats()
                 if not stats.peer_connected:
                     raise PeerError(f"data connection lost ({stats.last_error or 'no reason given'})")
-                # Progress as DRBD shows it: the share of the disk the secondary has.
-                percent = 100.0 * (1 - stats.dirty_bytes / self.disk_size)
                 done = stats.sync_done and not stats.sync_active
-                finished = done and not self.peer.sync_done
-                self.peer.sync_percent = 100.0 if done else percent
+                finished = done and not self.peer.sync_done and awaiting is None
+                # Progress as DRBD shows it: the share of the disk the secondary has, and 100 %
+                # only once it recorded that it holds all of it.
+                self.peer.sync_percent = 100.0 if self.peer.sync_done else \
+                    min(99.99, 100.0 * (1 - stats.dirty_bytes / self.disk_size))
                 self.resync["bytes_sent"] = stats.bytes_synced
                 if finished:
                     # History first, then tell the secondary, which adopts these identifiers.
@@ -554,15 +566,23 @@ class PrimarySide:
                     self.meta.bitmap_trusted = True
                     self.meta.save(self.home, self.settings.volume)
                     self.resync["done"] = True
+                    awaiting = stats.peer_failures
                 with self._send_lock:
                     link.send(control, {"type": "progress", "percent": self.peer.sync_percent})
                     if finished:
                         link.send(control, {"type": "sync_done", "gen": self.meta.gen.to_json()})
-                if finished:
-                    self.peer.synced_link = stats.peer_failures
-                    self.peer.sync_done = True
-                    self.log.log(f"Sync to {self.ends.peer_sync} complete ({stats.bytes_synced} bytes sent in "
-                                 f"{time.monotonic() - started:.1f} s); the secondary is UpToDate.")
             readable, _, _ = select.select([control], [], [], PROGRESS_SECONDS)
-            if readable and link.recv(control)["type"] == "failover_request":  # EOF raises PeerError
+            if not readable:
+                continue
+            msg = link.recv(control)  # EOF raises PeerError
+            if msg["type"] == "failover_request":
                 self.on_failover_request()
+            elif msg["type"] == "synced":
+                if awaiting is None:
+                    raise PeerError("the secondary confirmed a sync that was not finished")
+                with self._sync_lock:
+                    self.peer.synced_link, awaiting = awaiting, None
+                    self.peer.sync_done = True
+                    self.peer.sync_percent = 100.0
+                self.log.log(f"Sync to {self.ends.peer_sync} complete ({stats.bytes_synced} bytes sent in "
+                             f"{time.monotonic() - started:.1f} s); the secondary is UpToDate.")

@@ -69,6 +69,8 @@ class SecondarySide:
         self._lock = threading.Lock()
         #: held by a data handshake from start to end: stop() waits for it (see _on_data)
         self._data_lock = threading.Lock()
+        #: the follower (synced) and a failOver command (failover_request) both write to the control link
+        self._send_lock = threading.Lock()
         self._pending: str | None = None
         self._pending_sync: tuple[Plan, str] | None = None  # the agreed plan and the sync identifier
         self._control: socket.socket | None = None
@@ -278,6 +280,9 @@ class SecondarySide:
                                          disk_state=DiskState.UP_TO_DATE, bitmap_trusted=True, split_brain="")
                     except OSError as exc:
                         raise PeerError(f"cannot record the finished sync: {exc}") from exc
+                    # Saved before said: the primary calls the sync finished only on this word.
+                    with self._send_lock:
+                        link.send(control, {"type": "synced"})
                     self.primary.sync_percent = 100.0
                     self.primary.synced = True
                     self.log.log("Sync from the primary complete: this disk is UpToDate.")
@@ -314,7 +319,8 @@ class SecondarySide:
                           "takeover is automatic.")
         if self.meta.disk_state is not DiskState.UP_TO_DATE:
             raise Refused(f"This disk is {self.meta.disk_state}: it cannot take over until the sync completes.")
-        link.send(control, {"type": "failover_request"})
+        with self._send_lock:
+            link.send(control, {"type": "failover_request"})
 
     def _end_session(self, reason: str) -> None:
         with self._lock:

@@ -14,7 +14,10 @@ import pytest
 
 from hactl import (ha_log, in_sync, reset_pair, start_ha, start_primary_with_fs, status, stop_all, stop_ha,
                    sync_link_congestion_control, wait_status)
+from mirrord.paths import Home
+from mirrord.replication.generations import Generations
 from mirrord.replication.link import PROTOCOL_VERSION
+from mirrord.replication.meta import DiskState, VolumeMeta
 from writer import BLOCK, block_bytes
 
 WRITER = str(Path(__file__).with_name("writer.py"))
@@ -193,6 +196,36 @@ def test_returning_secondary_gets_only_what_changed(pair: Any) -> None:
     print(f"dirty {dirty} bytes, resync sent {sent} bytes")
     assert sent <= 1.05 * dirty, f"the resync sent {sent} bytes for {dirty} dirty bytes"
     assert "bitmap resync" in ha_log(pair, "a1")
+    assert images_identical(pair), first_difference(pair)
+
+
+def test_a_secondary_lost_before_it_saved_the_end_of_a_sync_is_synced_whole(pair: Any) -> None:
+    """The secondary crashes after the primary saved a finished sync and before the secondary saved
+    its sync_done (decision 44): it comes back at the sync identifier, the primary has written alone
+    since, and a checksum sync (r80) must bring every block, also those written during it."""
+    start_ha(pair, "a2")
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", in_sync)
+    pair.crash("a2")
+    a1_gen = VolumeMeta.load(Home(pair.home("a1")), "r0").gen
+    assert a1_gen.history, a1_gen  # the initial sync's identifier
+    # a2's metadata as it was before it saved the sync_done: at the sync identifier, Inconsistent.
+    VolumeMeta.load(Home(pair.home("a2")), "r0").update(
+        Home(pair.home("a2")), "r0", gen=Generations(current=a1_gen.history[0]), disk_state=DiskState.INCONSISTENT)
+    pair.run("a1", [sys.executable, WRITER, f"{pair.home('a1')}/dev/r0", "1000", "2048", "alone"], check=True)
+    writer = pair.popen("a1", [sys.executable, WRITER, f"{pair.home('a1')}/dev/r0", "0", "65536", "during", "random"],
+                        stdout=subprocess.PIPE, text=True)
+    try:
+        pair.boot("a2")
+        start_ha(pair, "a2")
+        wait_status(pair, "a1", in_sync, timeout=120)
+    finally:
+        writer.kill()
+        writer.wait(timeout=10)
+    log = ha_log(pair, "a1")
+    resync = status(pair, "a1")["resync"]
+    assert (resync["kind"], resync["rule"]) == ("checksum", "r80"), (resync, log)
+    stop_ha(pair, "a1")
     assert images_identical(pair), first_difference(pair)
 
 

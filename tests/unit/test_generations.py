@@ -448,7 +448,8 @@ class Story:
         self.restart()
 
     def connect(self, outcome: str) -> Plan:
-        """outcome: "lost" (before the secondary notes the sync identifier), "cut" (part sent) or "done"."""
+        """outcome: "lost" (before the secondary notes the sync identifier), "cut" (part sent), "unsaved"
+        (all sent and the primary finished, but the secondary crashed before it saved sync_done) or "done"."""
         p, s = self.p, self.s
         offered = g.next_sync_uuid(p.gen)
         plan = compare(Side(p.gen, True, p.trusted), Side(s.gen, False, s.trusted))
@@ -465,14 +466,15 @@ class Story:
         for block in sent:
             s.disk[block] = p.disk.get(block, 0)
         p.dirty -= sent
-        if outcome == "done":
+        if outcome in ("unsaved", "done"):
             p.gen = g.finish_sync_source(p.gen)
-            s.gen = p.gen
+            if outcome == "done":
+                s.gen = p.gen
             assert all(s.disk.get(b, 0) == p.disk.get(b, 0) for b in range(BLOCKS)), (plan, p.gen)
         return plan
 
 
-STEPS = ("write", "write", "unrecorded", "restart", "restore", "lost", "lost", "cut", "done")
+STEPS = ("write", "write", "unrecorded", "restart", "restore", "lost", "lost", "cut", "unsaved", "done")
 
 
 def play(seed: int) -> set[str]:
@@ -480,7 +482,7 @@ def play(seed: int) -> set[str]:
     story = Story(seed)
     rules: set[str] = set()
     for step in ["done", *(story.rng.choice(STEPS) for _ in range(14)), "done"]:
-        if step in ("lost", "cut", "done"):
+        if step in ("lost", "cut", "unsaved", "done"):
             plan = story.connect(step)
             rules.add(plan.rule)
             # Nothing here changes data on both sides: no story may end in a refusal.

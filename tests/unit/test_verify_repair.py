@@ -9,7 +9,6 @@ these check the order of the steps and the edge cases without a lab.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from mirrord.config import Endpoints, Settings
+from mirrord.config import Endpoints
 from mirrord.errors import MirrordError, PeerError
 from mirrord.halog import HALog
 from mirrord.paths import Home
@@ -27,24 +26,10 @@ from mirrord.replication.generations import Generations
 from mirrord.replication.meta import DiskState, VolumeMeta
 from mirrord.replication.primary import SAVE_DIFFERENCES_SECONDS, KeptDifferences, PrimarySide
 from mirrord.replication.secondary import SecondarySide
+from sides import A1, A2, S1, S2, follow, settings
 
-A1, A2 = ipaddress.IPv4Address("198.18.0.11"), ipaddress.IPv4Address("198.18.0.12")
-S1, S2 = ipaddress.IPv4Address("198.19.0.11"), ipaddress.IPv4Address("198.19.0.12")
 SIZE = 1 << 20
 MIB_DIRTY = b"\xff" * 32  # the first 1 MiB chunk's 256 blocks of 4 KiB
-
-
-def _settings(tmp_path: Path) -> Settings:
-    return Settings(primary_ip=A1, secondary_ip=A2, primary_sync_ip=S1, secondary_sync_ip=S2,
-                    floating_ip=ipaddress.IPv4Interface("198.18.0.100/24"), ping_interval=0.1,
-                    disk=tmp_path / "disk.img")
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Home:
-    h = Home(tmp_path / "home")
-    h.ensure()
-    return h
 
 
 class VerifyingServer:
@@ -87,7 +72,7 @@ class VerifyingServer:
 
 
 def _primary(home: Home, tmp_path: Path, server: VerifyingServer, control: socket.socket | None) -> PrimarySide:
-    side = PrimarySide(home, _settings(tmp_path), HALog(home), SIZE, Endpoints(A1, S1, A2, S2),
+    side = PrimarySide(home, settings(tmp_path), HALog(home), SIZE, Endpoints(A1, S1, A2, S2),
                        lambda: None, None, VolumeMeta(primary_open=True))
     side.server = server  # type: ignore[assignment]
     side.peer.connected = side.peer.sync_done = True
@@ -201,19 +186,14 @@ def test_recover_after_a_crash_in_the_repair_adds_the_activity_log_to_the_differ
 def _secondary(home: Home, tmp_path: Path, meta: VolumeMeta) -> SecondarySide:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(SIZE))
-    return SecondarySide(home, _settings(tmp_path), HALog(home), SIZE, meta, Endpoints(A2, S2, A1, S1),
+    return SecondarySide(home, settings(tmp_path), HALog(home), SIZE, meta, Endpoints(A2, S2, A1, S1),
                          lambda: None, None)
 
 
 def _follow(side: SecondarySide, messages: list[dict[str, Any]], hang_up: bool = True) -> None:
     """Run the secondary's control loop over these messages from the primary until it ends: when
     the primary hangs up, or (``hang_up`` False) on its own."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:  # TCP: the loop tunes TCP options
-        far = socket.create_connection(listener.getsockname(), timeout=10)
-        near, _ = listener.accept()
-    side._control = near
-    follower = threading.Thread(target=side._follow, args=(near,))
-    follower.start()
+    far, follower = follow(side)
     try:
         for message in messages:
             link.send(far, message)
@@ -283,7 +263,7 @@ class RacingServer:
 
 def test_the_end_of_a_verify_pass_is_never_reported_as_the_end_of_its_repair(home: Home, tmp_path: Path) -> None:
     near, far = socket.socketpair()
-    side = PrimarySide(home, _settings(tmp_path), HALog(home), SIZE, Endpoints(A1, S1, A2, S2), lambda: None, None,
+    side = PrimarySide(home, settings(tmp_path), HALog(home), SIZE, Endpoints(A1, S1, A2, S2), lambda: None, None,
                        VolumeMeta(primary_open=True))
     server = RacingServer()
     side.server, side._control = server, near  # type: ignore[assignment]
