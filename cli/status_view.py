@@ -156,8 +156,8 @@ def render_status(summary: str, s: dict[str, Any], speed: Progress | None = None
         lines.append(f"  floating-ip:{settings['floating_ip']} held-here:{'yes' if s.get('floating_ip_held') else 'no'}"
                      + serving)
     if mode == "standalone" and disk.get("following") and disk.get("state") == "UpToDate":
-        lines.append("  last the secondary's copy: the primary may have written without it since; startHA makes "
-                     "it primary only with --force")
+        lines.append("  last the secondary's copy, or crashed as primary: the peer may have written without it "
+                     "since; startHA makes it primary only if the peer answers with an older copy, or with --force")
     if s.get("split_brain"):
         detail = s["split_brain"] if isinstance(s["split_brain"], str) else "both copies changed independently"
         lines.append(f"  SPLIT BRAIN: {detail}; neither copy is synced over the other")

@@ -41,7 +41,7 @@ from mirrord.net.links import any_link_up
 from mirrord.net.witness import Witness
 from mirrord.paths import Home
 from mirrord.replication import extents, generations, keepcopy, link, volume
-from mirrord.replication.generations import Generations, Kind
+from mirrord.replication.generations import Generations, Kind, Plan
 from mirrord.replication.group import PrimaryGroup, SecondaryGroup, worst
 from mirrord.replication.meta import DiskState, VolumeMeta, update_together, why_not_primary
 from mirrord.replication.primary import PrimarySide, plan_sentence
@@ -271,6 +271,21 @@ class Daemon:
         fresher = "sync" if silent_sync <= silent_public else "public"
         return silent_sync, silent_public, self.heartbeat.peer_state(fresher)
 
+    def _peer_answers(self, settings: Settings) -> bool:
+        return min(self._peer_view()[:2]) < settings.ping_interval
+
+    def _peer_copy(self, settings: Settings, mine: Generations) -> Plan | None:
+        """How this copy relates to the peer's, from the identifiers its heartbeats carry (the lead
+        volume's: a group's volumes start, sync and write alone together); None when the peer does
+        not answer or says nothing usable."""
+        peer = self._peer_view()[2]
+        if not self._peer_answers(settings) or not isinstance(peer, dict) or peer.get("gen") is None:
+            return None
+        try:
+            return generations.relation(mine, Generations.from_json(peer["gen"]))
+        except ValueError:
+            return None
+
     def _split_brain(self, peer: dict[str, Any] | None, heard: bool) -> bool:
         """Two primaries that hear each other (a partition healed) never connect for a handshake: they
         compare generations from the heartbeats, so a split brain is recorded and logged on both at
@@ -481,7 +496,7 @@ class Daemon:
         assert self.settings is not None
         if forced:
             why = ("Outdated" if any(m.disk_state is DiskState.OUTDATED for m in self.metas)
-                   else "last the secondary's copy")
+                   else "last the secondary's copy, or crashed as primary")
             self.log.log(f"startHA --force: serving this appliance's copy of "
                          f"{', '.join(map(str, self.settings.disks))} although it was {why}; writes the other "
                          "appliance acknowledged without it are not in it. Should the other appliance come back "
@@ -634,7 +649,8 @@ class Daemon:
                 "floating_ip_held": held,
                 "disk": {"state": disk_state, "sync_percent": round(sync_percent, 2),
                          "path": str(settings.disk) if settings else None,
-                         "following": any(m.following for m in metas)},
+                         "following": any(m.may_be_behind if self.mode is Mode.STANDALONE else m.following
+                                          for m in metas)},
                 "volumes": volumes,
                 "replication": replication,
                 "heartbeat": self.heartbeat.snapshot() if self.heartbeat else {},
@@ -673,7 +689,7 @@ class Daemon:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             peer = self._peer_view()[2]
-            if peer is not None and min(self._peer_view()[:2]) < settings.ping_interval:
+            if peer is not None and self._peer_answers(settings):
                 return str(peer.get("mode"))
             time.sleep(0.02)
         return None
@@ -716,11 +732,11 @@ class Daemon:
                 role = self._role(settings, side, secondary_only, discard_my_data)
                 next_mode = transition(self.mode, Event.START_PRIMARY if role == "primary" else Event.START_SECONDARY)
                 if role == "primary":
-                    refusal = why_not_primary(worst(m.disk_state for m in metas), any(m.following for m in metas),
-                                              force)
+                    refusal = why_not_primary(worst(m.disk_state for m in metas), any(m.may_be_behind for m in metas),
+                                              force, self._peer_copy(settings, metas[0].gen))
                     if refusal:
                         raise Refused(refusal)
-                    if force and min(self._peer_view()[:2]) < settings.ping_interval:
+                    if force and self._peer_answers(settings):
                         mode = (self._peer_view()[2] or {}).get("mode", "running")
                         raise Refused(f"startHA --force is for an appliance whose peer is lost for good, but "
                                       f"{ends.peer_public} answers ({mode}): start HA there first, and this "
@@ -1191,7 +1207,7 @@ class Daemon:
                     state, following = DiskState.UP_TO_DATE, False  # a serving primary's disk
                 elif self.mode is Mode.STANDALONE:
                     meta = VolumeMeta.load(self.home, settings.volume)
-                    state, following = meta.disk_state, meta.following
+                    state, following = meta.disk_state, meta.may_be_behind
                     if state is DiskState.INCONSISTENT:
                         raise Refused(f"This disk is {state}: a sync into it was cut short, so it holds parts of two "
                                       "versions and no usable copy. Back up the appliance that was primary.")
@@ -1209,8 +1225,9 @@ class Daemon:
             message += (" Warning: this disk is Outdated: it lacks the writes the other appliance served since "
                         "this one stopped following it; back up that appliance for the newest data.")
         elif following:
-            message += (" Warning: this disk was last the secondary's copy: the primary may have acknowledged "
-                        "writes after this appliance last heard it; back up that appliance for the newest data.")
+            message += (" Warning: this disk was last the secondary's copy, or this appliance crashed as primary: "
+                        "the other appliance may have acknowledged writes after this one last heard it; back up "
+                        "that appliance for the newest data.")
         self.log.log(message)
         return message, manifest
 

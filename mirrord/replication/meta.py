@@ -20,10 +20,13 @@ What a node must remember across crashes about its copy of the volume:
   detected with the peer, until a sync succeeds; ``startHA --discard-my-data``
   needs it;
 * ``following``: set before this node follows a primary as its secondary,
-  cleared when it becomes primary. An UpToDate copy with it set was current
-  when this node last heard the primary, and nothing says the primary did not
-  go on acknowledging writes alone afterwards (this node lost power, say):
-  ``startHA`` will not serve it without ``--force`` (DRBD's "Consistent").
+  and when it recovers from a crash as primary; cleared when it serves as
+  primary again. An UpToDate copy with it set was current when this node last
+  heard its peer, and nothing says the peer did not go on acknowledging
+  writes without it afterwards (as the primary this node followed, or as the
+  secondary that took over after this node crashed). Unless the peer answers
+  with an older copy, ``startHA`` will not serve it without ``--force``
+  (DRBD's "Consistent").
 
 The file is replaced atomically (temp + fsync + rename + directory fsync), so
 after a crash it is either the old or the new version. A sync target marks
@@ -47,7 +50,7 @@ from typing import Any
 from mirrord import atomicfile
 from mirrord.paths import Home
 from mirrord.replication import extents
-from mirrord.replication.generations import Generations
+from mirrord.replication.generations import Generations, Plan
 
 
 class DiskState(str, enum.Enum):
@@ -68,6 +71,13 @@ class VolumeMeta:
     bitmap_trusted: bool = True
     split_brain: str = ""
     following: bool = False
+    @property
+    def may_be_behind(self) -> bool:
+        """The peer may have acknowledged writes this copy lacks since this node last heard it:
+        ``following``, or a crash as primary that ``recover`` has not turned into it yet. Only
+        for a copy nothing serves: a running primary has ``primary_open`` set."""
+        return self.following or self.primary_open
+
     # The daemon's thread and the replication threads both change and save it.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -110,7 +120,9 @@ class VolumeMeta:
         """At start: if this node crashed as primary, what its bitmap is worth now (a sentence for ha.log)."""
         if not self.primary_open:
             return ""
-        self.primary_open = False
+        # The secondary may have taken over since: this copy is served again only when the
+        # peer shows an older one, or by --force (why_not_primary).
+        self.primary_open, self.following = False, True
         in_flight = extents.activity_log_extents(home, volume)
         if in_flight is None or self.gen.bitmap:
             # Without a record of the blocks it was writing (or of everything since it lost
@@ -143,29 +155,42 @@ def update_together(home: Home, items: list[tuple[VolumeMeta, str, dict[str, Any
                 setattr(meta, name, value)
 
 
-def why_not_primary(state: DiskState, following: bool, force: bool) -> str:
-    """Why startHA must not serve this copy as primary ("" if it may); ``state`` and ``following``
-    are the worst over the pair's volumes.
+def why_not_primary(state: DiskState, may_be_behind: bool, force: bool, peer: Plan | None) -> str:
+    """Why startHA must not serve this copy as primary ("" if it may); ``state`` is the worst over
+    the pair's volumes, ``may_be_behind`` any volume's ``following`` (or ``primary_open``, a crash
+    as primary not recovered yet), ``peer`` how this copy relates to the peer's when the peer
+    answers (``generations.relation`` of the identifiers its heartbeats carry), else None.
 
     Only the operator knows whether the other appliance is gone for good, so a copy that may
     lack acknowledged writes is served on their word alone (``--force``), never by default.
-    Half-copied data is refused even then: no copy of the data it holds exists anywhere.
+    When the peer answers, its identifiers settle it (the handshake will compare the same
+    ones): a copy older than the peer's is refused, any other may serve. Half-copied data is
+    refused even then: no copy of the data it holds exists anywhere.
     """
     if state is DiskState.INCONSISTENT:
         return ("This appliance's disk is Inconsistent: a sync into it was cut short, so it holds parts of two "
                 "versions and cannot become primary, not even with --force. Make it the secondary of the "
                 "appliance that was primary.")
+    if peer is not None:
+        if peer.source != "peer":
+            return ""
+        return ("The peer holds newer data than this appliance (their generation identifiers say so, rule "
+                f"{peer.rule}: it served without this one since they last met), so this appliance cannot become "
+                "primary. Make the peer primary: stopHA on both, startHA naming it primary there "
+                "and then here, where this appliance becomes its secondary and is synced.")
     if state is DiskState.OUTDATED and not force:
         return ("This appliance's disk is Outdated: it lacks the writes the other appliance acknowledged after "
                 "this one stopped following it, so it cannot become primary. Start HA on that appliance first "
                 "(this one then becomes its secondary and is synced); only if it is lost for good, run startHA "
                 "--force here to serve this older copy.")
-    if following and not force:
-        return ("This appliance's disk was last the secondary's copy, and nothing says the primary did not go on "
-                "acknowledging writes without it (this appliance restarted or left HA without hearing its "
-                "primary since). Start HA on the appliance that was primary first (this one then becomes its "
-                "secondary); only if it is lost for good, run startHA --force here to serve this copy.")
-    if force and state is DiskState.UP_TO_DATE and not following:
+    if may_be_behind and not force:
+        return ("This appliance's disk was last the secondary's copy, or this appliance crashed as primary, and "
+                "its peer does not answer: nothing says the peer did not acknowledge writes without this one "
+                "since. Start HA on the other appliance first, as this one's secondary (this startHA then "
+                "compares the two copies and makes this one primary only if its copy is not older) or as "
+                "primary if it took over; only if it is lost for good, run startHA --force here to serve this "
+                "copy.")
+    if force and state is DiskState.UP_TO_DATE and not may_be_behind:
         return ("--force is not needed: this appliance's disk is UpToDate and it was the primary's copy; run "
                 "startHA without --force.")
     return ""

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from hactl import ha_log, in_sync, reset_pair, start_ha, status, wait_status
+from hactl import ha_log, in_sync, reset_pair, start_ha, status, stop_ha, wait_status
 from writer import BLOCK, block_bytes
 
 pytestmark = pytest.mark.lab
@@ -263,3 +263,32 @@ def test_a_secondary_that_lost_power_serves_its_copy_only_when_forced(pair: Any)
     assert pair.run("a2", "cat $MIRRORD_HOME/mnt/before.txt", check=True).stdout == "mirrored\n"
     assert pair.run("a2", "test -e $MIRRORD_HOME/mnt/after.txt").returncode != 0
     assert "startHA --force: serving this appliance's copy" in ha_log(pair, "a2")
+
+
+def test_a_crashed_primary_serves_again_only_where_the_peer_is_not_newer(pair: Any) -> None:
+    """Decision 45: a1 crashes, a2 takes over and acknowledges a write, then a2 dies too. a1 must not
+    come back as primary with the copy it had: while a2 is silent its startHA refuses, and once a2
+    answers (as a1's secondary) their generation identifiers show a2's copy newer, so it still
+    refuses. The roles swapped, a2 serves its newer copy and a1 is synced."""
+    start_pair(pair)
+    pair.run("a1", "echo mirrored > $MIRRORD_HOME/mnt/before.txt && sync", check=True)
+    pair.crash("a1")
+    wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=60)
+    pair.run("a2", "echo taken-over > $MIRRORD_HOME/mnt/after.txt && sync", check=True, timeout=60)
+    pair.crash("a2")
+    pair.boot("a1")
+    alone = start_ha(pair, "a1", APP_ARGS, check=False)
+    assert alone.returncode == 3 and "crashed as primary" in alone.stdout + alone.stderr, alone
+    s1 = status(pair, "a1")
+    assert s1["mode"] == "standalone" and s1["disk"]["following"] and not s1["floating_ip_held"]
+    pair.boot("a2")
+    start_ha(pair, "a2", APP_ARGS)  # named the secondary: it waits for a1
+    older = start_ha(pair, "a1", APP_ARGS, check=False)
+    assert older.returncode == 3 and "The peer holds newer data" in older.stdout + older.stderr, older
+    assert status(pair, "a1")["mode"] == "standalone"
+    stop_ha(pair, "a2")
+    for node in ("a1", "a2"):  # a1 first, now as a2's secondary
+        done = pair.run(node, f"startHA {A2_AS_PRIMARY}", timeout=120)
+        assert done.returncode == 0, f"startHA on {node}: {done.stdout}{done.stderr}"
+    wait_status(pair, "a2", in_sync, timeout=120)
+    assert pair.run("a2", "cat $MIRRORD_HOME/mnt/after.txt", check=True).stdout == "taken-over\n"

@@ -2,8 +2,9 @@
 
 ``recover`` is the operator of the runbook (docs/operations.md) as a loop:
 power, cables and processes back; a node without HA runs ``startHA``; when
-nobody serves (both appliances went down), the appliance that served last
-has the newest data and is started as primary first. It ends when one
+nobody serves (both appliances went down), the other appliance is started
+as the secondary of the one that served last, then that one as primary
+(its startHA refuses if the other's copy is newer; then the roles swap). It ends when one
 appliance is a serving primary whose secondary is connected and UpToDate,
 or fails, within a bounded time, with both ha.log tails.
 """
@@ -147,14 +148,19 @@ class Pair:
         raise PairError(f"the pair did not recover within {bound:g} s: {json.dumps(last)}\n{self.logs()}")
 
     def restart_both(self) -> None:
-        """Nobody serves: start the appliance that served last as primary (it has the newest data), then the other."""
+        """Nobody serves: as the operator's guide says (docs/operations.md, section 13), the other
+        appliance first as the secondary of the one that served last, then that one, whose startHA
+        compares the two copies over the heartbeats and refuses if the other's is newer (it took
+        over before it went down too); then the other way round."""
+        for first in (self.last_primary, other(self.last_primary)):
+            self._stop_both()
+            self.named_primary = first
+            if self.start_ha(other(first)) and self.start_ha(first):
+                return
+        raise PairError(f"neither appliance could start as primary\n{self.logs()}")
+
+    def _stop_both(self) -> None:
         for node in NODES:
             s = self.status(node)
             if s and s["mode"] != "standalone":
                 self.stop_ha(node)
-        for first in (self.last_primary, other(self.last_primary)):
-            self.named_primary = first
-            if self.start_ha(first):
-                self.start_ha(other(first))
-                return
-        raise PairError(f"neither appliance could start as primary\n{self.logs()}")

@@ -26,6 +26,7 @@ from mirrord.modes import Mode
 from mirrord.net import arp, floatip
 from mirrord.paths import Home
 from mirrord.replication import volume
+from mirrord.replication.generations import Generations
 from mirrord.replication.group import PrimaryGroup
 from mirrord.replication.meta import DiskState, VolumeMeta
 from mirrord.trace import peer_log_dir
@@ -624,6 +625,47 @@ def test_start_ha_refuses_to_serve_the_copy_a_secondary_left_behind(daemon: Daem
     assert daemon.mode is Mode.STANDALONE and daemon.primary is None and not daemon.home.settings_file.exists()
 
 
+def test_start_ha_refuses_to_serve_a_crashed_primarys_copy_while_its_peer_is_silent(
+        daemon: Daemon, disk: Path, can_serve: None) -> None:
+    """The secondary may have taken over after the crash and acknowledged writes before it died too
+    (the session 8 review): only the operator, or the peer's identifiers, can say it did not."""
+    VolumeMeta(primary_open=True, gen=Generations(OURS, OLDER)).save(daemon.home, "r0")
+    before = daemon.home.meta_file("r0").read_bytes()
+    with pytest.raises(Refused, match="crashed as primary.*does not answer.*startHA --force"):
+        daemon.start_ha(**options_of(settings_for(disk)))
+    assert daemon.home.meta_file("r0").read_bytes() == before  # the crash is still to be recovered
+
+
+def _peer_says(daemon: Daemon, monkeypatch: pytest.MonkeyPatch, gen: Generations) -> None:
+    state = {"mode": "secondary", "version": __version__, "gen": gen.to_json(), "epoch": 0}
+    monkeypatch.setattr(daemon, "_peer_view", lambda: (0.0, 0.0, state))
+
+
+#: This copy's generation, the one before it, and one the peer moved to without us.
+OURS, OLDER, THEIRS = "00000000000000a1", "00000000000000a0", "00000000000000b1"
+
+
+@pytest.mark.parametrize(("theirs", "refused"), [
+    (Generations(OURS), ""),                          # r40: the same data generation
+    (Generations(OLDER), ""),                         # r70: ours is newer, a bitmap resync to the peer
+    (Generations(THEIRS, OURS), "holds newer data"),  # r50: it took over from our generation
+    (Generations(THEIRS, "", (OURS,)), "holds newer data"),  # r60: further on than its bitmap reaches
+])
+@pytest.mark.parametrize("mark", ["following", "primary_open"])
+def test_a_copy_that_may_be_behind_is_served_when_the_answering_peer_is_not_newer(
+        daemon: Daemon, disk: Path, can_serve: None, monkeypatch: pytest.MonkeyPatch,
+        theirs: Generations, refused: str, mark: str) -> None:
+    VolumeMeta(gen=Generations(OURS, OLDER), **{mark: True}).save(daemon.home, "r0")
+    _peer_says(daemon, monkeypatch, theirs)
+    if refused:
+        with pytest.raises(Refused, match=refused):
+            daemon.start_ha(**options_of(settings_for(disk)))
+        assert daemon.primary is None and not daemon.home.settings_file.exists()
+    else:
+        message, _ = daemon.start_ha(**options_of(settings_for(disk)))
+        assert "is the primary" in message and not VolumeMeta.load(daemon.home, "r0").following
+
+
 @pytest.mark.parametrize("state", [DiskState.UP_TO_DATE, DiskState.OUTDATED])
 def test_start_ha_force_serves_the_own_copy_and_says_so(daemon: Daemon, disk: Path, can_serve: None,
                                                         state: DiskState) -> None:
@@ -687,6 +729,8 @@ def test_status_of_a_daemon_started_standalone_shows_the_saved_disks(daemon: Dae
     data = daemon.status()[1]
     assert data["mode"] == "standalone" and data["disk"]["state"] == "Outdated" and data["disk"]["following"]
     assert [v["state"] for v in data["volumes"]] == ["Outdated"]
+    VolumeMeta(primary_open=True).save(daemon.home, "r0")  # crashed as primary: its peer may have taken over
+    assert daemon.status()[1]["disk"]["following"] is True
     daemon.home.meta_file("r0").write_text("{not json")
     assert daemon.status()[1]["disk"]["state"] == "Unknown"  # startHA names the problem
 

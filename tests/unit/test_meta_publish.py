@@ -169,7 +169,7 @@ U, O, I = DiskState.UP_TO_DATE, DiskState.OUTDATED, DiskState.INCONSISTENT
 
 @pytest.mark.parametrize(("state", "following", "force", "refused"), [
     (U, False, False, ""),
-    (U, True, False, "was last the secondary's copy"),
+    (U, True, False, "was last the secondary's copy, or this appliance crashed as primary"),
     (U, True, True, ""),
     (U, False, True, "--force is not needed"),
     (O, False, False, "is Outdated"),
@@ -180,7 +180,27 @@ U, O, I = DiskState.UP_TO_DATE, DiskState.OUTDATED, DiskState.INCONSISTENT
     (I, True, True, "not even with --force"),
     (I, False, True, "not even with --force"),
 ])
-def test_why_not_primary(state: DiskState, following: bool, force: bool, refused: str) -> None:
-    why = meta_module.why_not_primary(state, following, force)
+def test_why_not_primary_with_the_peer_silent(state: DiskState, following: bool, force: bool, refused: str) -> None:
+    why = meta_module.why_not_primary(state, following, force, None)
+    assert (refused in why) if refused else why == ""
+    assert bool(why) == bool(refused)
+
+
+NEWER_HERE, SAME, NEWER_THERE = Plan(Kind.BITMAP, "local", "r70"), Plan(Kind.IN_SYNC, None, "r40"), \
+    Plan(Kind.BITMAP, "peer", "r50")
+
+
+@pytest.mark.parametrize(("state", "following", "peer", "refused"), [
+    (U, True, SAME, ""),
+    (U, True, NEWER_HERE, ""),
+    (O, False, NEWER_HERE, ""),       # its identifiers say the Outdated mark is stale
+    (U, False, NEWER_THERE, "holds newer data"),
+    (U, True, NEWER_THERE, "rule r50"),
+    (U, False, Plan(Kind.FULL, "peer", "r20"), "holds newer data"),  # a blank disk here, data there
+    (U, False, Plan(Kind.SPLIT_BRAIN, None, "r90"), ""),  # the handshake refuses and records it
+    (I, False, NEWER_HERE, "not even with --force"),
+])
+def test_why_not_primary_with_the_peer_answering(state: DiskState, following: bool, peer: Plan, refused: str) -> None:
+    why = meta_module.why_not_primary(state, following, False, peer)
     assert (refused in why) if refused else why == ""
     assert bool(why) == bool(refused)
