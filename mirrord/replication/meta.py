@@ -19,6 +19,10 @@ What a node must remember across crashes about its copy of the volume:
 * ``split_brain``: the sentence of the last split brain (or unrelated data)
   detected with the peer, until a sync succeeds; ``startHA --discard-my-data``
   needs it;
+* ``checksum_sync``: the sync identifier of the last sync that started by
+  comparing checksums (a full sync between copies of one history): a sync
+  resumed from it (the target at it, r70) or retried (r71) compares the rest
+  too, instead of copying every block it marked;
 * ``following``: set before this node follows a primary as its secondary,
   and when it recovers from a crash as primary; cleared when it serves as
   primary again. An UpToDate copy with it set was current when this node last
@@ -49,7 +53,7 @@ from typing import Any
 
 from mirrord import atomicfile
 from mirrord.paths import Home
-from mirrord.replication import extents
+from mirrord.replication import extents, generations
 from mirrord.replication.generations import Generations, Plan
 
 
@@ -71,6 +75,8 @@ class VolumeMeta:
     bitmap_trusted: bool = True
     split_brain: str = ""
     following: bool = False
+    checksum_sync: str = ""
+
     @property
     def may_be_behind(self) -> bool:
         """The peer may have acknowledged writes this copy lacks since this node last heard it:
@@ -92,14 +98,15 @@ class VolumeMeta:
                    primary_open=bool(data.get("primary_open", False)),
                    bitmap_trusted=bool(data.get("bitmap_trusted", True)),
                    split_brain=str(data.get("split_brain", "")),
-                   following=bool(data.get("following", False)))
+                   following=bool(data.get("following", False)),
+                   checksum_sync=_identifier(data.get("checksum_sync", "")))
 
     def _json(self, **changes: Any) -> dict[str, Any]:
         v = {**{k: getattr(self, k) for k in ("disk_state", "epoch", "gen", "primary_open", "bitmap_trusted",
-                                            "split_brain", "following")}, **changes}
+                                            "split_brain", "following", "checksum_sync")}, **changes}
         return {"disk_state": str(v["disk_state"]), "epoch": v["epoch"], "gen": v["gen"].to_json(),
                 "primary_open": v["primary_open"], "bitmap_trusted": v["bitmap_trusted"],
-                "split_brain": v["split_brain"], "following": v["following"]}
+                "split_brain": v["split_brain"], "following": v["following"], "checksum_sync": v["checksum_sync"]}
 
     def save(self, home: Home, volume: str) -> None:
         with self._lock:
@@ -139,6 +146,11 @@ class VolumeMeta:
         extents.forget_activity_log(home, volume)
         return (f"This appliance crashed as primary: the {len(in_flight)} extent(s) named by its activity log "
                 "are resynced at the next connect with the peer.")
+
+
+def _identifier(value: object) -> str:
+    """A saved sync identifier; anything else reads as none (the sync then copies what it marked)."""
+    return value if isinstance(value, str) and generations.is_uuid(value) else ""
 
 
 def update_together(home: Home, items: list[tuple[VolumeMeta, str, dict[str, Any]]]) -> None:

@@ -405,9 +405,11 @@ class PrimarySide:
             # bitmap counts from the sync identifier: the data connection may fail right after
             # the secondary adopts it, and the next connect then resumes from this bitmap.
             self._mark_for_sync(plan, extra)
+            compares = self._compares(plan)
             if plan.kind is not Kind.IN_SYNC:
                 self.meta.gen = generations.begin_sync_source(
                     self.meta.gen, generations.sync_uuid_for(plan, self.meta.gen, sync_uuid))
+                self.meta.checksum_sync = self.meta.gen.bitmap if compares else ""
                 if plan.kind is Kind.FULL:
                     self.meta.bitmap_trusted = True
             self.meta.split_brain = ""
@@ -427,7 +429,7 @@ class PrimarySide:
                 self._guard = guard
             self.sessions += 1
             self.server.attach_peer(data.detach())
-            kind = self._sync_kind(plan)
+            kind = "checksum" if compares else self._sync_kind(plan)
             if kind == "full" and plan.kind is Kind.BITMAP:  # over the threshold: copy it all, in one pass
                 self.server.mark_dirty(0, self.disk_size)
             self.server.start_sync(0, dirty_only=True, checksum=kind == "checksum")
@@ -496,21 +498,33 @@ class PrimarySide:
             raise PeerError(reason)
         return reply, plan, extra
 
-    def _sync_kind(self, plan: Plan) -> str:
-        """How the blocks marked dirty for this plan are sent: "bitmap", "full" or "checksum".
+    def _compares(self, plan: Plan) -> bool:
+        """Does this plan's sync compare checksums before it copies?
 
         A full sync between disks of a common history (the bitmap could not
-        be trusted, or it did not reach back far enough) compares checksums
-        first: most blocks are usually equal. So does every full sync with
-        --checksum-sync. A bitmap resync over --full-sync-threshold whose
-        dirty blocks are scattered (runs shorter than a sync chunk on
-        average) copies the whole disk: one sequential pass of full chunks
-        beats many small ones. A long contiguous remainder, such as an
-        interrupted sync's, stays a bitmap resync: it is already sequential.
+        be trusted, or it did not reach back far enough) does: most blocks are
+        usually equal. So does every full sync with --checksum-sync, and a
+        bitmap resync that goes on with such a sync (the target is at its
+        identifier, r70, or never noted its start, r71: our bitmap identifier
+        is still the one it started under): its bitmap holds every block that
+        sync marked, most of them equal on both sides.
         """
         if plan.kind is Kind.FULL:
-            common = plan.rule not in FRESH_OR_UNRELATED
-            return "checksum" if common or self.settings.checksum_sync else "full"
+            return plan.rule not in FRESH_OR_UNRELATED or self.settings.checksum_sync
+        return plan.kind is Kind.BITMAP and bool(self.meta.checksum_sync) \
+            and self.meta.gen.bitmap == self.meta.checksum_sync
+
+    def _sync_kind(self, plan: Plan) -> str:
+        """How the blocks marked dirty for a sync that does not compare are sent: "bitmap" or "full".
+
+        A bitmap resync over --full-sync-threshold whose dirty blocks are
+        scattered (runs shorter than a sync chunk on average) copies the whole
+        disk: one sequential pass of full chunks beats many small ones. A long
+        contiguous remainder, such as an interrupted sync's, stays a bitmap
+        resync: it is already sequential.
+        """
+        if plan.kind is Kind.FULL:
+            return "full"
         assert self.server is not None
         stats = self.server.stats()
         if 100 * stats.dirty_bytes <= self.settings.full_sync_threshold * self.disk_size:
@@ -563,7 +577,7 @@ class PrimarySide:
                 if finished:
                     # History first, then tell the secondary, which adopts these identifiers.
                     self.meta.gen = generations.finish_sync_source(self.meta.gen)
-                    self.meta.bitmap_trusted = True
+                    self.meta.bitmap_trusted, self.meta.checksum_sync = True, ""
                     self.meta.save(self.home, self.settings.volume)
                     self.resync["done"] = True
                     awaiting = stats.peer_failures

@@ -49,6 +49,9 @@ HELD, ALONE = "b" * 16, "c" * 16
 WRITTEN_ALONE = (4 * MiB, MiB)
 UNRECORDED = (10 * MiB, 256 << 10)
 SYNC_SECONDS = 60.0
+#: All a comparing sync may copy in these tests: the two sync chunks (1 MiB each, the unit it
+#: compares) that WRITTEN_ALONE and UNRECORDED fall in.
+DIFFERING = 2 * MiB
 
 
 def _require() -> None:
@@ -192,6 +195,34 @@ def test_a_full_sync_cut_right_after_the_secondary_noted_it_still_sends_every_bl
         _wait_synced(p, secondary)
         resync = dict(p.resync)
     assert lost == ["ok"]
-    assert resync["kind"] == "bitmap" and resync["rule"] == "r70", resync
+    # It goes on as it started: comparing, and copying only what differs (the session 8 review).
+    assert resync["kind"] == "checksum" and resync["rule"] == "r70", resync
     assert resync["dirty_bytes_at_start"] == SIZE, resync
+    assert resync["bytes_sent"] <= DIFFERING, resync
+    assert filecmp.cmp(primary.disk, secondary.disk, shallow=False)
+
+
+def test_a_lost_start_of_a_checksum_sync_is_retried_as_one(pair: tuple[Node, Node]) -> None:
+    """The same full sync (untrusted bitmap, so every block is compared); the secondary's data
+    handshake fails before it notes the sync identifier. The retry (r71) holds every block in its
+    bitmap and must compare them, not copy the whole disk."""
+    primary, secondary = pair
+    _overwrite(primary.disk, UNRECORDED, seed=3)
+    meta = VolumeMeta.load(primary.home, "r0")
+    meta.bitmap_trusted = False
+    meta.save(primary.home, "r0")
+    injected: list[str] = []
+
+    def fail_before_noting() -> None:
+        if not injected:
+            injected.append("data handshake")
+            raise PeerError("injected: the data connection failed before this disk noted the sync identifier")
+
+    with running(primary, secondary, fail_before_noting) as p:
+        _wait_synced(p, secondary)
+        resync = dict(p.resync)
+    assert injected
+    assert resync["kind"] == "checksum" and resync["rule"] == "r71", resync
+    assert resync["dirty_bytes_at_start"] == SIZE, resync
+    assert resync["bytes_sent"] <= DIFFERING, resync
     assert filecmp.cmp(primary.disk, secondary.disk, shallow=False)

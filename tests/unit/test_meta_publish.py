@@ -164,6 +164,23 @@ def test_following_survives_a_save_and_old_files_read_as_not_following(home: Hom
     assert VolumeMeta.load(home, "r0").following is False
 
 
+@pytest.mark.parametrize(("saved", "read"), [
+    ("00000000000000c5", "00000000000000c5"),
+    (None, ""),            # written before the field existed
+    ("not an id", ""),     # anything else: the sync copies what it marked, as before
+    (7, ""),
+])
+def test_checksum_sync_is_read_only_as_an_identifier(home: Home, saved: object, read: str) -> None:
+    VolumeMeta(checksum_sync="00000000000000c5").save(home, "r0")
+    data = atomicfile.read_json(home.meta_file("r0"))
+    if saved is None:
+        del data["checksum_sync"]
+    else:
+        data["checksum_sync"] = saved
+    atomicfile.write_json(home.meta_file("r0"), data)
+    assert VolumeMeta.load(home, "r0").checksum_sync == read
+
+
 U, O, I = DiskState.UP_TO_DATE, DiskState.OUTDATED, DiskState.INCONSISTENT
 
 
