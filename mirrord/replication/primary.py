@@ -579,7 +579,6 @@ class PrimarySide:
                     self.meta.gen = generations.finish_sync_source(self.meta.gen)
                     self.meta.bitmap_trusted, self.meta.checksum_sync = True, ""
                     self.meta.save(self.home, self.settings.volume)
-                    self.resync["done"] = True
                     awaiting = stats.peer_failures
                 with self._send_lock:
                     link.send(control, {"type": "progress", "percent": self.peer.sync_percent})
@@ -596,7 +595,7 @@ class PrimarySide:
                     raise PeerError("the secondary confirmed a sync that was not finished")
                 with self._sync_lock:
                     self.peer.synced_link, awaiting = awaiting, None
-                    self.peer.sync_done = True
+                    self.peer.sync_done = self.resync["done"] = True
                     self.peer.sync_percent = 100.0
                 self.log.log(f"Sync to {self.ends.peer_sync} complete ({stats.bytes_synced} bytes sent in "
                              f"{time.monotonic() - started:.1f} s); the secondary is UpToDate.")

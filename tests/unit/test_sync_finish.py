@@ -77,11 +77,11 @@ def test_the_primary_reports_the_sync_finished_only_when_the_secondary_saved_it(
         assert VolumeMeta.load(home, "r0").gen == finished
         # ... but nothing calls the pair in sync before the secondary answers.
         assert _next(far, "progress")["percent"] < 100.0
-        assert not side.peer.sync_done and side.peer.sync_percent < 100.0
+        assert not side.peer.sync_done and side.peer.sync_percent < 100.0 and not side.resync.get("done")
         assert not (home.log_dir / "ha.log").exists()  # "Sync ... complete" is its first line
         link.send(far, {"type": "synced"})
         assert _until(lambda: side.peer.sync_done)
-        assert side.peer.sync_percent == 100.0 and side.peer.synced_link == 3
+        assert side.peer.sync_percent == 100.0 and side.peer.synced_link == 3 and side.resync["done"]
         assert _next(far, "progress")["percent"] == 100.0
         assert "the secondary is UpToDate" in (home.log_dir / "ha.log").read_text()
     finally:
