@@ -490,8 +490,8 @@ class Daemon:
                          epoch=max(self.meta.epoch, int(peer.get("epoch") or 0)) + 1)
 
     def _copies_are_the_primarys(self, forced: bool = False) -> None:
-        """Serving now: the copies are the primary's (no longer following: VolumeMeta.following); after
-        startHA --force also UpToDate. Only once the primary runs: a start that fails must leave a copy
+        """Serving now: the copies are the primary's (no longer following: VolumeMeta.following) and
+        UpToDate. Only once the primary runs: a start that fails must leave a copy
         that may lack acknowledged writes marked so (the session 8 review)."""
         assert self.settings is not None
         if forced:
@@ -501,7 +501,9 @@ class Daemon:
                          f"{', '.join(map(str, self.settings.disks))} although it was {why}; writes the other "
                          "appliance acknowledged without it are not in it. Should the other appliance come back "
                          "with such writes, the pair reports a split brain.")
-        changes: dict[str, Any] = {"following": False, **({"disk_state": DiskState.UP_TO_DATE} if forced else {})}
+        # UpToDate also when the answering peer's identifiers let an Outdated copy serve: it is the
+        # serving copy now, and a later start must not ask for --force because of a stale mark.
+        changes: dict[str, Any] = {"following": False, "disk_state": DiskState.UP_TO_DATE}
         try:
             update_together(self.home, [(meta, one.volume, changes)
                                         for meta, one in zip(self.metas, self.settings.volumes())])
@@ -732,11 +734,13 @@ class Daemon:
                 role = self._role(settings, side, secondary_only, discard_my_data)
                 next_mode = transition(self.mode, Event.START_PRIMARY if role == "primary" else Event.START_SECONDARY)
                 if role == "primary":
+                    peer_copy = self._peer_copy(settings, metas[0].gen)
                     refusal = why_not_primary(worst(m.disk_state for m in metas), any(m.may_be_behind for m in metas),
-                                              force, self._peer_copy(settings, metas[0].gen))
+                                              force, peer_copy)
                     if refusal:
                         raise Refused(refusal)
-                    if force and self._peer_answers(settings):
+                    diverged = peer_copy is not None and peer_copy.kind in (Kind.SPLIT_BRAIN, Kind.UNRELATED)
+                    if force and self._peer_answers(settings) and not diverged:
                         mode = (self._peer_view()[2] or {}).get("mode", "running")
                         raise Refused(f"startHA --force is for an appliance whose peer is lost for good, but "
                                       f"{ends.peer_public} answers ({mode}): start HA there first, and this "

@@ -54,7 +54,7 @@ from typing import Any
 from mirrord import atomicfile
 from mirrord.paths import Home
 from mirrord.replication import extents, generations
-from mirrord.replication.generations import Generations, Plan
+from mirrord.replication.generations import Generations, Kind, Plan
 
 
 class DiskState(str, enum.Enum):
@@ -176,20 +176,31 @@ def why_not_primary(state: DiskState, may_be_behind: bool, force: bool, peer: Pl
     Only the operator knows whether the other appliance is gone for good, so a copy that may
     lack acknowledged writes is served on their word alone (``--force``), never by default.
     When the peer answers, its identifiers settle it (the handshake will compare the same
-    ones): a copy older than the peer's is refused, any other may serve. Half-copied data is
-    refused even then: no copy of the data it holds exists anywhere.
+    ones): the same generation, a newer copy here, or two new disks may serve; a copy older
+    than the peer's is refused. Two copies that changed apart (split brain, unrelated data)
+    settle nothing: the rules for a silent peer apply, and ``--force`` may pick this copy
+    (the handshake then keeps both). Half-copied data is refused even then: no copy of the
+    data it holds exists anywhere.
     """
     if state is DiskState.INCONSISTENT:
         return ("This appliance's disk is Inconsistent: a sync into it was cut short, so it holds parts of two "
                 "versions and cannot become primary, not even with --force. Make it the secondary of the "
                 "appliance that was primary.")
-    if peer is not None:
-        if peer.source != "peer":
-            return ""
+    if peer is not None and (peer.kind is Kind.IN_SYNC or peer.source == "local" or peer.rule == "r10"):
+        return ""
+    if peer is not None and peer.source == "peer":
         return ("The peer holds newer data than this appliance (their generation identifiers say so, rule "
                 f"{peer.rule}: it served without this one since they last met), so this appliance cannot become "
-                "primary. Make the peer primary: stopHA on both, startHA naming it primary there "
-                "and then here, where this appliance becomes its secondary and is synced.")
+                "primary. Make the peer primary: stopHA on the peer, then startHA naming it primary, here "
+                "first (this appliance becomes its secondary and is synced) and then on the peer.")
+    if peer is not None and (state is DiskState.OUTDATED or may_be_behind) and not force:
+        what = ("Outdated" if state is DiskState.OUTDATED
+                else "last the secondary's copy, or this appliance crashed as primary")
+        return (f"The peer answers, but its generation identifiers show that the two copies changed apart "
+                f"({peer.kind}), and this appliance's disk is {what}: it may lack writes the peer acknowledged. "
+                "Decide which copy to keep: startHA --force on that appliance (allowed while the peer answers, "
+                "since the copies diverged), then startHA --discard-my-data on the other once it reports the "
+                "split brain (its disk is saved first).")
     if state is DiskState.OUTDATED and not force:
         return ("This appliance's disk is Outdated: it lacks the writes the other appliance acknowledged after "
                 "this one stopped following it, so it cannot become primary. Start HA on that appliance first "

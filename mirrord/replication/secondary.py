@@ -280,12 +280,12 @@ class SecondarySide:
                                          disk_state=DiskState.UP_TO_DATE, bitmap_trusted=True, split_brain="")
                     except OSError as exc:
                         raise PeerError(f"cannot record the finished sync: {exc}") from exc
-                    # Saved before said: the primary calls the sync finished only on this word.
-                    with self._send_lock:
-                        link.send(control, {"type": "synced"})
                     self.primary.sync_percent = 100.0
                     self.primary.synced = True
                     self.log.log("Sync from the primary complete: this disk is UpToDate.")
+                    # Saved before said: the primary calls the sync finished only on this word.
+                    with self._send_lock:
+                        link.send(control, {"type": "synced"})
                 elif msg["type"] == "out_of_sync":
                     self._mark_out_of_sync(msg.get("bytes"))
                 elif msg["type"] == "promote":
@@ -293,7 +293,7 @@ class SecondarySide:
                     self._end_session(reason)
                     self.on_promote()
                     return
-        except PeerError as exc:
+        except (PeerError, OSError) as exc:  # OSError: a send (synced) on a broken connection
             reason = str(exc)
         if self._control is control:
             self._end_session(reason)

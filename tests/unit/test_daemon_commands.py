@@ -666,6 +666,36 @@ def test_a_copy_that_may_be_behind_is_served_when_the_answering_peer_is_not_newe
         assert "is the primary" in message and not VolumeMeta.load(daemon.home, "r0").following
 
 
+def test_an_outdated_copy_the_answering_peer_lets_serve_is_recorded_up_to_date(
+        daemon: Daemon, disk: Path, can_serve: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secondary's stopHA left it Outdated; its peer, waiting as its secondary, is older: it serves,
+    and a later start with the peer silent must not ask for --force because of the old mark."""
+    VolumeMeta(disk_state=DiskState.OUTDATED, gen=Generations(OURS, OLDER)).save(daemon.home, "r0")
+    _peer_says(daemon, monkeypatch, Generations(OLDER))
+    daemon.start_ha(**options_of(settings_for(disk)))
+    assert VolumeMeta.load(daemon.home, "r0").disk_state is DiskState.UP_TO_DATE
+
+
+def test_copies_that_changed_apart_serve_a_copy_that_may_be_behind_only_when_forced(
+        daemon: Daemon, disk: Path, can_serve: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split brain with the peer answering: its identifiers vouch for nothing, and --force (refused
+    while a peer answers that could be asked) is how the operator picks this copy."""
+    VolumeMeta(following=True, gen=Generations(OURS, OLDER)).save(daemon.home, "r0")
+    _peer_says(daemon, monkeypatch, Generations(THEIRS, OLDER))  # r90: both went on from OLDER
+    with pytest.raises(Refused, match="changed apart"):
+        daemon.start_ha(**options_of(settings_for(disk)))
+    message, _ = daemon.start_ha(force=True, **options_of(settings_for(disk)))
+    assert "is the primary" in message
+
+
+def test_start_ha_force_is_refused_while_a_peer_answers_that_settles_it(
+        daemon: Daemon, disk: Path, can_serve: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    VolumeMeta(following=True, gen=Generations(OURS, OLDER)).save(daemon.home, "r0")
+    _peer_says(daemon, monkeypatch, Generations(OLDER))
+    with pytest.raises(Refused, match="--force is for an appliance whose peer is lost for good"):
+        daemon.start_ha(force=True, **options_of(settings_for(disk)))
+
+
 @pytest.mark.parametrize("state", [DiskState.UP_TO_DATE, DiskState.OUTDATED])
 def test_start_ha_force_serves_the_own_copy_and_says_so(daemon: Daemon, disk: Path, can_serve: None,
                                                         state: DiskState) -> None:

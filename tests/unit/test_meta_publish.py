@@ -216,8 +216,27 @@ NEWER_HERE, SAME, NEWER_THERE = Plan(Kind.BITMAP, "local", "r70"), Plan(Kind.IN_
     (U, False, Plan(Kind.FULL, "peer", "r20"), "holds newer data"),  # a blank disk here, data there
     (U, False, Plan(Kind.SPLIT_BRAIN, None, "r90"), ""),  # the handshake refuses and records it
     (I, False, NEWER_HERE, "not even with --force"),
+    # Copies that changed apart vouch for nothing: a copy that may be behind needs --force.
+    (U, True, Plan(Kind.SPLIT_BRAIN, None, "r90"), "changed apart (split brain)"),
+    (O, False, Plan(Kind.SPLIT_BRAIN, None, "r100"), "disk is Outdated"),
+    (U, True, Plan(Kind.UNRELATED, None, "r110"), "changed apart (unrelated)"),
+    (U, True, Plan(Kind.FULL, None, "r10"), ""),      # two new disks
 ])
 def test_why_not_primary_with_the_peer_answering(state: DiskState, following: bool, peer: Plan, refused: str) -> None:
     why = meta_module.why_not_primary(state, following, False, peer)
+    assert (refused in why) if refused else why == ""
+    assert bool(why) == bool(refused)
+
+
+@pytest.mark.parametrize(("state", "following", "peer", "refused"), [
+    (U, True, Plan(Kind.SPLIT_BRAIN, None, "r90"), ""),
+    (O, True, Plan(Kind.UNRELATED, None, "r110"), ""),
+    (U, True, NEWER_THERE, "holds newer data"),       # never: the peer's copy is the one to serve
+    (U, False, Plan(Kind.SPLIT_BRAIN, None, "r90"), "--force is not needed"),
+    (I, True, Plan(Kind.SPLIT_BRAIN, None, "r90"), "not even with --force"),
+])
+def test_why_not_primary_forced_with_the_peer_answering(state: DiskState, following: bool, peer: Plan,
+                                                         refused: str) -> None:
+    why = meta_module.why_not_primary(state, following, True, peer)
     assert (refused in why) if refused else why == ""
     assert bool(why) == bool(refused)

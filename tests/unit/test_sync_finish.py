@@ -16,6 +16,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from mirrord.config import Endpoints
 from mirrord.errors import PeerError
 from mirrord.halog import HALog
@@ -129,3 +131,32 @@ def test_the_secondary_answers_synced_after_it_saved_the_identifiers(home: Home,
         far.close()
         follower.join(10)
     assert not follower.is_alive()
+
+
+def test_a_synced_that_cannot_be_sent_ends_the_session_with_the_sync_recorded(
+        home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The primary died right after its sync_done: the send fails (OSError, not PeerError). The
+    session must still end the ordinary way, and the finished sync count: the disk is UpToDate."""
+    VolumeMeta(gen=Generations(current="00000000000000b1"), disk_state=DiskState.INCONSISTENT).save(home, "r0")
+    (tmp_path / "disk.img").write_bytes(bytes(SIZE))
+    side = SecondarySide(home, settings(tmp_path), HALog(home), SIZE, VolumeMeta.load(home, "r0"),
+                         Endpoints(A2, S2, A1, S1), lambda: None, None)
+    real_send = link.send
+
+    def reset_on_synced(sock: socket.socket, message: dict[str, Any]) -> None:
+        if message.get("type") == "synced":
+            raise ConnectionResetError("injected: the primary is gone")
+        real_send(sock, message)
+
+    ended: list[str] = []
+    monkeypatch.setattr(link, "send", reset_on_synced)
+    monkeypatch.setattr(side, "_end_session", ended.append)
+    far, follower = follow(side)
+    try:
+        real_send(far, {"type": "sync_done", "gen": generations.finish_sync_source(SYNCING).to_json()})
+        follower.join(10)
+    finally:
+        far.close()
+        follower.join(10)
+    assert not follower.is_alive() and ended and "injected" in ended[0]
+    assert side.primary.synced and VolumeMeta.load(home, "r0").disk_state is DiskState.UP_TO_DATE
