@@ -354,7 +354,8 @@ class Daemon:
         return {"mode": str(mode), "serving": serving, "disk": str(disk) if disk else None, "mac": self.my_mac,
                 "epoch": meta.epoch if meta else 0,
                 "gen": meta.gen.to_json() if meta else None,
-                "outdate_request": self.outdate_request, "settings": shared, "version": __version__}
+                "outdate_request": self.outdate_request, "settings": shared, "version": __version__,
+                "busy": self._busy}
 
     def _compare_settings(self) -> None:
         if self.heartbeat is None or self.settings is None:
@@ -734,6 +735,10 @@ class Daemon:
                 role = self._role(settings, side, secondary_only, discard_my_data)
                 next_mode = transition(self.mode, Event.START_PRIMARY if role == "primary" else Event.START_SECONDARY)
                 if role == "primary":
+                    busy = (self._peer_view()[2] or {}).get("busy") if self._peer_answers(settings) else None
+                    if busy:  # taking over, say: its identifiers and its mode are about to change
+                        raise Refused(f"The peer is busy ({busy}), so what it holds is about to change: run "
+                                      "startHA again once HAstatus there shows it settled.")
                     peer_copy = self._peer_copy(settings, metas[0].gen)
                     refusal = why_not_primary(worst(m.disk_state for m in metas), any(m.may_be_behind for m in metas),
                                               force, peer_copy)

@@ -636,8 +636,8 @@ def test_start_ha_refuses_to_serve_a_crashed_primarys_copy_while_its_peer_is_sil
     assert daemon.home.meta_file("r0").read_bytes() == before  # the crash is still to be recovered
 
 
-def _peer_says(daemon: Daemon, monkeypatch: pytest.MonkeyPatch, gen: Generations) -> None:
-    state = {"mode": "secondary", "version": __version__, "gen": gen.to_json(), "epoch": 0}
+def _peer_says(daemon: Daemon, monkeypatch: pytest.MonkeyPatch, gen: Generations, busy: str | None = None) -> None:
+    state = {"mode": "secondary", "version": __version__, "gen": gen.to_json(), "epoch": 0, "busy": busy}
     monkeypatch.setattr(daemon, "_peer_view", lambda: (0.0, 0.0, state))
 
 
@@ -664,6 +664,17 @@ def test_a_copy_that_may_be_behind_is_served_when_the_answering_peer_is_not_newe
     else:
         message, _ = daemon.start_ha(**options_of(settings_for(disk)))
         assert "is the primary" in message and not VolumeMeta.load(daemon.home, "r0").following
+
+
+def test_start_ha_waits_for_a_peer_that_is_taking_over(daemon: Daemon, disk: Path, can_serve: None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its heartbeat still says secondary and its identifiers have not moved yet: asking now would
+    let both appliances become primary."""
+    VolumeMeta(gen=Generations(OURS, OLDER)).save(daemon.home, "r0")
+    _peer_says(daemon, monkeypatch, Generations(OURS), busy="taking over")
+    with pytest.raises(Refused, match=r"The peer is busy \(taking over\)"):
+        daemon.start_ha(**options_of(settings_for(disk)))
+    assert daemon.primary is None
 
 
 def test_an_outdated_copy_the_answering_peer_lets_serve_is_recorded_up_to_date(
