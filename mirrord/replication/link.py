@@ -66,8 +66,12 @@ def tune(sock: socket.socket, user_timeout_ms: int) -> None:
 
 
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
+    """One message; a connection that fails under it is a PeerError, as in recv."""
     body = json.dumps(message).encode()
-    sock.sendall(_LEN.pack(len(body)) + body)
+    try:
+        sock.sendall(_LEN.pack(len(body)) + body)
+    except OSError as exc:
+        raise PeerError(f"Control connection failed: {type(exc).__name__}: {exc}.") from exc
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

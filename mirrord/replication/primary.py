@@ -284,7 +284,7 @@ class PrimarySide:
                 return
             try:
                 link.send(self._control, message)
-            except OSError:
+            except PeerError:
                 return  # the connector notices the broken connection on its own
 
     def stop(self) -> None:

@@ -293,7 +293,7 @@ class SecondarySide:
                     self._end_session(reason)
                     self.on_promote()
                     return
-        except (PeerError, OSError) as exc:  # OSError: a send (synced) on a broken connection
+        except PeerError as exc:
             reason = str(exc)
         if self._control is control:
             self._end_session(reason)
