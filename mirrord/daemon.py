@@ -272,14 +272,20 @@ class Daemon:
         return silent_sync, silent_public, self.heartbeat.peer_state(fresher)
 
     def _peer_answers(self, settings: Settings) -> bool:
+        """Heard within pingInterval (alive, even if what it said cannot be read)."""
         return min(self._peer_view()[:2]) < settings.ping_interval
+
+    def _answering_peer(self, settings: Settings) -> dict[str, Any] | None:
+        """What the peer's last heartbeat said, if it answers."""
+        peer = self._peer_view()[2]
+        return peer if isinstance(peer, dict) and self._peer_answers(settings) else None
 
     def _peer_copy(self, settings: Settings, mine: Generations) -> Plan | None:
         """How this copy relates to the peer's, from the identifiers its heartbeats carry (the lead
         volume's: a group's volumes start, sync and write alone together); None when the peer does
         not answer or says nothing usable."""
-        peer = self._peer_view()[2]
-        if not self._peer_answers(settings) or not isinstance(peer, dict) or peer.get("gen") is None:
+        peer = self._answering_peer(settings)
+        if peer is None or peer.get("gen") is None:
             return None
         try:
             return generations.relation(mine, Generations.from_json(peer["gen"]))
@@ -691,8 +697,8 @@ class Daemon:
         assert self.heartbeat is not None
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            peer = self._peer_view()[2]
-            if peer is not None and self._peer_answers(settings):
+            peer = self._answering_peer(settings)
+            if peer is not None:
                 return str(peer.get("mode"))
             time.sleep(0.02)
         return None
@@ -735,7 +741,7 @@ class Daemon:
                 role = self._role(settings, side, secondary_only, discard_my_data)
                 next_mode = transition(self.mode, Event.START_PRIMARY if role == "primary" else Event.START_SECONDARY)
                 if role == "primary":
-                    busy = (self._peer_view()[2] or {}).get("busy") if self._peer_answers(settings) else None
+                    busy = (self._answering_peer(settings) or {}).get("busy")
                     if busy:  # taking over, say: its identifiers and its mode are about to change
                         raise Refused(f"The peer is busy ({busy}), so what it holds is about to change: run "
                                       "startHA again once HAstatus there shows it settled.")
@@ -746,7 +752,7 @@ class Daemon:
                         raise Refused(refusal)
                     diverged = peer_copy is not None and peer_copy.kind in (Kind.SPLIT_BRAIN, Kind.UNRELATED)
                     if force and self._peer_answers(settings) and not diverged:
-                        mode = (self._peer_view()[2] or {}).get("mode", "running")
+                        mode = (self._answering_peer(settings) or {}).get("mode", "running")
                         raise Refused(f"startHA --force is for an appliance whose peer is lost for good, but "
                                       f"{ends.peer_public} answers ({mode}): start HA there first, and this "
                                       "appliance becomes its secondary.")
