@@ -4,9 +4,10 @@
 power, cables and processes back; a node without HA runs ``startHA``; when
 nobody serves (both appliances went down), the other appliance is started
 as the secondary of the one that served last, then that one as primary
-(its startHA refuses if the other's copy is newer; then the roles swap). It ends when one
-appliance is a serving primary whose secondary is connected and UpToDate,
-or fails, within a bounded time, with both ha.log tails.
+(its startHA refuses if the other's copy is newer; then the roles swap).
+It ends when one appliance is a serving primary whose secondary is
+connected and UpToDate, or fails, within a bounded time, with both ha.log
+tails.
 """
 
 from __future__ import annotations
