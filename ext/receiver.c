@@ -365,7 +365,13 @@ static void *rx_main(void *arg)
             set_error(r, rc, "bad frame header");
             break;
         }
-        if (rx_payload(r, &h, raw, &payload) || apply_frame(r, &h, payload))
+        if (rx_payload(r, &h, raw, &payload))
+            break;
+        /* Stopped: apply nothing more. Nothing unapplied has been acked, and
+         * the primary resends what was not; a frame applied after the next
+         * session began could overwrite what that session's resync sent
+         * (mirrord/replication/secondary.py, "Sessions"). */
+        if (r->stop || apply_frame(r, &h, payload))
             break;
         pthread_mutex_lock(&r->mu);
         r->st.frames++;

@@ -69,6 +69,8 @@ class SecondarySide:
         self._lock = threading.Lock()
         #: held by a data handshake from start to end: stop() waits for it (see _on_data)
         self._data_lock = threading.Lock()
+        #: one session at a time (see "Sessions" above _on_hello); taken after _data_lock, before _lock
+        self._turn = threading.Lock()
         #: the follower (synced) and a failOver command (failover_request) both write to the control link
         self._send_lock = threading.Lock()
         self._pending: str | None = None
@@ -137,6 +139,17 @@ class SecondarySide:
             self.log.log(f"Dropped a malformed replication handshake: {type(exc).__name__}: {exc}")
             conn.close()
 
+    # Sessions. Each time the primary connects it starts a session: a control connection, a
+    # data connection with its receiver, and a follower thread reading the control connection.
+    # The old session of a secondary that was frozen (or only slow) is still there when the
+    # primary, which gave up on it, connects again: its receiver may still apply frames that
+    # waited in the socket, and its follower may still hold a sync_done read before the freeze.
+    # Either, acting after the new session began, would be applied under that session: an old
+    # frame written over the block the new resync just sent (the primary, having cleared the
+    # block's bit at the ack, believes this disk holds the newer data), or an old sync_done
+    # recording UpToDate while the new sync has just begun. So one session at a time, under
+    # _turn: a session ends (its receiver stopped and joined) before the next is agreed, and a
+    # follower changes anything only while its control connection is still the current one.
     def _on_hello(self, conn: socket.socket, msg: dict[str, object]) -> None:
         try:
             link.check_hello(msg, my_disk_size=self.disk_size, volume=self.settings.volume)
@@ -161,19 +174,20 @@ class SecondarySide:
             link.send(conn, {"type": "refuse", "reason": reason})
             conn.close()
             return
-        agreed, mine = self._plan(conn, msg)
-        if agreed is None:
-            return
-        plan = agreed[0]
-        self._end_session("the primary reconnected")
-        token = secrets.token_hex(16)
-        with self._lock:
-            self._pending = token
-            self._pending_sync = agreed
-            self._control = conn
-        link.send(conn, {"type": "welcome", "session": token, "disk_size": self.disk_size,
-                         "disk_state": str(self.meta.disk_state), "state": mine,
-                         "plan": {"kind": str(plan.kind), "source": plan.source}})
+        with self._turn:
+            agreed, mine = self._plan(conn, msg)
+            if agreed is None:
+                return
+            plan = agreed[0]
+            self._end_turn("the primary reconnected")
+            token = secrets.token_hex(16)
+            with self._lock:
+                self._pending = token
+                self._pending_sync = agreed
+                self._control = conn
+            link.send(conn, {"type": "welcome", "session": token, "disk_size": self.disk_size,
+                             "disk_state": str(self.meta.disk_state), "state": mine,
+                             "plan": {"kind": str(plan.kind), "source": plan.source}})
 
     def own_changes(self, primary_size: int) -> list[extents.Range]:
         """The blocks this disk changed on its own (its persisted bitmap), for the primary to resend;
@@ -221,7 +235,7 @@ class SecondarySide:
         # and install a receiver nobody stops, writing under the new primary's filesystem. So
         # stop() waits for _data_lock, and a handshake that finds itself stopped after its
         # metadata change puts the metadata back (no byte has landed) before it lets go.
-        with self._data_lock:
+        with self._data_lock, self._turn:
             with self._lock:
                 token = self._pending
                 if token is None or not link.proof_ok(self.secret, "data", msg.get("proof"), token) \
@@ -252,51 +266,68 @@ class SecondarySide:
             if stopped:
                 self.meta.update(self.home, self.settings.volume, **before)
                 raise PeerError("HA stopped on this appliance while the primary connected")
-        self.primary = PrimaryView(connected=True, sync_started=True, since=time.monotonic())
+            self.primary = PrimaryView(connected=True, sync_started=True, since=time.monotonic())
         self.log.log(f"Primary {self.ends.peer_sync} connected; receiving a sync. This disk is Inconsistent "
                      "until it completes.")
-        threading.Thread(target=self._follow, args=(control,), name="follow", daemon=True).start()
+        threading.Thread(target=self._follow, args=(control, self.primary), name="follow", daemon=True).start()
 
-    def _follow(self, control: socket.socket) -> None:
+    def _follow(self, control: socket.socket, view: PrimaryView) -> None:
         # The primary reports progress every 0.2 s: a longer silence is a dead link,
         # noticed here even when no byte of ours is waiting for an acknowledgement.
-        link.tune(control, user_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000))
-        control.settimeout(max(2.0, 3 * self.settings.ping_interval))
         reason = "the primary closed the connection"
         try:
+            link.tune(control, user_timeout_ms=int(max(1.0, 2 * self.settings.ping_interval) * 1000))
+            control.settimeout(max(2.0, 3 * self.settings.ping_interval))
             while not self._stop.is_set():
                 msg = link.recv(control)
                 if msg["type"] == "progress":
-                    self.primary.sync_percent = float(msg.get("percent", 0.0))
+                    view.sync_percent = float(msg.get("percent", 0.0))
                 elif msg["type"] == "sync_done":
-                    try:
-                        gen = Generations.from_json(msg.get("gen"))
-                    except ValueError as exc:
-                        raise PeerError(f"the primary's sync_done is malformed: {exc}") from None
-                    # A copy of the primary's generation now: our own changes are gone.
-                    extents.bitmap_file(self.home, self.settings.volume).unlink(missing_ok=True)
-                    try:
-                        self.meta.update(self.home, self.settings.volume, gen=gen,
-                                         disk_state=DiskState.UP_TO_DATE, bitmap_trusted=True, split_brain="")
-                    except OSError as exc:
-                        raise PeerError(f"cannot record the finished sync: {exc}") from exc
-                    self.primary.sync_percent = 100.0
-                    self.primary.synced = True
-                    self.log.log("Sync from the primary complete: this disk is UpToDate.")
+                    with self._turn:
+                        if not self._current(control):
+                            return
+                        self._record_sync_done(msg, view)
                     # Saved before said: the primary calls the sync finished only on this word.
                     with self._send_lock:
                         link.send(control, {"type": "synced"})
                 elif msg["type"] == "out_of_sync":
-                    self._mark_out_of_sync(msg.get("bytes"))
+                    with self._turn:
+                        if not self._current(control):
+                            return
+                        self._mark_out_of_sync(msg.get("bytes"))
                 elif msg["type"] == "promote":
                     reason = "the primary handed over (failOver)"
-                    self._end_session(reason)
+                    with self._turn:
+                        if not self._current(control):
+                            return
+                        self._end_turn(reason)
                     self.on_promote()
                     return
-        except PeerError as exc:
+        except (PeerError, OSError) as exc:  # OSError: the next session closed control before we began
             reason = str(exc)
-        if self._control is control:
-            self._end_session(reason)
+        self._end_session(reason, only=control)
+
+    def _current(self, control: socket.socket) -> bool:
+        """Is control still this side's session? Asked under _turn by the session's follower: a
+        message read late, after the primary had reconnected, must not act on the next session."""
+        with self._lock:
+            return self._control is control
+
+    def _record_sync_done(self, msg: dict[str, object], view: PrimaryView) -> None:
+        try:
+            gen = Generations.from_json(msg.get("gen"))
+        except ValueError as exc:
+            raise PeerError(f"the primary's sync_done is malformed: {exc}") from None
+        # A copy of the primary's generation now: our own changes are gone.
+        extents.bitmap_file(self.home, self.settings.volume).unlink(missing_ok=True)
+        try:
+            self.meta.update(self.home, self.settings.volume, gen=gen,
+                             disk_state=DiskState.UP_TO_DATE, bitmap_trusted=True, split_brain="")
+        except OSError as exc:
+            raise PeerError(f"cannot record the finished sync: {exc}") from exc
+        view.sync_percent = 100.0
+        view.synced = True
+        self.log.log("Sync from the primary complete: this disk is UpToDate.")
 
     def _mark_out_of_sync(self, differed: object) -> None:
         """The primary's verify found blocks that differ here (it resends them when its pass ends):
@@ -322,7 +353,14 @@ class SecondarySide:
         with self._send_lock:
             link.send(control, {"type": "failover_request"})
 
-    def _end_session(self, reason: str) -> None:
+    def _end_session(self, reason: str, only: socket.socket | None = None) -> None:
+        """End the session (only if its control connection is ``only``, when given)."""
+        with self._turn:
+            if only is None or self._current(only):
+                self._end_turn(reason)
+
+    def _end_turn(self, reason: str) -> None:
+        """_end_session, under _turn: when this returns the receiver is stopped and applies nothing more."""
         with self._lock:
             receiver, self._receiver = self._receiver, None
             control, self._control = self._control, None

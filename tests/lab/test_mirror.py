@@ -229,6 +229,37 @@ def test_a_secondary_lost_before_it_saved_the_end_of_a_sync_is_synced_whole(pair
     assert images_identical(pair), first_difference(pair)
 
 
+def test_frames_a_frozen_secondary_still_holds_never_land_over_the_resync(pair: Any, tmp_path: Path) -> None:
+    """a2 freezes while a1 writes A: a2's socket keeps the frames of A that a1 had sent, a1 gives up
+    on a2 and writes B over the same blocks alone. When a2 thaws, a1 reconnects and resyncs B; the
+    old session's frames of A must not land after that (decision 47: the old receiver is stopped
+    and joined before the new session is agreed). The writes are 128 KiB, copied into the socket
+    (larger ones are spliced, and a1 reuses their pages once it gave up on a2: on one kernel the
+    frames a2 still holds then change under it and fail their CRC check, so none would land)."""
+    start_ha(pair, "a2")
+    start_ha(pair, "a1")
+    wait_status(pair, "a1", in_sync)
+    writers, block = 64, 128 << 10  # 8 MiB in flight when the acks stop coming
+    old, new = tmp_path / "a.bin", tmp_path / "b.bin"
+    old.write_bytes(random.randbytes(writers * block))
+    new.write_bytes(random.randbytes(writers * block))
+    dd = f"dd bs={block} oflag=direct conv=notrunc status=none of={DEVICE}"
+    pair.freeze("a2")
+    try:
+        pair.run("a1", f"for i in $(seq 0 {writers - 1}); do {dd} if={old} skip=$i seek=$i count=1 & done; wait",
+                 check=True, timeout=60)
+        s1 = status(pair, "a1")
+        assert not s1["peer_connected"] and s1["replication"]["dirty_blocks"] > 0, s1
+        pair.run("a1", f"{dd} if={new}", check=True, timeout=60)
+    finally:
+        pair.thaw("a2")
+    wait_status(pair, "a1", in_sync, timeout=60)
+    time.sleep(1.0)  # an old frame applied late would land by now
+    stop_ha(pair, "a1")
+    assert images_identical(pair), first_difference(pair)
+    assert (pair.home("a2") / "disk.img").read_bytes()[:writers * block] == new.read_bytes()
+
+
 def test_interrupted_sync_is_never_promoted_and_resumes(make_lab: Any, tmp_path: Path) -> None:
     with make_lab(tmp_path, "2G") as lab:
         # Written zeros, not holes: holes sync in no time (SYNC_ZERO), and this sync must take a while.

@@ -27,6 +27,6 @@ def follow(side: SecondarySide) -> tuple[socket.socket, threading.Thread]:
         far = socket.create_connection(listener.getsockname(), timeout=10)
         near, _ = listener.accept()
     side._control = near
-    follower = threading.Thread(target=side._follow, args=(near,))
+    follower = threading.Thread(target=side._follow, args=(near, side.primary))
     follower.start()
     return far, follower

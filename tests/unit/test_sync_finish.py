@@ -150,7 +150,7 @@ def test_a_synced_that_cannot_be_sent_ends_the_session_with_the_sync_recorded(
 
     ended: list[str] = []
     monkeypatch.setattr(link, "send", reset_on_synced)
-    monkeypatch.setattr(side, "_end_session", ended.append)
+    monkeypatch.setattr(side, "_end_session", lambda reason, only=None: ended.append(reason))
     far, follower = follow(side)
     try:
         real_send(far, {"type": "sync_done", "gen": generations.finish_sync_source(SYNCING).to_json()})
