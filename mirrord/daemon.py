@@ -502,7 +502,9 @@ class Daemon:
         that may lack acknowledged writes marked so (the session 8 review)."""
         assert self.settings is not None
         if forced:
-            why = ("Outdated" if any(m.disk_state is DiskState.OUTDATED for m in self.metas)
+            why = ("Inconsistent (blocks the primary's verify found different are served as they are)"
+                   if any(m.disk_state is DiskState.INCONSISTENT for m in self.metas)
+                   else "Outdated" if any(m.disk_state is DiskState.OUTDATED for m in self.metas)
                    else "last the secondary's copy, or crashed as primary")
             self.log.log(f"startHA --force: serving this appliance's copy of "
                          f"{', '.join(map(str, self.settings.disks))} although it was {why}; writes the other "
@@ -747,7 +749,8 @@ class Daemon:
                                       "startHA again once HAstatus there shows it settled.")
                     peer_copy = self._peer_copy(settings, metas[0].gen)
                     refusal = why_not_primary(worst(m.disk_state for m in metas), any(m.may_be_behind for m in metas),
-                                              force, peer_copy)
+                                              force, peer_copy, all(m.verify_found for m in metas
+                                                                    if m.disk_state is DiskState.INCONSISTENT))
                     if refusal:
                         raise Refused(refusal)
                     diverged = peer_copy is not None and peer_copy.kind in (Kind.SPLIT_BRAIN, Kind.UNRELATED)
@@ -1224,8 +1227,10 @@ class Daemon:
                     meta = VolumeMeta.load(self.home, settings.volume)
                     state, following = meta.disk_state, meta.may_be_behind
                     if state is DiskState.INCONSISTENT:
-                        raise Refused(f"This disk is {state}: a sync into it was cut short, so it holds parts of two "
-                                      "versions and no usable copy. Back up the appliance that was primary.")
+                        why = ("the primary's online verify found blocks on it that differ, not resent yet"
+                               if meta.verify_found else "a sync into it was cut short, so it holds parts of two "
+                               "versions and no usable copy")
+                        raise Refused(f"This disk is {state}: {why}. Back up the appliance that was primary.")
                     size = config.check_disk(settings.disk)
                     volume.ensure_unused(settings.disk)
                     freeze, how = None, "unused disk"

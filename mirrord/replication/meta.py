@@ -23,6 +23,11 @@ What a node must remember across crashes about its copy of the volume:
   comparing checksums (a full sync between copies of one history): a sync
   resumed from it (the target at it, r70) or retried (r71) compares the rest
   too, instead of copying every block it marked;
+* ``verify_found``: the disk is Inconsistent only because the primary's
+  online verify found blocks here that differ from its own (decision 42),
+  not because a sync into it was cut short: a whole copy but for those
+  blocks, which ``startHA --force`` may serve (decision 48). Any other change
+  of the disk state clears it;
 * ``following``: set before this node follows a primary as its secondary,
   and when it recovers from a crash as primary; cleared when it serves as
   primary again. An UpToDate copy with it set was current when this node last
@@ -76,6 +81,7 @@ class VolumeMeta:
     split_brain: str = ""
     following: bool = False
     checksum_sync: str = ""
+    verify_found: bool = False
 
     @property
     def may_be_behind(self) -> bool:
@@ -99,14 +105,17 @@ class VolumeMeta:
                    bitmap_trusted=bool(data.get("bitmap_trusted", True)),
                    split_brain=str(data.get("split_brain", "")),
                    following=bool(data.get("following", False)),
-                   checksum_sync=_identifier(data.get("checksum_sync", "")))
+                   checksum_sync=_identifier(data.get("checksum_sync", "")),
+                   verify_found=bool(data.get("verify_found", False)))
 
     def _json(self, **changes: Any) -> dict[str, Any]:
         v = {**{k: getattr(self, k) for k in ("disk_state", "epoch", "gen", "primary_open", "bitmap_trusted",
-                                            "split_brain", "following", "checksum_sync")}, **changes}
+                                            "split_brain", "following", "checksum_sync", "verify_found")},
+             **changes}
         return {"disk_state": str(v["disk_state"]), "epoch": v["epoch"], "gen": v["gen"].to_json(),
                 "primary_open": v["primary_open"], "bitmap_trusted": v["bitmap_trusted"],
-                "split_brain": v["split_brain"], "following": v["following"], "checksum_sync": v["checksum_sync"]}
+                "split_brain": v["split_brain"], "following": v["following"], "checksum_sync": v["checksum_sync"],
+                "verify_found": v["verify_found"]}
 
     def save(self, home: Home, volume: str) -> None:
         with self._lock:
@@ -156,7 +165,10 @@ def _identifier(value: object) -> str:
 def update_together(home: Home, items: list[tuple[VolumeMeta, str, dict[str, Any]]]) -> None:
     """VolumeMeta.update for several volumes at once: every file is written before any change is
     visible, so a group's state (the worst of its volumes') never runs ahead of its disks. The
-    locks are taken in the order given, which every caller keeps (a group's volume order)."""
+    locks are taken in the order given, which every caller keeps (a group's volume order).
+    A new disk state clears ``verify_found`` unless the change sets it too."""
+    items = [(meta, volume, {"verify_found": False, **changes} if "disk_state" in changes else changes)
+             for meta, volume, changes in items]
     with ExitStack() as stack:
         for meta, _, _ in items:
             stack.enter_context(meta._lock)
@@ -167,7 +179,8 @@ def update_together(home: Home, items: list[tuple[VolumeMeta, str, dict[str, Any
                 setattr(meta, name, value)
 
 
-def why_not_primary(state: DiskState, may_be_behind: bool, force: bool, peer: Plan | None) -> str:
+def why_not_primary(state: DiskState, may_be_behind: bool, force: bool, peer: Plan | None,
+                    verify_found: bool = False) -> str:
     """Why startHA must not serve this copy as primary ("" if it may); ``state`` is the worst over
     the pair's volumes, ``may_be_behind`` any volume's ``following`` (or ``primary_open``, a crash
     as primary not recovered yet), ``peer`` how this copy relates to the peer's when the peer
@@ -180,12 +193,18 @@ def why_not_primary(state: DiskState, may_be_behind: bool, force: bool, peer: Pl
     than the peer's is refused. Two copies that changed apart (split brain, unrelated data)
     settle nothing: the rules for a silent peer apply, and ``--force`` may pick this copy
     (the handshake then keeps both). Half-copied data is refused even then: no copy of the
-    data it holds exists anywhere.
+    data it holds exists anywhere. ``verify_found``: every Inconsistent volume is so only because
+    a verify found blocks that differ (a whole copy but for those), which ``--force`` may serve.
     """
-    if state is DiskState.INCONSISTENT:
+    if state is DiskState.INCONSISTENT and not verify_found:
         return ("This appliance's disk is Inconsistent: a sync into it was cut short, so it holds parts of two "
                 "versions and cannot become primary, not even with --force. Make it the secondary of the "
                 "appliance that was primary.")
+    if state is DiskState.INCONSISTENT and not force:
+        return ("This appliance's disk is Inconsistent: the primary's online verify found blocks on it that differ "
+                "from the primary's, and they were not resent yet. Start HA on the appliance that was primary "
+                "(this one then becomes its secondary and gets them); only if it is lost for good, run startHA "
+                "--force here to serve this copy, those blocks as they are.")
     if peer is not None and (peer.kind is Kind.IN_SYNC or peer.source == "local" or peer.rule == "r10"):
         return ""
     if peer is not None and peer.source == "peer":

@@ -335,7 +335,10 @@ class SecondarySide:
         if type(differed) is not int or differed <= 0:
             raise PeerError(f"the primary's out_of_sync is malformed: bytes={differed!r}")
         try:
-            self.meta.update(self.home, self.settings.volume, disk_state=DiskState.INCONSISTENT)
+            # A whole copy but for what differs (which --force may serve), unless a sync into it
+            # was cut short before: that stays half-copied.
+            whole = self.meta.disk_state is DiskState.UP_TO_DATE or self.meta.verify_found
+            self.meta.update(self.home, self.settings.volume, disk_state=DiskState.INCONSISTENT, verify_found=whole)
         except OSError as exc:
             raise PeerError(f"cannot record the differences the verify found: {exc}") from exc
         self.log.log(f"The primary's verify found blocks that differ on this disk ({differed} bytes at first): "

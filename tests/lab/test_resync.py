@@ -216,6 +216,34 @@ def test_a_crash_of_the_primary_during_the_verify_pass_neither_forgets_nor_promo
     verify.wait(timeout=30)
 
 
+def test_a_copy_a_verify_found_different_serves_only_when_forced_after_the_primary_is_lost(
+        pair: Any) -> None:
+    """Decision 48: a1 is lost for good during the verify pass. a2's copy is whole but for the
+    chunks found different: startHA naming a2 primary refuses, and --force serves it, those
+    chunks as they are (a half-copied disk would be refused even then)."""
+    chunks = range(8, 16)
+    in_sync_with_a_slow_verify(pair, chunks)
+    verify = pair.popen("a1", "mirrord verify", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_status(pair, "a2", lambda s: s["disk"]["state"] == "Inconsistent", timeout=30)
+    pair.crash("a1")
+    verify.wait(timeout=30)
+    wait_status(pair, "a2", lambda s: s["mode"] == "inconsistent", timeout=30)
+    stop_ha(pair, "a2")
+    a2_as_primary = HA_ARGS.replace("198.18.0.11 --secondary-ip 198.18.0.12", "198.18.0.12 --secondary-ip 198.18.0.11") \
+        .replace("198.19.0.1 --secondary-sync-ip 198.19.0.2", "198.19.0.2 --secondary-sync-ip 198.19.0.1")
+    assert a2_as_primary != HA_ARGS
+    refused = pair.run("a2", f"startHA {a2_as_primary}", timeout=120)
+    assert refused.returncode == 3 and "online verify found blocks" in refused.stdout + refused.stderr, refused
+    before = image(pair, "a2")
+    forced = pair.run("a2", f"startHA {a2_as_primary} --force", timeout=120)
+    assert forced.returncode == 0, f"{forced.stdout}{forced.stderr}"
+    s2 = wait_status(pair, "a2", lambda s: s["mode"] == "primary" and s["serving"], timeout=60)
+    assert s2["disk"]["state"] == "UpToDate", s2
+    assert "served as they are" in ha_log(pair, "a2")
+    stop_ha(pair, "a2")
+    assert image(pair, "a2") == before  # served as it was: nothing repaired it, nothing lost
+
+
 def test_split_brain_is_refused_then_resolved_on_the_victim(pair: Any) -> None:
     """(3) both appliances primary during a partition, each written; heal; refuse; resolve on a1."""
     start_ha(pair, "a2")

@@ -240,3 +240,35 @@ def test_why_not_primary_forced_with_the_peer_answering(state: DiskState, follow
     why = meta_module.why_not_primary(state, following, True, peer)
     assert (refused in why) if refused else why == ""
     assert bool(why) == bool(refused)
+
+
+# -- Inconsistent because a verify found differences (decision 48) ---------------------------------
+
+@pytest.mark.parametrize(("following", "force", "peer", "refused"), [
+    (True, False, None, "online verify found blocks"),
+    (False, False, None, "online verify found blocks"),
+    (True, True, None, ""),                           # the primary is lost for good: the operator's word
+    (True, False, SAME, "online verify found blocks"),  # same identifiers say nothing of those blocks
+    (True, False, NEWER_HERE, "online verify found blocks"),
+    (True, True, NEWER_THERE, "holds newer data"),
+    (True, True, SAME, ""),                           # (startHA then refuses --force while the peer answers)
+])
+def test_why_not_primary_serves_a_copy_a_verify_marked_only_when_forced(
+        following: bool, force: bool, peer: Plan | None, refused: str) -> None:
+    why = meta_module.why_not_primary(I, following, force, peer, verify_found=True)
+    assert (refused in why) if refused else why == ""
+    assert bool(why) == bool(refused)
+
+
+def test_a_new_disk_state_clears_the_verify_mark_unless_it_sets_it(home: Home) -> None:
+    meta = VolumeMeta(following=True)
+    meta.update(home, "r0", disk_state=DiskState.INCONSISTENT, verify_found=True)
+    assert VolumeMeta.load(home, "r0").verify_found and meta.verify_found
+    meta.update(home, "r0", following=False)  # no new disk state: the mark stays
+    assert VolumeMeta.load(home, "r0").verify_found
+    meta.update(home, "r0", disk_state=DiskState.INCONSISTENT)  # a sync starts into it: half-copied from now on
+    assert not VolumeMeta.load(home, "r0").verify_found and not meta.verify_found
+    data = atomicfile.read_json(home.meta_file("r0"))
+    del data["verify_found"]  # a file written before the field
+    atomicfile.write_json(home.meta_file("r0"), data)
+    assert VolumeMeta.load(home, "r0").verify_found is False

@@ -213,11 +213,23 @@ def test_the_secondary_is_inconsistent_from_the_verify_to_the_end_of_its_repair(
     side = _secondary(home, tmp_path, meta)
     _follow(side, [{"type": "out_of_sync", "bytes": SIZE}])
     assert meta.disk_state is DiskState.INCONSISTENT
-    assert VolumeMeta.load(home, "r0").disk_state is DiskState.INCONSISTENT  # a power loss keeps it
+    saved = VolumeMeta.load(home, "r0")
+    assert saved.disk_state is DiskState.INCONSISTENT  # a power loss keeps it
+    assert saved.verify_found  # a whole copy but for what differs: --force may serve it (decision 48)
     assert "differ on this disk" in (home.log_dir / "ha.log").read_text()
     gen = Generations(current="00000000000000b1")
     _follow(side, [{"type": "out_of_sync", "bytes": SIZE}, {"type": "sync_done", "gen": gen.to_json()}])
-    assert VolumeMeta.load(home, "r0").disk_state is DiskState.UP_TO_DATE
+    saved = VolumeMeta.load(home, "r0")
+    assert saved.disk_state is DiskState.UP_TO_DATE and not saved.verify_found
+
+
+def test_a_verify_of_a_copy_a_sync_left_half_written_leaves_it_half_written(home: Home, tmp_path: Path) -> None:
+    meta = VolumeMeta(disk_state=DiskState.INCONSISTENT)
+    meta.save(home, "r0")
+    side = _secondary(home, tmp_path, meta)
+    _follow(side, [{"type": "out_of_sync", "bytes": SIZE}])
+    saved = VolumeMeta.load(home, "r0")
+    assert saved.disk_state is DiskState.INCONSISTENT and not saved.verify_found
 
 
 def test_a_malformed_out_of_sync_ends_the_link(home: Home, tmp_path: Path) -> None:
