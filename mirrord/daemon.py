@@ -446,6 +446,12 @@ class Daemon:
             if self.secondary is not None:
                 self.secondary.stop()  # from here on nothing is acknowledged to the old primary
                 self.secondary = None
+            if self._disk_state() is not DiskState.UP_TO_DATE:
+                # Decision 42's window: the old primary's verify told of blocks that differ here
+                # after the check above and before the stop; taking over goes on, as had the
+                # message come a moment later (or been lost with the primary).
+                self.log.log("The old primary's verify found blocks that differ on this disk just before it was "
+                             "lost: taking over with them as they are.")
             floatip.add(settings.floating_ip, ends.my_public)
             threading.Thread(target=arp.announce, args=(settings.floating_ip.ip, iface), daemon=True).start()
             ip_at = time.monotonic()
@@ -997,6 +1003,7 @@ class Daemon:
         self._leaving = True  # what our last heartbeats say: "left HA", not "died"
         try:
             if self.secondary is not None:
+                self.secondary.stop_following()  # nothing the primary says is recorded after this
                 self.secondary.outdate()  # our copy stops following the primary from now on
             if self.heartbeat is not None:
                 self.heartbeat.send_once()

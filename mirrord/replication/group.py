@@ -323,6 +323,10 @@ class SecondaryGroup:
                               "its sync completes.")
         self.lead.request_failover()
 
+    def stop_following(self) -> None:
+        for side in self.sides:
+            side.stop_following()
+
     def stop(self) -> None:
         for side in self.sides:
             side.stop()

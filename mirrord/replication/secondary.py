@@ -23,9 +23,10 @@ import secrets
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from typing import Callable
+from typing import Callable, Iterator
 
 from mirrord.config import Endpoints, Settings
 from mirrord.errors import HandshakeRefused, PeerError, Refused
@@ -174,7 +175,9 @@ class SecondarySide:
             link.send(conn, {"type": "refuse", "reason": reason})
             conn.close()
             return
-        with self._turn:
+        with self._my_turn():
+            if self._stop.is_set():
+                raise PeerError("HA is stopping on this appliance")
             agreed, mine = self._plan(conn, msg)
             if agreed is None:
                 return
@@ -235,7 +238,7 @@ class SecondarySide:
         # and install a receiver nobody stops, writing under the new primary's filesystem. So
         # stop() waits for _data_lock, and a handshake that finds itself stopped after its
         # metadata change puts the metadata back (no byte has landed) before it lets go.
-        with self._data_lock, self._turn:
+        with self._data_lock, self._my_turn():
             with self._lock:
                 token = self._pending
                 if token is None or not link.proof_ok(self.secret, "data", msg.get("proof"), token) \
@@ -249,7 +252,7 @@ class SecondarySide:
             plan, sync_uuid = agreed
             # Mark the copy incomplete before the first sync byte can land, and move to the sync
             # identifier: if the sync is cut short, the primary's bitmap resumes it.
-            before = {"disk_state": self.meta.disk_state, "gen": self.meta.gen}
+            before = {"disk_state": self.meta.disk_state, "gen": self.meta.gen, "verify_found": self.meta.verify_found}
             changes: dict[str, object] = {"disk_state": DiskState.INCONSISTENT}
             if plan.kind is not Kind.IN_SYNC:
                 changes["gen"] = generations.begin_sync_target(self.meta.gen, sync_uuid)
@@ -308,10 +311,29 @@ class SecondarySide:
         self._end_session(reason, only=control)
 
     def _current(self, control: socket.socket) -> bool:
-        """Is control still this side's session? Asked under _turn by the session's follower: a
-        message read late, after the primary had reconnected, must not act on the next session."""
+        """Is control still this side's session, and this side still following? Asked under _turn
+        by the session's follower: a message read late, after the primary had reconnected, must not
+        act on the next session, nor one read after stop_following on a copy that left the pair."""
         with self._lock:
-            return self._control is control
+            return self._control is control and not self._stop.is_set()
+
+    @contextmanager
+    def _my_turn(self) -> Iterator[None]:
+        """_turn for a handshake, which gives up after HANDSHAKE_TIMEOUT (the primary has by then,
+        and dials again): the session before may take long to end (a receiver stuck on a hung disk),
+        and connections must not pile up behind it."""
+        if not self._turn.acquire(timeout=HANDSHAKE_TIMEOUT):
+            raise PeerError("the previous session with the primary has not ended yet")
+        try:
+            yield
+        finally:
+            self._turn.release()
+
+    def stop_following(self) -> None:
+        """From now on no message of the primary is recorded here (a sync_done would mark UpToDate
+        the copy stopHA is about to call Outdated); stop() ends the rest."""
+        with self._turn:
+            self._stop.set()
 
     def _record_sync_done(self, msg: dict[str, object], view: PrimaryView) -> None:
         try:

@@ -102,6 +102,7 @@ class FakeSecondary:
     def __init__(self) -> None:
         self.stopped = False
         self.outdated = False
+        self.calls: list[str] = []
         self.disk_state, self.sync_percent, self.last_error = DiskState.UP_TO_DATE, 100.0, ""
 
     def connected(self) -> bool:
@@ -113,10 +114,15 @@ class FakeSecondary:
     def volumes_status(self) -> list[dict[str, Any]]:
         return []
 
+    def stop_following(self) -> None:
+        self.calls.append("stop_following")
+
     def outdate(self) -> None:
+        self.calls.append("outdate")
         self.outdated = True
 
     def stop(self) -> None:
+        self.calls.append("stop")
         self.stopped = True
 
 
@@ -302,7 +308,8 @@ def test_configure_secondary_starts_again_with_the_old_settings_if_the_new_ones_
     monkeypatch.setattr(daemon_module, "local_addresses", lambda: A2)
     old = settings_for(disk)
     running(daemon, Mode.SECONDARY, old, "secondary")
-    daemon.secondary = FakeSecondary()  # type: ignore[assignment]
+    secondary = FakeSecondary()
+    daemon.secondary = secondary  # type: ignore[assignment]
     starts: list[float] = []
 
     def start_ha(**options: Any) -> tuple[str, dict[str, Any]]:
@@ -317,6 +324,8 @@ def test_configure_secondary_starts_again_with_the_old_settings_if_the_new_ones_
         daemon.configure_ha(ping_interval="0.2")
     assert starts == [0.2, 0.05], "the new settings first, then the old ones"
     assert daemon.mode is Mode.SECONDARY and config.load(daemon.home) == old
+    # Leaving the pair: no sync_done is recorded after the Outdated mark (decision 47 b).
+    assert secondary.calls == ["stop_following", "outdate", "stop"]
 
 
 def test_configure_idle_gets_its_old_heartbeats_back_if_the_new_ones_cannot_start(

@@ -113,9 +113,14 @@ def test_group_outdate_writes_every_volume_before_the_group_looks_outdated(
     assert [VolumeMeta.load(home, f"r{i}").disk_state for i in range(2)] == [DiskState.OUTDATED] * 2
 
 
+@pytest.mark.parametrize("before", [
+    VolumeMeta(gen=Generations(current="00000000000000c1")),
+    # a copy a verify marked keeps the mark (decision 48): --force may still serve it
+    VolumeMeta(gen=Generations(current="00000000000000c1"), disk_state=DiskState.INCONSISTENT, verify_found=True),
+], ids=["UpToDate", "verify_found"])
 def test_takeover_during_a_data_handshake_leaves_the_disk_state_and_no_receiver(
-        home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    meta = VolumeMeta(gen=Generations(current="00000000000000c1"))
+        home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: VolumeMeta) -> None:
+    meta, state, marked = before, before.disk_state, before.verify_found
     meta.save(home, "r0")
     side = _side(home, tmp_path, "r0", meta)
     control, control_far = _tcp_pair()
@@ -143,9 +148,9 @@ def test_takeover_during_a_data_handshake_leaves_the_disk_state_and_no_receiver(
         stopper.join(10)
         assert not stopper.is_alive()
         assert side._receiver is None
-        assert meta.disk_state is DiskState.UP_TO_DATE and meta.gen == Generations(current="00000000000000c1")
         saved = VolumeMeta.load(home, "r0")
-        assert saved.disk_state is DiskState.UP_TO_DATE and saved.gen == Generations(current="00000000000000c1")
+        for m in (meta, saved):
+            assert (m.disk_state, m.verify_found, m.gen) == (state, marked, Generations(current="00000000000000c1"))
     finally:
         if stopper.is_alive() or stopper.ident is None:
             side.stop()

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import pytest
 
 from mirrord.config import Endpoints
+from mirrord.errors import PeerError
 from mirrord.halog import HALog
 from mirrord.paths import Home
 from mirrord.replication import generations, link, secondary
@@ -204,4 +205,37 @@ def test_a_promote_read_after_the_primary_reconnected_is_not_obeyed(home: Home, 
     finally:
         side.stop()
         for s in (far_old, control_far):
+            s.close()
+
+
+def test_a_sync_done_read_after_stop_following_is_not_recorded(side: SecondarySide, home: Home) -> None:
+    """stopHA on the secondary stops following before it marks the copy Outdated: a sync_done read
+    in between must not mark it UpToDate again."""
+    far, follower = follow(side)
+    try:
+        side.stop_following()
+        link.send(far, {"type": "sync_done", "gen": generations.finish_sync_source(OLD_SYNC).to_json()})
+        follower.join(10)
+        assert not follower.is_alive()
+        assert VolumeMeta.load(home, "r0").disk_state is DiskState.INCONSISTENT and not side.primary.synced
+    finally:
+        far.close()
+        side.stop()
+
+
+def test_a_handshake_gives_up_while_the_session_before_is_still_ending(
+        side: SecondarySide, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receiver stuck on a hung disk keeps its session ending; the primary's next connections
+    are dropped after a while instead of waiting behind it."""
+    monkeypatch.setattr(secondary, "HANDSHAKE_TIMEOUT", 0.2)
+    control, control_far = _tcp_pair()
+    data, data_far = _tcp_pair()
+    _agree(side, control)
+    try:
+        with side._turn, pytest.raises(PeerError, match="not ended yet"):
+            side._on_data(data, {"type": "data", "session": TOKEN, "proof": link.proof(None, "data", TOKEN)})
+        assert side._receiver is None and side._pending == TOKEN
+    finally:
+        side.stop()
+        for s in (control_far, data, data_far):
             s.close()
