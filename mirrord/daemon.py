@@ -444,14 +444,16 @@ class Daemon:
                 raise Refused(f"The floating IP {settings.floating_ip.ip} is answered by {holder}, which is not the "
                               "peer appliance: refusing to take over an address another host uses.")
             if self.secondary is not None:
+                # The state checked above may have changed since: a verify's out_of_sync, or a
+                # primary back from a freeze whose resync began. From stop_following on nothing
+                # changes it, so checked again it holds for the takeover.
+                self.secondary.stop_following()
+                state = self._disk_state()
+                if state is not DiskState.UP_TO_DATE:
+                    self._follow_again(settings, ends)
+                    raise Refused(f"This disk became {state} while the takeover began: not promoting it.")
                 self.secondary.stop()  # from here on nothing is acknowledged to the old primary
                 self.secondary = None
-            if self._disk_state() is not DiskState.UP_TO_DATE:
-                # Decision 42's window: the old primary's verify told of blocks that differ here
-                # after the check above and before the stop; taking over goes on, as had the
-                # message come a moment later (or been lost with the primary).
-                self.log.log("The old primary's verify found blocks that differ on this disk just before it was "
-                             "lost: taking over with them as they are.")
             floatip.add(settings.floating_ip, ends.my_public)
             threading.Thread(target=arp.announce, args=(settings.floating_ip.ip, iface), daemon=True).start()
             ip_at = time.monotonic()
@@ -851,6 +853,16 @@ class Daemon:
         self.log.log(f"Saved this appliance's copy of {settings.disk} to {saved}.")
         return saved
 
+    def _follow_again(self, settings: Settings, ends: Endpoints) -> None:
+        """A secondary that stopped following for a takeover that did not happen follows anew."""
+        assert self.secondary is not None
+        self.secondary.stop()
+        self.secondary = None
+        try:
+            self.secondary = self._start_secondary(settings, ends, self.metas)
+        except MirrordError as exc:  # the mode says secondary: the next tick or startHA sorts it out
+            self.log.log(f"Could not wait for the primary again after a takeover was refused: {exc}")
+
     def _start_secondary(self, settings: Settings, ends: Endpoints, metas: list[VolumeMeta],
                          discard_my_data: bool = False) -> SecondaryGroup:
         volumes = settings.volumes()
@@ -1003,8 +1015,7 @@ class Daemon:
         self._leaving = True  # what our last heartbeats say: "left HA", not "died"
         try:
             if self.secondary is not None:
-                self.secondary.stop_following()  # nothing the primary says is recorded after this
-                self.secondary.outdate()  # our copy stops following the primary from now on
+                self.secondary.leave()  # Outdated, and nothing the primary says is recorded after it
             if self.heartbeat is not None:
                 self.heartbeat.send_once()
             if self.primary is not None and settings is not None:

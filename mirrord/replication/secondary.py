@@ -319,19 +319,35 @@ class SecondarySide:
 
     @contextmanager
     def _my_turn(self) -> Iterator[None]:
-        """_turn for a handshake, which gives up after HANDSHAKE_TIMEOUT (the primary has by then,
-        and dials again): the session before may take long to end (a receiver stuck on a hung disk),
-        and connections must not pile up behind it."""
-        if not self._turn.acquire(timeout=HANDSHAKE_TIMEOUT):
+        """_turn for a handshake, which gives up when the primary does (it waits for each answer as
+        long as its socket timeout, then dials again): the session before may take long to end (a
+        receiver stuck on a hung disk), and connections must not pile up behind it, nor be
+        answered once the primary has left them."""
+        if not self._turn.acquire(timeout=max(1.0, self.settings.ping_interval)):
             raise PeerError("the previous session with the primary has not ended yet")
         try:
             yield
         finally:
             self._turn.release()
 
-    def stop_following(self) -> None:
-        """From now on no message of the primary is recorded here (a sync_done would mark UpToDate
-        the copy stopHA is about to call Outdated); stop() ends the rest."""
+    @contextmanager
+    def turn_if_free(self, timeout: float) -> Iterator[None]:
+        """_turn if it comes within timeout, else go on without it: what holds it that long is a
+        session stuck ending (a hung disk), which records nothing meanwhile and is over after."""
+        got = self._turn.acquire(timeout=timeout)
+        try:
+            yield
+        finally:
+            if got:
+                self._turn.release()
+
+    def stop_following(self, turn_held: bool = False) -> None:
+        """From now on no session starts here and no message of the primary is recorded; stop()
+        ends the rest. Under _turn (``turn_held``: the caller has it, see turn_if_free): whatever
+        a follower recorded is in the metadata when this returns, and nothing more will be."""
+        if turn_held:
+            self._stop.set()
+            return
         with self._turn:
             self._stop.set()
 

@@ -114,11 +114,8 @@ class FakeSecondary:
     def volumes_status(self) -> list[dict[str, Any]]:
         return []
 
-    def stop_following(self) -> None:
-        self.calls.append("stop_following")
-
-    def outdate(self) -> None:
-        self.calls.append("outdate")
+    def leave(self) -> None:
+        self.calls.append("leave")
         self.outdated = True
 
     def stop(self) -> None:
@@ -324,8 +321,8 @@ def test_configure_secondary_starts_again_with_the_old_settings_if_the_new_ones_
         daemon.configure_ha(ping_interval="0.2")
     assert starts == [0.2, 0.05], "the new settings first, then the old ones"
     assert daemon.mode is Mode.SECONDARY and config.load(daemon.home) == old
-    # Leaving the pair: no sync_done is recorded after the Outdated mark (decision 47 b).
-    assert secondary.calls == ["stop_following", "outdate", "stop"]
+    # Leaving the pair: Outdated and no more following in one step (decision 47 b), then stopped.
+    assert secondary.calls == ["leave", "stop"]
 
 
 def test_configure_idle_gets_its_old_heartbeats_back_if_the_new_ones_cannot_start(

@@ -15,7 +15,7 @@ import socket
 import threading
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -24,6 +24,9 @@ from mirrord.errors import PeerError
 from mirrord.halog import HALog
 from mirrord.paths import Home
 from mirrord.replication import generations, link, secondary
+from mirrord.replication import group as group_module
+from mirrord.replication import meta as meta_module
+from mirrord.replication.group import SecondaryGroup
 from mirrord.replication.generations import Generations, Kind, Plan
 from mirrord.replication.meta import DiskState, VolumeMeta
 from mirrord.replication.secondary import SecondarySide
@@ -208,10 +211,23 @@ def test_a_promote_read_after_the_primary_reconnected_is_not_obeyed(home: Home, 
             s.close()
 
 
-def test_a_sync_done_read_after_stop_following_is_not_recorded(side: SecondarySide, home: Home) -> None:
-    """stopHA on the secondary stops following before it marks the copy Outdated: a sync_done read
-    in between must not mark it UpToDate again."""
+def _following(side: SecondarySide) -> tuple[socket.socket, threading.Thread]:
+    """follow(), once the follower is waiting for the primary's next message."""
     far, follower = follow(side)
+    link.send(far, {"type": "progress", "percent": 42.0})
+    for _ in range(1000):
+        if side.primary.sync_percent == 42.0:
+            break
+        threading.Event().wait(0.005)
+    assert side.primary.sync_percent == 42.0
+    threading.Event().wait(0.1)  # back in recv
+    return far, follower
+
+
+def test_a_sync_done_read_after_stop_following_is_not_recorded(side: SecondarySide, home: Home) -> None:
+    """A takeover or stopHA stops following before it relies on the disk state: a sync_done read
+    after that must not change it."""
+    far, follower = _following(side)
     try:
         side.stop_following()
         link.send(far, {"type": "sync_done", "gen": generations.finish_sync_source(OLD_SYNC).to_json()})
@@ -223,11 +239,65 @@ def test_a_sync_done_read_after_stop_following_is_not_recorded(side: SecondarySi
         side.stop()
 
 
-def test_a_handshake_gives_up_while_the_session_before_is_still_ending(
-        side: SecondarySide, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def following_group(home: Home, tmp_path: Path) -> Iterator[SecondaryGroup]:
+    """An UpToDate secondary in a group of one, its follower waiting for the primary."""
+    VolumeMeta(gen=OLD_SYNC).save(home, "r0")
+    (tmp_path / "disk.img").write_bytes(bytes(SIZE))
+    side = SecondarySide(home, settings(tmp_path), HALog(home), SIZE, VolumeMeta.load(home, "r0"),
+                         Endpoints(A2, S2, A1, S1), lambda: None, None)
+    yield SecondaryGroup([side])
+    side.stop()
+
+
+def test_leaving_marks_outdated_and_stops_following_in_one_step(
+        following_group: SecondaryGroup, home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    side = following_group.sides[0]
+    far, follower = _following(side)
+    real = following_group.outdate
+
+    def outdate_as_a_sync_done_comes() -> None:
+        real()
+        link.send(far, {"type": "sync_done", "gen": generations.finish_sync_source(OLD_SYNC).to_json()})
+        threading.Event().wait(0.2)  # read, and waiting for the turn leave() holds
+
+    monkeypatch.setattr(following_group, "outdate", outdate_as_a_sync_done_comes)
+    try:
+        following_group.leave()
+        follower.join(10)
+        assert not follower.is_alive()
+        assert VolumeMeta.load(home, "r0").disk_state is DiskState.OUTDATED and not side.primary.synced
+    finally:
+        far.close()
+
+
+def test_leaving_changes_nothing_when_the_mark_cannot_be_saved(
+        following_group: SecondaryGroup, home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    side = following_group.sides[0]
+
+    def fail(path: Path, data: dict[str, Any]) -> None:
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(meta_module.atomicfile, "write_json", fail)
+    with pytest.raises(OSError):
+        following_group.leave()
+    assert side.meta.disk_state is DiskState.UP_TO_DATE and not side._stop.is_set()  # still following
+
+
+def test_leaving_does_not_wait_for_a_session_stuck_ending(
+        following_group: SecondaryGroup, home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A receiver stuck on a hung disk holds the turn while its session ends; the Outdated mark,
+    which lets the primary go on without this copy, must not wait for the disk."""
+    monkeypatch.setattr(group_module, "LEAVE_WAIT", 0.2)
+    side = following_group.sides[0]
+    with side._turn:
+        following_group.leave()
+    assert VolumeMeta.load(home, "r0").disk_state is DiskState.OUTDATED and side._stop.is_set()
+
+
+def test_a_handshake_gives_up_while_the_session_before_is_still_ending(side: SecondarySide) -> None:
     """A receiver stuck on a hung disk keeps its session ending; the primary's next connections
-    are dropped after a while instead of waiting behind it."""
-    monkeypatch.setattr(secondary, "HANDSHAKE_TIMEOUT", 0.2)
+    are dropped once the primary has given up on them, instead of waiting behind it."""
     control, control_far = _tcp_pair()
     data, data_far = _tcp_pair()
     _agree(side, control)
