@@ -860,8 +860,9 @@ class Daemon:
         self.secondary = None
         try:
             self.secondary = self._start_secondary(settings, ends, self.metas)
-        except MirrordError as exc:  # the mode says secondary: the next tick or startHA sorts it out
-            self.log.log(f"Could not wait for the primary again after a takeover was refused: {exc}")
+        except MirrordError as exc:  # the mode still says secondary, which only stopHA ends now
+            self.log.log(f"Could not wait for the primary again after a takeover was refused ({exc}): nothing "
+                         "receives its writes here; run stopHA, then startHA.")
 
     def _start_secondary(self, settings: Settings, ends: Endpoints, metas: list[VolumeMeta],
                          discard_my_data: bool = False) -> SecondaryGroup:

@@ -38,9 +38,6 @@ from mirrord.replication.meta import DiskState, update_together
 from mirrord.replication.primary import PrimarySide
 from mirrord.replication.secondary import SecondarySide
 
-#: how long stopHA's Outdated mark waits for a session that is ending (SecondaryGroup.leave)
-LEAVE_WAIT = 5.0
-
 #: Worst first: the order in which one volume's state spoils the group's.
 _BADNESS = (DiskState.INCONSISTENT, DiskState.OUTDATED, DiskState.UP_TO_DATE)
 
@@ -335,8 +332,8 @@ class SecondaryGroup:
         more following (a sync_done recorded in between would mark a copy UpToDate again). A failed
         save changes nothing: the sides follow on, and stopHA can be run again."""
         with ExitStack() as stack:
-            for side in self.sides:  # the Outdated mark must not wait for a hung disk to answer
-                stack.enter_context(side.turn_if_free(LEAVE_WAIT))
+            for side in self.sides:
+                stack.enter_context(side.turn())
             self.outdate()
             for side in self.sides:
                 side.stop_following(turn_held=True)

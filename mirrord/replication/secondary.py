@@ -331,20 +331,17 @@ class SecondarySide:
             self._turn.release()
 
     @contextmanager
-    def turn_if_free(self, timeout: float) -> Iterator[None]:
-        """_turn if it comes within timeout, else go on without it: what holds it that long is a
-        session stuck ending (a hung disk), which records nothing meanwhile and is over after."""
-        got = self._turn.acquire(timeout=timeout)
-        try:
+    def turn(self) -> Iterator[None]:
+        """_turn, for a group that changes all its sides in one step (SecondaryGroup.leave). It
+        waits for whatever holds it: a follower's record, a handshake, or a session ending, which
+        with a receiver stuck on a hung disk lasts until the disk answers."""
+        with self._turn:
             yield
-        finally:
-            if got:
-                self._turn.release()
 
     def stop_following(self, turn_held: bool = False) -> None:
         """From now on no session starts here and no message of the primary is recorded; stop()
-        ends the rest. Under _turn (``turn_held``: the caller has it, see turn_if_free): whatever
-        a follower recorded is in the metadata when this returns, and nothing more will be."""
+        ends the rest. Under _turn (``turn_held``: the caller has it, see turn): whatever a
+        follower recorded is in the metadata when this returns, and nothing more will be."""
         if turn_held:
             self._stop.set()
             return

@@ -118,6 +118,9 @@ class FakeSecondary:
         self.calls.append("leave")
         self.outdated = True
 
+    def stop_following(self) -> None:
+        self.calls.append("stop_following")
+
     def stop(self) -> None:
         self.calls.append("stop")
         self.stopped = True
@@ -863,6 +866,29 @@ def test_a_takeover_that_cannot_serve_leaves_the_copy_marked(daemon: Daemon, dis
     daemon.metas = [VolumeMeta(following=True)]
     daemon._promote(daemon_module.Event.TAKEOVER, "the primary is silent")
     assert daemon.mode is Mode.PRIMARY and not VolumeMeta.load(daemon.home, "r0").following
+
+
+@pytest.mark.parametrize("became", [
+    {"disk_state": DiskState.INCONSISTENT, "verify_found": True},  # a verify's out_of_sync came
+    {"disk_state": DiskState.INCONSISTENT},  # a primary back from a freeze began its resync
+])
+def test_a_takeover_refuses_a_disk_state_that_changed_before_it_stopped_following(
+        daemon: Daemon, disk: Path, can_serve: None, monkeypatch: pytest.MonkeyPatch, became: dict[str, Any]) -> None:
+    """Decision 47 (c): what the takeover checked first may change until the secondary stops
+    following; checked again then, a changed state refuses and the appliance follows anew."""
+    settings = settings_for(disk)
+    running(daemon, Mode.SECONDARY, settings, "secondary")
+    daemon.metas = [VolumeMeta(following=True)]
+    daemon.metas[0].save(daemon.home, "r0")
+    old, fresh = FakeSecondary(), FakeSecondary()
+    old.stop_following = lambda: daemon.metas[0].update(daemon.home, "r0", **became)  # type: ignore[method-assign]
+    daemon.secondary = old  # type: ignore[assignment]
+    monkeypatch.setattr(arp, "address_in_use", lambda *_, **__: None)
+    monkeypatch.setattr(daemon, "_start_secondary", lambda *_: fresh)
+    with pytest.raises(Refused, match="became Inconsistent while the takeover began"):
+        daemon._promote(daemon_module.Event.TAKEOVER, "the primary is silent")
+    assert daemon.mode is Mode.SECONDARY and old.stopped and daemon.secondary is fresh and not fresh.stopped
+    assert VolumeMeta.load(daemon.home, "r0").disk_state is DiskState.INCONSISTENT  # not served, not marked UpToDate
 
 
 def test_a_restore_cut_short_leaves_the_disk_inconsistent(daemon: Daemon, disk: Path, tmp_path: Path,

@@ -24,7 +24,6 @@ from mirrord.errors import PeerError
 from mirrord.halog import HALog
 from mirrord.paths import Home
 from mirrord.replication import generations, link, secondary
-from mirrord.replication import group as group_module
 from mirrord.replication import meta as meta_module
 from mirrord.replication.group import SecondaryGroup
 from mirrord.replication.generations import Generations, Kind, Plan
@@ -282,17 +281,6 @@ def test_leaving_changes_nothing_when_the_mark_cannot_be_saved(
     with pytest.raises(OSError):
         following_group.leave()
     assert side.meta.disk_state is DiskState.UP_TO_DATE and not side._stop.is_set()  # still following
-
-
-def test_leaving_does_not_wait_for_a_session_stuck_ending(
-        following_group: SecondaryGroup, home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A receiver stuck on a hung disk holds the turn while its session ends; the Outdated mark,
-    which lets the primary go on without this copy, must not wait for the disk."""
-    monkeypatch.setattr(group_module, "LEAVE_WAIT", 0.2)
-    side = following_group.sides[0]
-    with side._turn:
-        following_group.leave()
-    assert VolumeMeta.load(home, "r0").disk_state is DiskState.OUTDATED and side._stop.is_set()
 
 
 def test_a_handshake_gives_up_while_the_session_before_is_still_ending(side: SecondarySide) -> None:
