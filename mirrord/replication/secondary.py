@@ -150,7 +150,8 @@ class SecondarySide:
     # block's bit at the ack, believes this disk holds the newer data), or an old sync_done
     # recording UpToDate while the new sync has just begun. So one session at a time, under
     # _turn: a session ends (its receiver stopped and joined) before the next is agreed, and a
-    # follower changes anything only while its control connection is still the current one.
+    # follower changes anything only while its control connection is still the current one and
+    # this side still follows (stop_following: a takeover or stopHA relies on the state now).
     def _on_hello(self, conn: socket.socket, msg: dict[str, object]) -> None:
         try:
             link.check_hello(msg, my_disk_size=self.disk_size, volume=self.settings.volume)
