@@ -132,6 +132,7 @@ class Daemon:
         self.my_mac = ""
         self.outdate_request = False
         self._outdate_seen: float | None = None   # time.monotonic() the peer's outdate request was first seen
+        self._links_back: float | None = -math.inf  # time.monotonic() our links came back; None while down
         self.mismatch: list[str] = []
         self.last_takeover: dict[str, Any] = {}
         self.app_monitor: Monitor | None = None
@@ -322,6 +323,11 @@ class Daemon:
         elif self._outdate_seen is None:  # when this request was first seen (see request_predates_link)
             self._outdate_seen = time.monotonic()
         split_brain = self._split_brain(peer, min(silent_sync, silent_public) < ping)
+        links_up = any_link_up([self.ends.my_sync, self.ends.my_public]) if self.ends else True
+        if not links_up:
+            self._links_back = None
+        elif self._links_back is None:  # when our links came back (see Facts.links_up_for)
+            self._links_back = time.monotonic()
         common = dict(
             mode=self.mode, ping_interval=ping, silent_sync=silent_sync, silent_public=silent_public,
             peer_mode=(peer or {}).get("mode"), peer_disk=(peer or {}).get("disk"),
@@ -329,7 +335,8 @@ class Daemon:
             epoch=self.meta.epoch if self.meta else 0, peer_epoch=int((peer or {}).get("epoch") or 0),
             clock_gap=stall, busy=self._busy, split_brain=split_brain,
             witness_ok=None if self.witness is None else self.witness.ok,
-            my_links_up=any_link_up([self.ends.my_sync, self.ends.my_public]) if self.ends else True,
+            my_links_up=links_up,
+            links_up_for=0.0 if self._links_back is None else time.monotonic() - self._links_back,
         )
         if self.primary is not None:
             return Facts(disk_state=DiskState.UP_TO_DATE, peer_connected=self.primary.link_up(),

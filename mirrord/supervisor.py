@@ -93,6 +93,7 @@ class Facts:
     clock_gap: float = 0.0                # longest stall of this process since the previous tick
     split_brain: bool = False             # the generation identifiers say both copies changed alone
     my_links_up: bool = True
+    links_up_for: float = math.inf        # seconds since our own links came back up (inf: never down)
     io_suspended: bool = False            # the C data path holds writes after losing the peer
     link_synced: bool = False             # primary: every volume's current link finished its sync (and flush)
     verifying: bool = False               # primary: mirrord verify runs, and no hand-over may (decision 42)
@@ -155,6 +156,12 @@ def _secondary(f: Facts) -> Decision:
         if not f.my_links_up:
             return Decision(Action.NONE, f"{why}, but this appliance's own links are down: it is the isolated one; "
                                          "not taking over.")
+        if f.links_up_for < 2 * f.ping_interval:
+            # The silence went on while we could hear nothing: only silence heard with our links up
+            # counts, or the isolated one takes over the moment its cables are back (the primary
+            # went on alone meanwhile: a split brain).
+            return Decision(Action.NONE, f"{why}, but this appliance's own links were down until just now: "
+                                         "listening for the primary before deciding.")
         if f.witness_ok is False:
             return Decision(Action.NONE, f"{why}, but the witness does not answer either: this appliance may be "
                                          "the isolated one; not taking over.")

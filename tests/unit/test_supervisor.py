@@ -61,6 +61,24 @@ def test_isolated_secondary_does_not_take_over() -> None:
     assert d.action is Action.NONE and "isolated" in d.sentence
 
 
+@pytest.mark.parametrize(("links_up_for", "expected"), [
+    (0.0, Action.NONE),         # its cables just came back: the silence was heard with them out
+    (1.9, Action.NONE),         # under two pingIntervals since: the primary may not have been heard yet
+    (2.0, Action.TAKEOVER),     # silent for two pingIntervals with our links up
+    (math.inf, Action.TAKEOVER),
+])
+def test_a_secondary_whose_links_just_came_back_listens_before_taking_over(links_up_for: float,
+                                                                           expected: Action) -> None:
+    """Found by the torture (cut-all of the secondary): the moment its links were back, the
+    secondary took over on a silence counted across its isolation, while the primary, which had
+    reached the witness, went on alone: a split brain."""
+    d = decide(facts(Mode.SECONDARY, silent_sync=4, silent_public=4, peer_connected=False, witness_ok=True,
+                     links_up_for=links_up_for))
+    assert d.action is expected, d.sentence
+    if expected is Action.NONE:
+        assert "listening for the primary" in d.sentence
+
+
 @pytest.mark.parametrize(("witness", "expected"), [(None, Action.TAKEOVER), (True, Action.TAKEOVER),
                                                    (False, Action.NONE)])
 def test_witness_gates_takeover(witness: bool | None, expected: Action) -> None:
